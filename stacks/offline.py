@@ -41,6 +41,7 @@ class Declared:
     custom: bool = True
     protect: bool = False
     parent: str | None = None
+    parent_type: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         """An output (which includes every input) by its engine key (camelCase)."""
@@ -73,6 +74,16 @@ class OfflineRun:
             if r.outputs.get("id") == physical_id:
                 return r
         return None
+
+    def ancestors(self, resource: Declared) -> list[Declared]:
+        """The chain of parents of ``resource``, nearest first."""
+        index = {(r.type, r.name): r for r in self.resources}
+        chain: list[Declared] = []
+        current = resource
+        while current.parent is not None and (current.parent_type, current.parent) in index:
+            current = index[(current.parent_type, current.parent)]
+            chain.append(current)
+        return chain
 
     def custom_resources(self) -> Iterator[Declared]:
         """Every provider resource (components left out)."""
@@ -269,12 +280,13 @@ def run_offline(
 
     constructed: list[tuple[str, str, pulumi.Resource]] = []
 
-    parent_names: list[tuple[str, str, str | None]] = []
+    parent_names: list[tuple[str, str, str | None, str | None]] = []
 
     def record(args: pulumi.ResourceTransformationArgs) -> None:
         constructed.append((args.type_, args.name, args.resource))
         parent = args.opts.parent if args.opts is not None else None
-        parent_names.append((args.type_, args.name, getattr(parent, "_name", None)))
+        parent_type = getattr(parent, "_type", None) if parent is not None else None
+        parent_names.append((args.type_, args.name, getattr(parent, "_name", None), parent_type))
 
     pulumi.runtime.register_stack_transformation(record)
     resolved: dict[str, Any] = {}
@@ -296,8 +308,8 @@ def run_offline(
         asyncio.get_event_loop().close()
 
     protect = {(t, n): bool(getattr(r, "_protect", False)) for t, n, r in constructed}
-    parents = {(t, n): opts_parent for t, n, opts_parent in parent_names}
+    parents = {(t, n): (p_name, p_type) for t, n, p_name, p_type in parent_names}
     for d in mocks.declared:
         d.protect = protect.get((d.type, d.name), False)
-        d.parent = parents.get((d.type, d.name))
+        d.parent, d.parent_type = parents.get((d.type, d.name), (None, None))
     return OfflineRun(resources=mocks.declared, outputs=resolved, mocks=mocks)

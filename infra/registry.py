@@ -1,0 +1,260 @@
+"""ECR repositories for the service images, and the images themselves, built and pushed by `pulumi up`.
+
+Each service has one repository and one Dockerfile, ``images/<service>.Dockerfile``, built with the repository
+root as context. Images are tagged with a hash of what goes into them (the Dockerfile and every file it
+copies), so tags are immutable and an unchanged tree never pushes a new image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from glob import glob
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_docker as docker
+from pulumi import Input, Output
+
+DOCKERFILE_DIR = "images"
+# Build-input files and folders that never affect an image: caches and local environments.
+IGNORED_DIRS = frozenset(
+    {"__pycache__", ".venv", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cache", "node_modules"}
+)
+IGNORED_SUFFIXES = (".pyc", ".pyo", ".egg-info")
+_SERVICE_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+
+
+@dataclass
+class RegistryArgs:
+    """Settings of the image registry."""
+
+    services: Sequence[str]
+    """Service names; each gets a repository and is built from ``images/<service>.Dockerfile``."""
+    context_dir: str
+    """The build context: the repository root (relative to the Pulumi program's working directory, or absolute)."""
+    kms_key_arn: Input[str] | None = None
+    """KMS key that encrypts the repositories; None uses AES256 (ECR-managed keys)."""
+    keep_images: int = 20
+    """How many images each repository keeps; older ones expire."""
+    build: bool = True
+    """Build and push each image; False only declares the repositories (and computes the tags)."""
+    platform: str = "linux/amd64"
+    """Platform the images are built for (the worker instances are x86_64)."""
+    force_delete: bool = False
+    """Let `pulumi destroy` delete repositories that still hold images (throw-away stacks only)."""
+
+
+def dockerfile_path(service: str) -> str:
+    """Where a service's Dockerfile lives, relative to the build context."""
+    return f"{DOCKERFILE_DIR}/{service}.Dockerfile"
+
+
+def _instructions(text: str) -> Iterator[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of a Dockerfile, with continuation lines joined and comments dropped."""
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue  # comments may sit between continuation lines
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        if full:
+            word, _, rest = full.partition(" ")
+            yield word.upper(), rest.strip()
+    if pending.strip():
+        word, _, rest = pending.strip().partition(" ")
+        yield word.upper(), rest.strip()
+
+
+def copied_sources(dockerfile_text: str) -> list[str]:
+    """The build-context paths a Dockerfile's COPY and ADD instructions read (``--from`` copies left out)."""
+    sources: list[str] = []
+    for instruction, rest in _instructions(dockerfile_text):
+        if instruction not in ("COPY", "ADD"):
+            continue
+        flags: list[str] = []
+        while rest.startswith("--"):
+            flag, _, rest = rest.partition(" ")
+            flags.append(flag)
+            rest = rest.strip()
+        if any(f.startswith("--from") for f in flags):
+            continue  # copies from another stage or image, not from the context
+        args = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+        sources.extend(s for s in args[:-1] if not s.startswith("<<"))
+    return sources
+
+
+def _ignored(name: str) -> bool:
+    return name in IGNORED_DIRS or name.endswith(IGNORED_SUFFIXES)
+
+
+def _files_under(context_dir: str, source: str) -> list[str]:
+    """Context-relative paths of the files one COPY source names (globs expanded, caches skipped)."""
+    matches = sorted(glob(os.path.join(context_dir, source.lstrip("/"))))
+    files: list[str] = []
+    for match in matches:
+        if os.path.isfile(match):
+            files.append(os.path.relpath(match, context_dir))
+            continue
+        for root, dirs, names in os.walk(match):
+            dirs[:] = sorted(d for d in dirs if not _ignored(d))
+            files.extend(os.path.relpath(os.path.join(root, n), context_dir) for n in names if not _ignored(n))
+    return files
+
+
+def content_tag(context_dir: str, service: str, platform: str = "linux/amd64") -> str:
+    """A tag that changes exactly when the image's inputs change: its Dockerfile, the files it copies, the platform.
+
+    Paths are hashed with their contents, in sorted order, so the tag is the same on every machine.
+    Sources the Dockerfile names but the context lacks are hashed as missing (the build will say so).
+    """
+    dockerfile = os.path.join(context_dir, dockerfile_path(service))
+    with open(dockerfile, "rb") as fh:
+        dockerfile_bytes = fh.read()
+    digest = hashlib.sha256()
+    digest.update(f"platform={platform}\0".encode())
+    digest.update(b"dockerfile\0" + hashlib.sha256(dockerfile_bytes).digest())
+    files: set[str] = set()
+    for source in copied_sources(dockerfile_bytes.decode("utf-8")):
+        found = _files_under(context_dir, source)
+        if not found:
+            digest.update(f"missing:{source}\0".encode())
+        files.update(found)
+    for rel in sorted(files):
+        with open(os.path.join(context_dir, rel), "rb") as fh:
+            content = hashlib.sha256(fh.read()).digest()
+        digest.update(rel.replace(os.sep, "/").encode() + b"\0" + content)
+    return digest.hexdigest()[:16]
+
+
+class Registry(pulumi.ComponentResource):
+    """One private, scanned, immutable-tag ECR repository per service, and each service's image pushed to it."""
+
+    repository_urls: dict[str, pulumi.Output[str]]
+    repository_arns: dict[str, pulumi.Output[str]]
+    repository_names: dict[str, pulumi.Output[str]]
+    image_refs: dict[str, pulumi.Output[str]]
+    """What to run: the pushed image's digest reference, or ``<url>:<content tag>`` when not building."""
+    image_tags: dict[str, str]
+    """The content tag of each service's image."""
+
+    def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("tessera:infra:Registry", name, None, opts)
+        _check(args)
+        child = pulumi.ResourceOptions(parent=self)
+        self.repositories: dict[str, aws.ecr.Repository] = {}
+        self.images: dict[str, docker.Image] = {}
+        self.repository_urls, self.repository_arns, self.repository_names = {}, {}, {}
+        self.image_refs, self.image_tags = {}, {}
+        encryption = (
+            aws.ecr.RepositoryEncryptionConfigurationArgs(encryption_type="KMS", kms_key=args.kms_key_arn)
+            if args.kms_key_arn is not None
+            else aws.ecr.RepositoryEncryptionConfigurationArgs(encryption_type="AES256")
+        )
+        lifecycle = json.dumps(_lifecycle_policy(args.keep_images))
+        for service in args.services:
+            repo = aws.ecr.Repository(
+                f"{name}-{service}",
+                image_tag_mutability="IMMUTABLE",
+                image_scanning_configuration=aws.ecr.RepositoryImageScanningConfigurationArgs(scan_on_push=True),
+                encryption_configurations=[encryption],
+                force_delete=args.force_delete,
+                opts=child,
+            )
+            aws.ecr.LifecyclePolicy(
+                f"{name}-{service}-lifecycle", repository=repo.name, policy=lifecycle, opts=child
+            )
+            tag = content_tag(args.context_dir, service, args.platform)
+            image_name = Output.concat(repo.repository_url, ":", tag)
+            self.repositories[service] = repo
+            self.repository_urls[service] = repo.repository_url
+            self.repository_arns[service] = repo.arn
+            self.repository_names[service] = repo.name
+            self.image_tags[service] = tag
+            if not args.build:
+                self.image_refs[service] = image_name
+                continue
+            # The instance role never pushes; the deployer's credentials get a short-lived token here.
+            token = aws.ecr.get_authorization_token_output(
+                registry_id=repo.registry_id, opts=pulumi.InvokeOptions(parent=self)
+            )
+            image = docker.Image(
+                f"{name}-{service}-image",
+                build=docker.DockerBuildArgs(
+                    context=args.context_dir,
+                    dockerfile=os.path.join(args.context_dir, dockerfile_path(service)),
+                    platform=args.platform,
+                ),
+                image_name=image_name,
+                registry=docker.RegistryArgs(
+                    server=repo.repository_url,
+                    username=token.user_name,
+                    password=Output.secret(token.password),
+                ),
+                opts=child,
+            )
+            self.images[service] = image
+            # The digest, not the tag, so that a consumer's launch template changes with every new push.
+            self.image_refs[service] = image.repo_digest
+        self.register_outputs(
+            {
+                "repository_urls": self.repository_urls,
+                "repository_arns": self.repository_arns,
+                "image_refs": self.image_refs,
+                "image_tags": self.image_tags,
+            }
+        )
+
+
+def _check(args: RegistryArgs) -> None:
+    seen: set[str] = set()
+    for service in args.services:
+        if not _SERVICE_NAME.match(service):
+            raise ValueError(f"service name {service!r}: use lower-case letters, digits and single hyphens")
+        if service in seen:
+            raise ValueError(f"service {service!r} is listed twice in RegistryArgs.services")
+        seen.add(service)
+        path = os.path.join(args.context_dir, dockerfile_path(service))
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"service {service!r} has no Dockerfile: write {dockerfile_path(service)} "
+                f"(looked for {os.path.abspath(path)})"
+            )
+    if args.keep_images < 1:
+        raise ValueError(f"keep_images must be at least 1, got {args.keep_images}")
+
+
+def _lifecycle_policy(keep_images: int) -> dict[str, object]:
+    # A rule with tagStatus "any" must have the highest rulePriority, so untagged expiry comes first.
+    return {
+        "rules": [
+            {
+                "rulePriority": 1,
+                "description": "Expire untagged images after 7 days",
+                "selection": {
+                    "tagStatus": "untagged",
+                    "countType": "sinceImagePushed",
+                    "countUnit": "days",
+                    "countNumber": 7,
+                },
+                "action": {"type": "expire"},
+            },
+            {
+                "rulePriority": 2,
+                "description": f"Keep the last {keep_images} images",
+                "selection": {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": keep_images},
+                "action": {"type": "expire"},
+            },
+        ]
+    }

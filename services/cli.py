@@ -1,0 +1,125 @@
+"""The ``tessera`` command line: the one front door to the platform and its services.
+
+Each command imports what it needs when it runs, so the Pulumi half (``plan``) and the service half never
+load each other. This is the only module allowed to reach both ``stacks`` and the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class CommandError(RuntimeError):
+    """A command cannot go on; the message says what to do."""
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from stacks.plan import plan_stack, render
+
+    plan = plan_stack(args.stack)
+    sys.stdout.write(render(plan, width=args.width))
+    return 0
+
+
+def stack_outputs(stack: str | None, cwd: str | None = None) -> dict[str, Any]:
+    """The outputs of a deployed stack, from ``pulumi stack output --json``."""
+    pulumi = shutil.which("pulumi")
+    if pulumi is None:
+        raise CommandError(
+            "the Pulumi CLI is not on PATH; install it (https://www.pulumi.com/docs/install/) and log in to the "
+            "backend that holds your stacks"
+        )
+    command = [pulumi, "stack", "output", "--json"]
+    if stack:
+        command += ["--stack", stack]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, check=False)
+    if done.returncode != 0:
+        raise CommandError(f"`{' '.join(command[1:])}` failed: {done.stderr.strip() or done.stdout.strip()}")
+    try:
+        outputs = json.loads(done.stdout or "{}")
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"pulumi printed something that is not JSON: {exc}") from None
+    if not isinstance(outputs, dict):
+        raise CommandError("pulumi stack output --json did not print a JSON object")
+    return outputs
+
+
+def grafana_tunnel(outputs: Mapping[str, Any], local_port: int = 3000) -> list[str]:
+    """The ssh command that forwards ``localhost:<local_port>`` to Grafana through the jump host."""
+    missing = [k for k in ("grafanaPrivateIp", "jumpHostPublicIp") if not outputs.get(k)]
+    if missing:
+        raise CommandError(
+            f"the stack has no {', '.join(missing)} output: select the stack that holds the compute layer "
+            "(e.g. --stack dev or --stack prod-compute) and run `pulumi up` there first"
+        )
+    user = outputs.get("jumpHostSshUser") or "ec2-user"
+    return [
+        "ssh",
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-L",
+        f"{local_port}:{outputs['grafanaPrivateIp']}:3000",
+        f"{user}@{outputs['jumpHostPublicIp']}",
+    ]
+
+
+def _tunnel(args: argparse.Namespace) -> int:
+    command = grafana_tunnel(stack_outputs(args.stack), args.local_port)
+    print(" ".join(command))
+    if args.print_only:
+        return 0
+    print(f"Grafana: http://localhost:{args.local_port}  (admin password: the stack's grafanaAdminSecretArn; "
+          "Ctrl-C closes the tunnel)", file=sys.stderr)
+    if shutil.which("ssh") is None:
+        raise CommandError("ssh is not on PATH; install an OpenSSH client")
+    os.execvp("ssh", command)
+    return 0  # pragma: no cover - execvp does not return
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    top = argparse.ArgumentParser(
+        prog="tessera", description="GPU imagery machine learning on AWS: plan, run and operate the platform."
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = commands.add_parser(
+        "plan", help="show every resource `pulumi up` would create for a stack, and its cost, offline"
+    )
+    plan.add_argument("--stack", default="dev", help="stack name; reads Pulumi.<stack>.yaml (default: dev)")
+    plan.add_argument("--width", type=int, default=None, help="table width in characters")
+    plan.set_defaults(handler=_plan)
+
+    tunnel = commands.add_parser("tunnel", help="open an SSH tunnel through the jump host")
+    tunnel.add_argument("target", choices=["grafana"], help="what to reach")
+    tunnel.add_argument("--stack", default=None, help="the stack holding the compute layer (default: selected)")
+    tunnel.add_argument("--local-port", type=int, default=3000, help="local port to listen on (default: 3000)")
+    tunnel.add_argument(
+        "--print", dest="print_only", action="store_true", help="print the ssh command instead of running it"
+    )
+    tunnel.set_defaults(handler=_tunnel)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; errors a user can fix print one line and exit 2."""
+    from stacks.settings import ConfigError
+
+    args = parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (CommandError, ConfigError) as exc:
+        print(f"tessera {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

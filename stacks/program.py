@@ -1,0 +1,388 @@
+"""The Pulumi program: the data layer and the compute layer, composed from the infra components.
+
+Data (VPC, KMS key, buckets, queues, database, log groups, ECR and images) lives longer than compute (worker
+fleets, the training instance, the jump host and Grafana). A stack holds one layer or both
+(``tessera:layer``): ``dev`` holds everything; production splits them into ``prod-data`` and
+``prod-compute`` so that ``pulumi destroy`` of the compute stack saves the GPU money and cannot touch data.
+The compute layer reads the data layer's outputs — directly in one stack, through a ``StackReference``
+across two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.cloudwatch_agent import agent_config_json
+from infra.database import Database, DatabaseArgs
+from infra.encryption import Encryption, EncryptionArgs
+from infra.gpu_fleet import WorkerFleet, WorkerFleetArgs
+from infra.iam import BucketGrant, ServiceAccess, ServiceRole, ServiceRoleArgs
+from infra.jump_host import JumpHost, JumpHostArgs
+from infra.logs import ServiceLogs, ServiceLogsArgs
+from infra.monitoring import Monitoring, MonitoringArgs
+from infra.network import Network, NetworkArgs
+from infra.queues import Queues, QueuesArgs
+from infra.registry import Registry, RegistryArgs
+from infra.storage import Storage, StorageArgs
+from infra.training import ACCELERATOR_FAMILIES, TrainingInstance, TrainingInstanceArgs
+from stacks.services import SERVICE_NAMES, SERVICES, ServiceSpec, env_name
+from stacks.settings import Settings, read_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METRICS_NAMESPACES = ("tessera", "CWAgent")
+GRAFANA = "grafana"
+
+
+class DataLayer(pulumi.ComponentResource):
+    """Everything that holds data or outlives compute. ``outputs`` are what the compute layer reads."""
+
+    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("tessera:stacks:DataLayer", name, None, opts)
+        s = settings
+        child = pulumi.ResourceOptions(parent=self)
+        account_id = aws.get_caller_identity_output(opts=pulumi.InvokeOutputOptions(parent=self)).account_id
+
+        self.encryption = Encryption(f"{name}-kms", EncryptionArgs(region=s.region, account_id=account_id), child)
+        key = self.encryption.key_arn
+        self.network = Network(
+            f"{name}-net",
+            NetworkArgs(
+                cidr_block=s.vpc_cidr,
+                az_count=s.az_count,
+                nat_per_az=s.nat_per_az,
+                flow_log_retention_days=s.log_retention_days,
+                flow_log_kms_key_arn=key,
+                service_names=SERVICE_NAMES,
+            ),
+            child,
+        )
+        self.storage = Storage(f"{name}-s3", StorageArgs(kms_key_arn=key, force_destroy=s.throwaway), child)
+        self.queues = Queues(
+            f"{name}-sqs", QueuesArgs(max_receive_count=s.queue_max_receive_count, kms_key_arn=key), child
+        )
+        sgs = self.network.service_security_group_ids
+        self.database = Database(
+            f"{name}-db",
+            DatabaseArgs(
+                vpc_id=self.network.vpc_id,
+                subnet_ids=self.network.private_subnet_ids,
+                client_security_group_ids={svc.name: sgs[svc.name] for svc in SERVICES if svc.database},
+                kms_key_arn=key,
+                instance_class=s.db_instance_class,
+                allocated_storage_gb=s.db_allocated_storage_gb,
+                backup_retention_days=s.db_backup_retention_days,
+                multi_az=s.db_multi_az,
+                deletion_protection=s.protect_data,
+            ),
+            child,
+        )
+        self.logs = ServiceLogs(
+            f"{name}-logs",
+            ServiceLogsArgs(
+                prefix=s.stack,
+                services=(*SERVICE_NAMES, GRAFANA),
+                retention_days=s.log_retention_days,
+                kms_key_arn=key,
+            ),
+            child,
+        )
+        self.registry = Registry(
+            f"{name}-ecr",
+            RegistryArgs(
+                services=SERVICE_NAMES,
+                context_dir=str(REPO_ROOT),
+                kms_key_arn=key,
+                build=s.build_images,
+                force_delete=s.throwaway,
+            ),
+            child,
+        )
+        net, db = self.network, self.database
+        self.outputs: dict[str, Any] = {
+            "vpcId": net.vpc_id,
+            "vpcCidr": net.vpc_cidr,
+            "publicSubnetIds": net.public_subnet_ids,
+            "privateSubnetIds": net.private_subnet_ids,
+            "serviceSecurityGroupIds": net.service_security_group_ids,
+            "kmsKeyArn": key,
+            "bucketNames": self.storage.bucket_names,
+            "bucketArns": self.storage.bucket_arns,
+            "queueUrls": self.queues.urls,
+            "queueArns": self.queues.arns,
+            "queueNames": self.queues.names,
+            "deadLetterQueueUrls": self.queues.dlq_urls,
+            "databaseEndpoint": db.endpoint,
+            "databaseAddress": db.address,
+            "databasePort": db.port,
+            "databaseSecretArn": db.secret_arn,
+            "logGroupNames": self.logs.group_names,
+            "logGroupArns": self.logs.group_arns,
+            "repositoryUrls": self.registry.repository_urls,
+            "repositoryArns": self.registry.repository_arns,
+            "imageRefs": self.registry.image_refs,
+        }
+        self.register_outputs(self.outputs)
+
+
+@dataclass(frozen=True)
+class DataView:
+    """Read access to the data layer's outputs, wherever they live (same stack or a StackReference)."""
+
+    read: Callable[[str], pulumi.Output[Any]]
+
+    def get(self, key: str) -> pulumi.Output[Any]:
+        """One output of the data layer."""
+        return self.read(key)
+
+    def item(self, key: str, member: str | int) -> pulumi.Output[Any]:
+        """One member of a map or list output, e.g. ``item("queueUrls", "image-requests")``."""
+        return self.read(key).apply(lambda value: value[member])
+
+    @staticmethod
+    def of_outputs(outputs: Mapping[str, Any]) -> DataView:
+        """A view over the outputs of a data layer in this same stack."""
+        return DataView(lambda key: pulumi.Output.from_input(outputs[key]))
+
+    @staticmethod
+    def of_stack(reference: pulumi.StackReference) -> DataView:
+        """A view over another stack's outputs."""
+        return DataView(reference.require_output)
+
+
+def service_environment(spec: ServiceSpec, settings: Settings, data: DataView) -> dict[str, pulumi.Input[str]]:
+    """The container environment of one service: where its queues, buckets and database are."""
+    env: dict[str, pulumi.Input[str]] = {
+        "TESSERA_SERVICE": spec.name,
+        "TESSERA_STACK": settings.stack,
+        "AWS_REGION": settings.region,
+        "AWS_DEFAULT_REGION": settings.region,
+    }
+    for queue in dict.fromkeys(spec.consumes + spec.sends):
+        env[env_name("queue", queue) + "_URL"] = data.item("queueUrls", queue)
+    for use in dict.fromkeys(b.purpose for b in spec.reads + spec.writes):
+        env[env_name("bucket", use)] = data.item("bucketNames", use)
+    if spec.database:
+        env["TESSERA_DB_HOST"] = data.get("databaseAddress")
+        env["TESSERA_DB_PORT"] = data.get("databasePort").apply(str)
+        env["TESSERA_DB_NAME"] = "tessera"
+        env["TESSERA_DB_SECRET_ARN"] = data.get("databaseSecretArn")
+    return env
+
+
+def service_access(spec: ServiceSpec, data: DataView) -> ServiceAccess:
+    """Exactly what one service may touch, from the service table."""
+    return ServiceAccess(
+        consume_queue_arns=[data.item("queueArns", q) for q in spec.consumes],
+        send_queue_arns=[data.item("queueArns", q) for q in spec.sends],
+        read_buckets=[BucketGrant(data.item("bucketArns", b.purpose), b.prefix) for b in spec.reads],
+        write_buckets=[BucketGrant(data.item("bucketArns", b.purpose), b.prefix) for b in spec.writes],
+        secret_arns=[data.get("databaseSecretArn")] if spec.database else [],
+        kms_key_arns=[data.get("kmsKeyArn")],
+        ecr_repository_arns=[data.item("repositoryArns", spec.name)],
+        log_group_arns=[data.item("logGroupArns", spec.name)],
+        metrics_namespaces=METRICS_NAMESPACES,
+    )
+
+
+class ComputeLayer(pulumi.ComponentResource):
+    """What costs money by the hour: jump host, service roles, worker fleets, training instance, Grafana."""
+
+    def __init__(
+        self, name: str, settings: Settings, data: DataView, opts: pulumi.ResourceOptions | None = None
+    ):
+        super().__init__("tessera:stacks:ComputeLayer", name, None, opts)
+        s = settings
+        child = pulumi.ResourceOptions(parent=self)
+        first_private = data.item("privateSubnetIds", 0)
+
+        self.jump_host = JumpHost(
+            f"{name}-jump",
+            JumpHostArgs(
+                vpc_id=data.get("vpcId"),
+                subnet_id=data.item("publicSubnetIds", 0),
+                allowed_ssh_cidrs=s.jump_host_allowed_cidrs,
+                public_key=s.jump_host_public_key,
+                instance_type=s.jump_host_instance_type,
+            ),
+            child,
+        )
+        self.roles = {
+            spec.name: ServiceRole(
+                f"{name}-role-{spec.name}", ServiceRoleArgs(service=spec.name, access=service_access(spec, data)), child
+            )
+            for spec in SERVICES
+        }
+
+        self.fleets: dict[str, WorkerFleet] = {}
+        for spec in SERVICES:
+            if spec.runs_on != "fleet" or spec.name not in s.fleets:
+                continue
+            fleet = s.fleets[spec.name]
+            self.fleets[spec.name] = WorkerFleet(
+                f"{name}-fleet-{spec.name}",
+                WorkerFleetArgs(
+                    service=spec.name,
+                    image_ref=data.item("imageRefs", spec.name),
+                    subnet_ids=data.get("privateSubnetIds"),
+                    security_group_id=data.item("serviceSecurityGroupIds", spec.name),
+                    instance_profile_name=_profile(self.roles[spec.name]),
+                    region=s.region,
+                    instance_type=fleet.instance_type,
+                    gpu=spec.gpu,
+                    max_size=fleet.max_size,
+                    queue_names=[data.item("queueNames", q) for q in spec.consumes],
+                    backlog_per_instance=fleet.backlog_per_instance,
+                    environment=service_environment(spec, s, data),
+                    log_group_name=data.item("logGroupNames", spec.name),
+                    agent_config_json=agent_config_json(gpu=spec.gpu),
+                ),
+                child,
+            )
+
+        self.training: TrainingInstance | None = None
+        if s.training_enabled:
+            trainer = next(spec for spec in SERVICES if spec.runs_on == "training")
+            self.training = TrainingInstance(
+                f"{name}-training",
+                TrainingInstanceArgs(
+                    vpc_id=data.get("vpcId"),
+                    subnet_id=first_private,
+                    instance_profile_name=_profile(self.roles[trainer.name]),
+                    image_ref=data.item("imageRefs", trainer.name),
+                    region=s.region,
+                    instance_type=s.training_instance_type,
+                    data_volume_gb=s.training_data_volume_gb,
+                    idle_minutes=s.training_idle_minutes,
+                    environment=service_environment(trainer, s, data),
+                    log_group_name=data.item("logGroupNames", trainer.name),
+                    agent_config_json=agent_config_json(gpu=True),
+                    key_name=self.jump_host.key_name,
+                    ssh_source_security_group_id=self.jump_host.security_group_id,
+                ),
+                child,
+            )
+
+        self.grafana_role = ServiceRole(
+            f"{name}-role-{GRAFANA}",
+            ServiceRoleArgs(
+                service=GRAFANA,
+                access=ServiceAccess(
+                    cloudwatch_read=True,
+                    kms_key_arns=[data.get("kmsKeyArn")],
+                    log_group_arns=[data.item("logGroupArns", GRAFANA)],
+                ),
+            ),
+            child,
+        )
+        self.monitoring = Monitoring(
+            f"{name}-grafana",
+            MonitoringArgs(
+                vpc_id=data.get("vpcId"),
+                subnet_id=first_private,
+                jump_host_security_group_id=self.jump_host.security_group_id,
+                instance_profile_name=_profile(self.grafana_role),
+                region=s.region,
+                instance_type=s.grafana_instance_type,
+                kms_key_arn=data.get("kmsKeyArn"),
+                key_name=self.jump_host.key_name,
+            ),
+            child,
+        )
+        # The admin secret is made by the monitoring component, after the role it must be granted to; the
+        # instance writes a password it generates at first boot, so Pulumi never holds it.
+        self.grafana_secret_policy = aws.iam.RolePolicy(
+            f"{name}-{GRAFANA}-admin-secret",
+            role=self.grafana_role.role_name,
+            policy=pulumi.Output.json_dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Sid": "WriteOwnAdminPassword",
+                            "Effect": "Allow",
+                            "Action": ["secretsmanager:PutSecretValue", "secretsmanager:DescribeSecret"],
+                            "Resource": self.monitoring.admin_secret_arn,
+                        }
+                    ],
+                }
+            ),
+            opts=child,
+        )
+
+        tunnel = self.monitoring.tunnel_command(self.jump_host.public_ip, ssh_user="ec2-user")
+        self.outputs: dict[str, Any] = {
+            "jumpHostPublicIp": self.jump_host.public_ip,
+            "jumpHostSshUser": "ec2-user",
+            "grafanaPrivateIp": self.monitoring.private_ip,
+            "grafanaUrl": self.monitoring.url,
+            "grafanaAdminSecretArn": self.monitoring.admin_secret_arn,
+            "grafanaTunnelCommand": tunnel,
+            "serviceRoleArns": {svc: role.role_arn for svc, role in self.roles.items()},
+            "fleetGroupNames": {svc: fleet.group_name for svc, fleet in self.fleets.items()},
+        }
+        if self.training is not None:
+            self.outputs["trainingInstanceId"] = self.training.instance_id
+            self.outputs["trainingIdleAlarm"] = self.training.idle_alarm_name
+            self.outputs["trainingAccelerator"] = self.training.accelerator
+        self.register_outputs(self.outputs)
+
+
+def _profile(role: ServiceRole) -> pulumi.Output[str]:
+    name = role.instance_profile_name
+    if name is None:
+        raise ValueError(f"service role {role._name} was made without an instance profile")
+    return name
+
+
+def provider_for(settings: Settings) -> aws.Provider:
+    """The AWS provider every resource uses: the stack's region and the tags every resource inherits."""
+    return aws.Provider(
+        "aws",
+        region=settings.region,
+        default_tags=aws.ProviderDefaultTagsArgs(
+            tags={
+                "tessera:stack": settings.stack,
+                "tessera:environment": settings.environment,
+                "tessera:layer": settings.layer,
+                "managed-by": "pulumi",
+            }
+        ),
+    )
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    """Declare the stack's resources and return its outputs."""
+    provider = provider_for(settings)
+    outputs: dict[str, Any] = {"stack": settings.stack, "layer": settings.layer, "region": settings.region}
+    data: DataView | None = None
+    if settings.has_data:
+        layer = DataLayer(
+            "tessera",
+            settings,
+            pulumi.ResourceOptions(providers=[provider], protect=settings.protect_data),
+        )
+        outputs.update(layer.outputs)
+        data = DataView.of_outputs(layer.outputs)
+    if settings.has_compute:
+        if data is None:
+            assert settings.data_stack is not None  # settings require it for the compute layer
+            data = DataView.of_stack(pulumi.StackReference(settings.data_stack))
+        compute = ComputeLayer("tessera", settings, data, pulumi.ResourceOptions(providers=[provider]))
+        outputs.update(compute.outputs)
+    return outputs
+
+
+def settings_from_pulumi() -> Settings:
+    """The running stack's settings, read from its Pulumi config (``Pulumi.<stack>.yaml``)."""
+
+    def get(key: str) -> str | None:
+        namespace, name = key.split(":", 1)
+        return pulumi.Config(namespace).get(name)
+
+    return read_settings(get, pulumi.get_stack(), accelerator_families=ACCELERATOR_FAMILIES)

@@ -1,0 +1,333 @@
+"""Stack configuration, read once into typed settings.
+
+Components never read ``pulumi.Config``: this module reads every key of a stack (``Pulumi.<stack>.yaml``),
+applies the documented defaults, and rejects a bad value with a message that names the key and says what to
+set. The README's configuration table is written from this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+LAYERS = ("all", "data", "compute")
+
+#: Instance families that carry NVIDIA GPUs (what the worker fleet's GPU services can run on).
+NVIDIA_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en")
+#: Families for CPU-only workers (and small helper instances).
+CPU_FAMILIES = ("t3", "t3a", "t4g", "m5", "m6i", "m7i", "c5", "c6i", "c7i", "r6i", "r7i")
+
+
+class ConfigError(ValueError):
+    """A stack configuration value is missing or wrong; the message says which key and what to set."""
+
+
+Getter = Callable[[str], str | None]
+
+
+def _hint(key: str, example: str) -> str:
+    return f"set it with: pulumi config set {key} {example}"
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """One worker fleet (an Auto Scaling group running one service's container)."""
+
+    instance_type: str
+    max_size: int
+    backlog_per_instance: int = 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of one stack, with defaults applied and values validated."""
+
+    stack: str
+    region: str
+    layer: str = "all"
+    environment: str = "dev"
+    #: Throw-away stacks may lose their data on destroy (no protect, force-destroy buckets, no final snapshot).
+    throwaway: bool = False
+    vpc_cidr: str = "10.40.0.0/16"
+    az_count: int = 2
+    nat_per_az: bool = False
+    jump_host_allowed_cidrs: tuple[str, ...] = ()
+    jump_host_public_key: str = ""
+    jump_host_instance_type: str = "t3.micro"
+    db_instance_class: str = "db.t4g.micro"
+    db_allocated_storage_gb: int = 20
+    db_backup_retention_days: int = 7
+    db_multi_az: bool = False
+    queue_max_receive_count: int = 3
+    fleets: Mapping[str, FleetSettings] = field(default_factory=dict)
+    training_enabled: bool = True
+    training_instance_type: str = "p3.2xlarge"
+    training_data_volume_gb: int = 500
+    training_idle_minutes: int = 15
+    grafana_instance_type: str = "t3.small"
+    log_retention_days: int = 30
+    build_images: bool = True
+    data_stack: str | None = None
+
+    @property
+    def protect_data(self) -> bool:
+        """Data stores carry ``protect``, deletion protection and final snapshots outside throw-away stacks."""
+        return not self.throwaway
+
+    @property
+    def has_data(self) -> bool:
+        """This stack holds the data layer (network, buckets, database, queues, registry)."""
+        return self.layer in ("all", "data")
+
+    @property
+    def has_compute(self) -> bool:
+        """This stack holds the compute layer (fleets, training, jump host, Grafana)."""
+        return self.layer in ("all", "compute")
+
+
+#: Default fleets: the GPU services that serve queues, and the CPU FITS classifier.
+DEFAULT_FLEETS: dict[str, FleetSettings] = {
+    "model-runner": FleetSettings("g5.xlarge", 4),
+    "sky-generator": FleetSettings("g5.xlarge", 2),
+    "fits-classifier": FleetSettings("c6i.large", 2),
+}
+GPU_FLEETS = ("model-runner", "sky-generator")
+
+
+def _family(instance_type: str) -> str:
+    return instance_type.split(".", 1)[0]
+
+
+def _as_bool(key: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise ConfigError(f"{key} must be true or false, got {raw!r}; {_hint(key, 'true')}")
+
+
+def _as_int(key: str, raw: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number from {low} to {high}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must be from {low} to {high}, got {value}; {_hint(key, str(low))}")
+    return value
+
+
+def _as_json(key: str, raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{key} must be structured YAML/JSON (a list or a map), got {raw!r}") from None
+
+
+def _instance_type(key: str, value: str, families: tuple[str, ...], what: str) -> str:
+    if "." not in value or _family(value) not in families:
+        raise ConfigError(
+            f"{key}: unknown instance family {_family(value)!r} in {value!r} for {what}; "
+            f"use one of the families {', '.join(families)} (e.g. {families[0]}.xlarge)"
+        )
+    return value
+
+
+def _cidrs(key: str, raw: str) -> tuple[str, ...]:
+    value = _as_json(key, raw) if raw.strip().startswith("[") else [raw]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key} must be a non-empty list of CIDRs, e.g. ['198.51.100.7/32']")
+    cidrs = []
+    for item in value:
+        try:
+            net = ipaddress.ip_network(str(item), strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {item!r} is not a valid CIDR ({exc}); write e.g. 198.51.100.7/32") from None
+        if net.prefixlen == 0:
+            raise ConfigError(
+                f"{key}: {item} would open SSH to the whole internet; list only your office or VPN "
+                f"addresses, e.g. 198.51.100.7/32"
+            )
+        cidrs.append(str(net))
+    return tuple(cidrs)
+
+
+def _fleets(key: str, raw: str | None) -> dict[str, FleetSettings]:
+    fleets = dict(DEFAULT_FLEETS)
+    if raw is None:
+        return fleets
+    value = _as_json(key, raw)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a map of service name to {{instanceType, maxSize}}")
+    for service, spec in value.items():
+        if service not in DEFAULT_FLEETS:
+            raise ConfigError(f"{key}: unknown fleet {service!r}; fleets are {', '.join(DEFAULT_FLEETS)}")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{key}.{service} must be a map with instanceType and/or maxSize")
+        unknown = set(spec) - {"instanceType", "maxSize", "backlogPerInstance"}
+        if unknown:
+            raise ConfigError(f"{key}.{service}: unknown settings {sorted(unknown)}; use instanceType, maxSize, "
+                              "backlogPerInstance")
+        base = fleets[service]
+        families = NVIDIA_FAMILIES if service in GPU_FLEETS else NVIDIA_FAMILIES + CPU_FAMILIES
+        what = "a GPU service (NVIDIA instance)" if service in GPU_FLEETS else "a worker fleet"
+        fleets[service] = FleetSettings(
+            instance_type=_instance_type(
+                f"{key}.{service}.instanceType", str(spec.get("instanceType", base.instance_type)), families, what
+            ),
+            max_size=_as_int(f"{key}.{service}.maxSize", str(spec.get("maxSize", base.max_size)), 0, 100),
+            backlog_per_instance=_as_int(
+                f"{key}.{service}.backlogPerInstance",
+                str(spec.get("backlogPerInstance", base.backlog_per_instance)),
+                1,
+                10_000,
+            ),
+        )
+    return fleets
+
+
+def _vpc_cidr(key: str, raw: str) -> str:
+    try:
+        net = ipaddress.ip_network(raw, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {raw!r} is not a valid CIDR ({exc}); {_hint(key, '10.40.0.0/16')}") from None
+    if not (net.version == 4 and net.is_private and 16 <= net.prefixlen <= 24):
+        raise ConfigError(f"{key}: {raw} must be a private IPv4 range (RFC 1918) from /16 to /24; "
+                          f"{_hint(key, '10.40.0.0/16')}")
+    return str(net)
+
+
+def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...] = ()) -> Settings:
+    """Read and validate a stack's settings. ``get("tessera:key")`` returns the raw value or None when unset.
+
+    ``accelerator_families`` are the instance families the training component accepts (it owns that table).
+    """
+
+    def opt(key: str) -> str | None:
+        value = get(key)
+        return None if value is None or value == "" else value
+
+    def need(key: str, example: str, why: str) -> str:
+        value = opt(key)
+        if value is None:
+            raise ConfigError(f"{key} is required ({why}); {_hint(key, example)}")
+        return value
+
+    region = need("aws:region", "us-east-1", "the AWS region to deploy to")
+    layer = opt("tessera:layer") or "all"
+    if layer not in LAYERS:
+        raise ConfigError(f"tessera:layer must be one of {', '.join(LAYERS)}, got {layer!r}")
+
+    defaults = Settings(stack=stack, region=region)
+    raw_int = {
+        "tessera:azCount": (2, 6, defaults.az_count),
+        "tessera:dbAllocatedStorageGb": (20, 65536, defaults.db_allocated_storage_gb),
+        "tessera:dbBackupRetentionDays": (1, 35, defaults.db_backup_retention_days),
+        "tessera:queueMaxReceiveCount": (1, 1000, defaults.queue_max_receive_count),
+        "tessera:trainingDataVolumeGb": (1, 16384, defaults.training_data_volume_gb),
+        "tessera:trainingIdleMinutes": (5, 1440, defaults.training_idle_minutes),
+        "tessera:logRetentionDays": (1, 3653, defaults.log_retention_days),
+    }
+    ints = {}
+    for key, (low, high, default) in raw_int.items():
+        raw = opt(key)
+        ints[key] = default if raw is None else _as_int(key, raw, low, high)
+
+    def flag(key: str, default: bool) -> bool:
+        raw = opt(key)
+        return default if raw is None else _as_bool(key, raw)
+
+    has_compute = layer in ("all", "compute")
+    jump_cidrs: tuple[str, ...] = ()
+    public_key = ""
+    if has_compute:
+        jump_cidrs = _cidrs(
+            "tessera:jumpHostAllowedCidrs",
+            need(
+                "tessera:jumpHostAllowedCidrs",
+                "--path 'jumpHostAllowedCidrs[0]' 198.51.100.7/32",
+                "the only addresses allowed to SSH to the jump host; there is no default",
+            ),
+        )
+        public_key = need(
+            "tessera:jumpHostPublicKey",
+            '"$(cat ~/.ssh/id_ed25519.pub)"',
+            "the OpenSSH public key installed on the jump host",
+        ).strip()
+
+    data_stack = opt("tessera:dataStack")
+    if layer == "compute" and data_stack is None:
+        raise ConfigError(
+            "tessera:dataStack is required when tessera:layer is compute (the stack holding the data layer); "
+            + _hint("tessera:dataStack", "myorg/tessera/prod-data")
+        )
+
+    training_type = opt("tessera:trainingInstanceType") or defaults.training_instance_type
+    if accelerator_families:
+        training_type = _instance_type(
+            "tessera:trainingInstanceType", training_type, accelerator_families, "a training instance"
+        )
+
+    return Settings(
+        stack=stack,
+        region=region,
+        layer=layer,
+        environment=opt("tessera:environment") or stack,
+        throwaway=flag("tessera:throwaway", False),
+        vpc_cidr=_vpc_cidr("tessera:vpcCidr", opt("tessera:vpcCidr") or defaults.vpc_cidr),
+        az_count=ints["tessera:azCount"],
+        nat_per_az=flag("tessera:natPerAz", False),
+        jump_host_allowed_cidrs=jump_cidrs,
+        jump_host_public_key=public_key,
+        jump_host_instance_type=_instance_type(
+            "tessera:jumpHostInstanceType",
+            opt("tessera:jumpHostInstanceType") or defaults.jump_host_instance_type,
+            CPU_FAMILIES,
+            "the jump host",
+        ),
+        db_instance_class=_db_class(opt("tessera:dbInstanceClass") or defaults.db_instance_class),
+        db_allocated_storage_gb=ints["tessera:dbAllocatedStorageGb"],
+        db_backup_retention_days=ints["tessera:dbBackupRetentionDays"],
+        db_multi_az=flag("tessera:dbMultiAz", False),
+        queue_max_receive_count=ints["tessera:queueMaxReceiveCount"],
+        fleets=_fleets("tessera:fleets", opt("tessera:fleets")),
+        training_enabled=flag("tessera:trainingEnabled", True),
+        training_instance_type=training_type,
+        training_data_volume_gb=ints["tessera:trainingDataVolumeGb"],
+        training_idle_minutes=ints["tessera:trainingIdleMinutes"],
+        grafana_instance_type=_instance_type(
+            "tessera:grafanaInstanceType",
+            opt("tessera:grafanaInstanceType") or defaults.grafana_instance_type,
+            CPU_FAMILIES,
+            "Grafana",
+        ),
+        log_retention_days=ints["tessera:logRetentionDays"],
+        build_images=flag("tessera:buildImages", True),
+        data_stack=data_stack,
+    )
+
+
+def _db_class(value: str) -> str:
+    if not value.startswith("db.") or value.count(".") != 2:
+        raise ConfigError(
+            f"tessera:dbInstanceClass: {value!r} is not an RDS instance class; "
+            + _hint("tessera:dbInstanceClass", "db.t4g.micro")
+        )
+    return value
+
+
+def getter_from_mapping(config: Mapping[str, Any]) -> Getter:
+    """A getter over a ``Pulumi.<stack>.yaml`` config map (structured values are passed on as JSON)."""
+
+    def get(key: str) -> str | None:
+        if key not in config:
+            return None
+        value = config[key]
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return get
