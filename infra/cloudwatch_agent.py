@@ -25,7 +25,7 @@ NVIDIA_MEMORY_METRIC = "nvidia_smi_memory_used"
 """GPU memory in use (MiB), published by the agent's ``nvidia_gpu`` plugin (``memory_used``)."""
 
 ACCELERATOR_NAMESPACE = "tessera/Accelerators"
-"""Namespace of the utilisation that Gaudi and Neuron instances publish themselves (no agent plugin exists)."""
+"""Namespace of the utilisation Gaudi and Neuron instances publish themselves (no agent plugin exists)."""
 
 ACCELERATOR_UTILIZATION_METRIC = "AcceleratorUtilization"
 """Busiest accelerator's utilisation in percent, with an ``InstanceId`` dimension."""
@@ -44,7 +44,9 @@ NVIDIA_GPU_MEASUREMENTS = (
 """What the ``nvidia_gpu`` plugin collects (each becomes ``nvidia_smi_<name>``)."""
 
 
-def agent_config(*, gpu: bool, namespace: str = AGENT_NAMESPACE, log_group_name: str | None = None) -> dict[str, Any]:
+def agent_config(
+    *, gpu: bool, namespace: str = AGENT_NAMESPACE, log_group_name: str | None = None
+) -> dict[str, Any]:
     """The agent configuration as a dict: memory and disk, plus NVIDIA GPU metrics when ``gpu``.
 
     Metrics carry ``InstanceId`` (and ``AutoScalingGroupName`` inside a group) and are also rolled up on
@@ -71,6 +73,8 @@ def agent_config(*, gpu: bool, namespace: str = AGENT_NAMESPACE, log_group_name:
     return config
 
 
-def agent_config_json(*, gpu: bool, namespace: str = AGENT_NAMESPACE, log_group_name: str | None = None) -> str:
+def agent_config_json(
+    *, gpu: bool, namespace: str = AGENT_NAMESPACE, log_group_name: str | None = None
+) -> str:
     """The CloudWatch agent configuration, as the JSON text the agent reads (see :func:`agent_config`)."""
     return json.dumps(agent_config(gpu=gpu, namespace=namespace, log_group_name=log_group_name), indent=2)

@@ -1,7 +1,8 @@
-"""The platform's customer-managed KMS key: every bucket, queue, log group, database and secret is encrypted with it."""
+"""The platform's customer-managed KMS key: buckets, queues, log groups, the database and secrets use it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ import pulumi_aws as aws
 
 
 def partition_of(region: str) -> str:
-    """The AWS partition a region belongs to (ARNs and service principals differ outside the commercial one)."""
+    """The AWS partition of a region (ARNs and service principals differ outside the commercial one)."""
     if region.startswith("cn-"):
         return "aws-cn"
     if region.startswith("us-gov-"):
@@ -27,28 +28,30 @@ class EncryptionArgs:
     account_id: pulumi.Input[str]
     """Account that owns the key; its root administers it and only its log groups may use it."""
     deletion_window_days: int = 30
-    """Days a scheduled key deletion waits before the key is gone (7..30; 30 leaves the longest time to undo)."""
+    """Days a scheduled key deletion waits (7..30; 30 leaves the longest time to undo a mistake)."""
 
     def __post_init__(self) -> None:
         if not 7 <= self.deletion_window_days <= 30:
             raise ValueError(
-                f"EncryptionArgs.deletion_window_days={self.deletion_window_days} is outside what KMS allows; "
-                "set deletion_window_days to a number of days from 7 to 30"
+                f"EncryptionArgs.deletion_window_days={self.deletion_window_days} is outside what KMS "
+                "allows; set deletion_window_days to a number of days from 7 to 30"
             )
         if not self.region:
-            raise ValueError("EncryptionArgs.region is empty; set region to the stack's AWS region, e.g. us-east-1")
+            raise ValueError(
+                "EncryptionArgs.region is empty; set region to the stack's AWS region, e.g. us-east-1"
+            )
 
 
 def key_policy(region: str, account_id: str) -> dict[str, Any]:
-    """The key policy: the account administers the key (and so IAM policies can grant its use); CloudWatch Logs
-    may use it only for log groups of this account."""
+    """The key policy: the account administers the key (so IAM policies can grant its use), and
+    CloudWatch Logs may use it only for log groups of this account."""
     partition = partition_of(region)
     dns_suffix = "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
     return {
         "Version": "2012-10-17",
         "Statement": [
             {
-                # Without this statement IAM policies could not grant the key and the key would be unmanageable.
+                # Without it IAM policies could not grant the key, and the key would be unmanageable.
                 "Sid": "AccountAdministersKey",
                 "Effect": "Allow",
                 "Principal": {"AWS": f"arn:{partition}:iam::{account_id}:root"},
@@ -56,7 +59,7 @@ def key_policy(region: str, account_id: str) -> dict[str, Any]:
                 "Resource": "*",
             },
             {
-                # Log groups are encrypted by the Logs service itself, which is not an IAM principal of the account.
+                # The Logs service encrypts log groups itself; it is not an IAM principal of the account.
                 "Sid": "CloudWatchLogsUseForAccountLogGroups",
                 "Effect": "Allow",
                 "Principal": {"Service": f"logs.{region}.{dns_suffix}"},
@@ -92,7 +95,7 @@ class Encryption(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
 
         policy = pulumi.Output.from_input(args.account_id).apply(
-            lambda account: pulumi.Output.json_dumps(key_policy(args.region, account))
+            lambda account: json.dumps(key_policy(args.region, account))
         )
         self.key = aws.kms.Key(
             f"{name}-key",
@@ -102,7 +105,9 @@ class Encryption(pulumi.ComponentResource):
             policy=policy,
             opts=child,
         )
-        self.alias = aws.kms.Alias(f"{name}-alias", name=f"alias/{name}", target_key_id=self.key.key_id, opts=child)
+        self.alias = aws.kms.Alias(
+            f"{name}-alias", name=f"alias/{name}", target_key_id=self.key.key_id, opts=child
+        )
 
         self.key_arn = self.key.arn
         self.key_id = self.key.key_id

@@ -1,7 +1,7 @@
 """One least-privilege IAM role per service, built from an explicit list of what the service may touch.
 
-A service never gets a managed policy or a wildcard: :class:`ServiceAccess` names every queue, bucket prefix,
-secret, key, repository and log group, and the inline policy grants exactly the actions that use of each needs.
+A service never gets a managed policy or a wildcard: :class:`ServiceAccess` names every queue, bucket
+prefix, secret, key, repository and log group, and the inline policy grants only the actions each use needs.
 :func:`wildcard_violations` is the auditor's check, shared with whole-program tests.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pulumi
@@ -40,7 +40,13 @@ CLOUDWATCH_READ_ACTIONS = [
 # Actions AWS offers no resource scoping for, so Resource "*" is the only way to grant them.
 # cloudwatch:PutMetricData is allowed only together with a cloudwatch:namespace condition.
 UNSCOPABLE_ACTIONS = frozenset(
-    a.lower() for a in ["ecr:GetAuthorizationToken", "cloudwatch:PutMetricData", *CLOUDWATCH_READ_ACTIONS]
+    a.lower()
+    for a in [
+        "ecr:GetAuthorizationToken",
+        "cloudwatch:PutMetricData",
+        "cloudwatch:DescribeAlarmsForMetric",
+        *CLOUDWATCH_READ_ACTIONS,
+    ]
 )
 UNSCOPABLE_ACTION_PATTERNS = ("ec2:describe*",)  # read-only EC2 describes
 NAMESPACE_CONDITIONED_ACTIONS = frozenset({"cloudwatch:putmetricdata"})
@@ -54,6 +60,10 @@ class BucketGrant:
     """ARN of the bucket (``arn:aws:s3:::name``)."""
     prefix: str = "*"
     """Key prefix, e.g. ``"models/"``; ``"*"`` (the default) means every key in the bucket."""
+
+    def __post_init__(self) -> None:
+        if self.prefix.startswith("/"):
+            raise ValueError(f"BucketGrant prefix {self.prefix!r}: S3 keys do not start with '/'; drop it")
 
     @property
     def key_pattern(self) -> str:
@@ -72,7 +82,7 @@ class ServiceAccess:
     read_buckets: Sequence[BucketGrant] = ()
     """Bucket prefixes the service reads (GetObject, and ListBucket limited to the prefix)."""
     write_buckets: Sequence[BucketGrant] = ()
-    """Bucket prefixes the service writes (PutObject, AbortMultipartUpload); writing does not grant reading."""
+    """Bucket prefixes the service writes (PutObject, AbortMultipartUpload); writing grants no reading."""
     secret_arns: Sequence[Input[str]] = ()
     """Secrets Manager secrets the service reads."""
     kms_key_arns: Sequence[Input[str]] = ()
@@ -88,6 +98,11 @@ class ServiceAccess:
     extra_statements: Sequence[Input[dict[str, Any]]] = ()
     """Further statements for the rare special case; each must carry its own Sid."""
 
+    def __post_init__(self) -> None:
+        unnamed = [s for s in self.extra_statements if isinstance(s, dict) and not s.get("Sid")]
+        if unnamed:
+            raise ValueError(f"every extra statement needs a Sid; missing on {unnamed}")
+
 
 @dataclass
 class ServiceRoleArgs:
@@ -102,7 +117,11 @@ class ServiceRoleArgs:
     instance_profile: bool = True
     """Create an EC2 instance profile for the role."""
     max_session_duration_s: int = 3600
-    """Longest session the role's credentials last, in seconds (3600–43200)."""
+    """Longest session the role's credentials last, in seconds (3600 to 43200)."""
+
+    def __post_init__(self) -> None:
+        if not 3600 <= self.max_session_duration_s <= 43200:
+            raise ValueError(f"max_session_duration_s must be 3600..43200, got {self.max_session_duration_s}")
 
 
 def _statement(sid: str, actions: Sequence[str], resources: Sequence[Input[str]] | str) -> dict[str, Any]:
@@ -127,7 +146,7 @@ def access_statements(access: ServiceAccess) -> list[Input[dict[str, Any]]]:
         for i, grant in enumerate(access.read_buckets):
             statement = _statement(f"ListReadBucket{i}", ["s3:ListBucket"], [grant.bucket_arn])
             if grant.key_pattern != "*":
-                # Listing is limited to the granted prefix; without the condition the whole bucket's keys show.
+                # Listing stays inside the granted prefix; without the condition every key name shows.
                 statement["Condition"] = {"StringLike": {"s3:prefix": [grant.key_pattern]}}
             statements.append(statement)
     if access.write_buckets:

@@ -1,5 +1,5 @@
-"""The VPC: public subnets that hold only NAT gateways, private subnets for everything else, flow logs, and one
-egress-only security group per service."""
+"""The VPC: public subnets that hold only NAT gateways, private subnets for everything else, flow
+logs, and one egress-only security group per service."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ipaddress
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pulumi
@@ -17,7 +17,7 @@ from infra.encryption import partition_of
 from infra.logs import check_retention
 
 # RFC 1918 private address space: a VPC outside it could collide with public addresses it must reach.
-PRIVATE_RANGES = tuple(ipaddress.ip_network(c) for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+PRIVATE_RANGES = tuple(ipaddress.IPv4Network(c) for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 _SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _SMALLEST_SUBNET_PREFIX = 28  # AWS refuses subnets smaller than /28
 
@@ -31,24 +31,26 @@ def subnet_cidrs(vpc_cidr: str, az_count: int) -> tuple[list[str], list[str]]:
     new_prefix = network.prefixlen + math.ceil(math.log2(2 * az_count))
     if new_prefix > _SMALLEST_SUBNET_PREFIX:
         raise ValueError(
-            f"NetworkArgs.cidr_block={vpc_cidr} is too small for {2 * az_count} subnets ({az_count} AZs x public "
-            f"and private, each at least /{_SMALLEST_SUBNET_PREFIX}); set cidr_block to a larger block "
-            "(a smaller prefix length) or lower az_count"
+            f"NetworkArgs.cidr_block={vpc_cidr} is too small for {2 * az_count} subnets ({az_count} AZs "
+            f"x public and private, each at least /{_SMALLEST_SUBNET_PREFIX}); set cidr_block to a "
+            "larger block (a smaller prefix length) or lower az_count"
         )
     blocks = [str(s) for s in network.subnets(new_prefix=new_prefix)]
     return blocks[az_count : 2 * az_count], blocks[:az_count]
 
 
 def check_vpc_cidr(cidr: str) -> ipaddress.IPv4Network:
-    """Raise ValueError naming ``NetworkArgs.cidr_block`` unless ``cidr`` is an RFC 1918 block from /16 to /24."""
+    """Raise ValueError naming ``NetworkArgs.cidr_block`` unless ``cidr`` is RFC 1918, /16 to /24."""
     try:
         network = ipaddress.ip_network(cidr, strict=True)
     except ValueError as exc:
         raise ValueError(
-            f"NetworkArgs.cidr_block={cidr!r} is not a network address ({exc}); set cidr_block to an RFC 1918 "
-            "block such as 10.40.0.0/16"
+            f"NetworkArgs.cidr_block={cidr!r} is not a network address ({exc}); set cidr_block to an "
+            "RFC 1918 block such as 10.40.0.0/16"
         ) from None
-    if not isinstance(network, ipaddress.IPv4Network) or not any(network.subnet_of(r) for r in PRIVATE_RANGES):
+    if not isinstance(network, ipaddress.IPv4Network) or not any(
+        network.subnet_of(r) for r in PRIVATE_RANGES
+    ):
         raise ValueError(
             f"NetworkArgs.cidr_block={cidr} is not private (RFC 1918) address space; set cidr_block inside "
             "10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16, e.g. 10.40.0.0/16"
@@ -70,20 +72,20 @@ class NetworkArgs:
     az_count: int = 2
     """Availability zones to span (at least 2, so one zone's failure leaves the rest running)."""
     nat_per_az: bool = False
-    """One NAT gateway per AZ (production: survives a zone outage) instead of one shared NAT (dev: cheaper)."""
+    """One NAT gateway per AZ (production: survives a zone outage) or one shared NAT (dev: cheaper)."""
     service_names: Sequence[str] = field(default_factory=tuple)
-    """One egress-only security group is made per name; other components use them as the database's peers."""
+    """One egress-only security group per name; other components use them as the database's peers."""
     flow_log_retention_days: int = 90
     """Days the VPC flow logs are kept (a value CloudWatch Logs accepts)."""
-    kms_key_arn: pulumi.Input[str] | None = None
+    flow_log_kms_key_arn: pulumi.Input[str] | None = None
     """KMS key that encrypts the flow-log group; its policy must let CloudWatch Logs use it."""
 
     def __post_init__(self) -> None:
         check_vpc_cidr(self.cidr_block)
         if self.az_count < 2:
             raise ValueError(
-                f"NetworkArgs.az_count={self.az_count}; set az_count to 2 or more so that the subnets, NAT and "
-                "database standby can span more than one availability zone"
+                f"NetworkArgs.az_count={self.az_count}; set az_count to 2 or more so that the subnets, NAT "
+                "and database standby can span more than one availability zone"
             )
         subnet_cidrs(self.cidr_block, self.az_count)
         check_retention("NetworkArgs.flow_log_retention_days", self.flow_log_retention_days)
@@ -97,17 +99,22 @@ class NetworkArgs:
             raise ValueError(f"NetworkArgs.service_names lists a name twice: {list(self.service_names)}")
 
 
-def _zone(names: Sequence[str], index: int, wanted: int) -> str:
-    if len(names) < wanted:
-        raise ValueError(
-            f"NetworkArgs.az_count={wanted} but the region has only {len(names)} available zones ({names}); "
-            f"set az_count to at most {len(names)}"
-        )
-    return names[index]
+def _zone_picker(index: int, wanted: int) -> Callable[[Sequence[str]], str]:
+    """A function that picks zone ``index`` of the region's available zones, or says there are too few."""
+
+    def pick(names: Sequence[str]) -> str:
+        if len(names) < wanted:
+            raise ValueError(
+                f"NetworkArgs.az_count={wanted} but the region has only {len(names)} available zones "
+                f"({list(names)}); set az_count to at most {len(names)}"
+            )
+        return names[index]
+
+    return pick
 
 
 def _flow_logs_trust_policy(log_group_arn: str) -> str:
-    # The log group's ARN names the partition, region and account: the trust is scoped to flow logs of this account.
+    # The log group's ARN names partition, region and account: only this account's flow logs assume it.
     _, partition, _, region, account, *_ = log_group_arn.split(":")
     return json.dumps(
         {
@@ -119,7 +126,9 @@ def _flow_logs_trust_policy(log_group_arn: str) -> str:
                     "Action": "sts:AssumeRole",
                     "Condition": {
                         "StringEquals": {"aws:SourceAccount": account},
-                        "ArnLike": {"aws:SourceArn": f"arn:{partition}:ec2:{region}:{account}:vpc-flow-log/*"},
+                        "ArnLike": {
+                            "aws:SourceArn": f"arn:{partition}:ec2:{region}:{account}:vpc-flow-log/*"
+                        },
                     },
                 }
             ],
@@ -144,7 +153,7 @@ def _flow_logs_write_policy(log_group_arn: str) -> str:
 
 
 class Network(pulumi.ComponentResource):
-    """A VPC across ``az_count`` AZs: public subnets (NAT only), private subnets, S3 gateway endpoint, flow logs."""
+    """A VPC across ``az_count`` AZs: public (NAT only) and private subnets, S3 endpoint, flow logs."""
 
     vpc_id: pulumi.Output[str]
     vpc_cidr: pulumi.Output[str]
@@ -163,7 +172,7 @@ class Network(pulumi.ComponentResource):
         public_cidrs, private_cidrs = subnet_cidrs(args.cidr_block, count)
 
         zones = aws.get_availability_zones_output(state="available", opts=pulumi.InvokeOptions(parent=self))
-        zone_names = [zones.names.apply(lambda names, i=i: _zone(names, i, count)) for i in range(count)]
+        zone_names = [zones.names.apply(_zone_picker(i, count)) for i in range(count)]
         self.availability_zones = pulumi.Output.all(*zone_names).apply(list)
         region = aws.get_region_output(opts=pulumi.InvokeOptions(parent=self)).region
 
@@ -262,7 +271,7 @@ class Network(pulumi.ComponentResource):
             f"{name}-flow-logs",
             name=f"/tessera/{name}/vpc-flow-logs",
             retention_in_days=args.flow_log_retention_days,
-            kms_key_id=args.kms_key_arn,
+            kms_key_id=args.flow_log_kms_key_arn,
             opts=child,
         )
         self.flow_log_role = aws.iam.Role(

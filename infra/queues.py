@@ -20,8 +20,9 @@ def check_visibility_timeout(setting: str, seconds: int) -> None:
     """Raise ValueError naming ``setting`` unless ``seconds`` is a visibility timeout SQS accepts."""
     if not 0 <= seconds <= MAX_VISIBILITY_TIMEOUT_S:
         raise ValueError(
-            f"{setting}={seconds} is outside what SQS accepts; set {setting} to 0..{MAX_VISIBILITY_TIMEOUT_S} "
-            "seconds (workers that need longer must extend the visibility with a heartbeat)"
+            f"{setting}={seconds} is outside what SQS accepts; set {setting} to "
+            f"0..{MAX_VISIBILITY_TIMEOUT_S} seconds (workers that need longer must extend the visibility "
+            "with a heartbeat)"
         )
 
 
@@ -29,8 +30,8 @@ def check_max_receive_count(setting: str, count: int) -> None:
     """Raise ValueError naming ``setting`` unless ``count`` is a maxReceiveCount SQS accepts."""
     if not 1 <= count <= 1000:
         raise ValueError(
-            f"{setting}={count} is outside what SQS accepts; set {setting} to 1..1000 receives before a message "
-            "goes to the dead-letter queue"
+            f"{setting}={count} is outside what SQS accepts; set {setting} to 1..1000 receives before "
+            "a message goes to the dead-letter queue"
         )
 
 
@@ -98,7 +99,7 @@ class QueuePair(pulumi.ComponentResource):
             sqs_managed_sse_enabled=sse_sqs,
             opts=child,
         )
-        # Only this work queue may use the DLQ (a separate resource: the DLQ exists before the queue's ARN does).
+        # Only this work queue may use the DLQ (separate resource: the DLQ exists before the queue's ARN).
         aws.sqs.RedriveAllowPolicy(
             f"{name}-dlq-allow",
             queue_url=self.dead_letters.url,
@@ -136,10 +137,12 @@ class QueueSpec:
     def __post_init__(self) -> None:
         if not _PURPOSE.match(self.purpose):
             raise ValueError(
-                f"QueueSpec.purpose={self.purpose!r} cannot be part of a queue name; set purpose to lowercase "
-                "letters, digits and hyphens"
+                f"QueueSpec.purpose={self.purpose!r} cannot be part of a queue name; set purpose to "
+                "lowercase letters, digits and hyphens"
             )
-        check_visibility_timeout(f"QueueSpec({self.purpose!r}).visibility_timeout_s", self.visibility_timeout_s)
+        check_visibility_timeout(
+            f"QueueSpec({self.purpose!r}).visibility_timeout_s", self.visibility_timeout_s
+        )
         check_retention(f"QueueSpec({self.purpose!r}).message_retention_s", self.message_retention_s)
 
 
@@ -168,7 +171,9 @@ class QueuesArgs:
         check_max_receive_count("QueuesArgs.max_receive_count", self.max_receive_count)
         purposes = [q.purpose for q in self.queues]
         if len(set(purposes)) != len(purposes):
-            raise ValueError(f"QueuesArgs.queues has a purpose twice: {purposes}; give every queue its own purpose")
+            raise ValueError(
+                f"QueuesArgs.queues has a purpose twice: {purposes}; give every queue its own purpose"
+            )
 
 
 class Queues(pulumi.ComponentResource):

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from glob import glob
@@ -22,7 +23,8 @@ import pulumi_docker as docker
 from pulumi import Input, Output
 
 DOCKERFILE_DIR = "images"
-# Build-input files and folders that never affect an image: caches and local environments.
+# Build-input files and folders that never affect an image: caches and local environments. Each image's
+# ``<Dockerfile>.dockerignore`` excludes the same, so Docker and pulumi-docker see what the tag hashes.
 IGNORED_DIRS = frozenset(
     {"__pycache__", ".venv", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cache", "node_modules"}
 )
@@ -37,7 +39,7 @@ class RegistryArgs:
     services: Sequence[str]
     """Service names; each gets a repository and is built from ``images/<service>.Dockerfile``."""
     context_dir: str
-    """The build context: the repository root (relative to the Pulumi program's working directory, or absolute)."""
+    """The build context: the repository root (absolute, or relative to the Pulumi program's directory)."""
     kms_key_arn: Input[str] | None = None
     """KMS key that encrypts the repositories; None uses AES256 (ECR-managed keys)."""
     keep_images: int = 20
@@ -49,13 +51,21 @@ class RegistryArgs:
     force_delete: bool = False
     """Let `pulumi destroy` delete repositories that still hold images (throw-away stacks only)."""
 
+    def __post_init__(self) -> None:
+        _check(self)
+
 
 def dockerfile_path(service: str) -> str:
     """Where a service's Dockerfile lives, relative to the build context."""
     return f"{DOCKERFILE_DIR}/{service}.Dockerfile"
 
 
-def _instructions(text: str) -> Iterator[tuple[str, str]]:
+def dockerignore_path(service: str) -> str:
+    """The Dockerfile's own ignore file (Docker and pulumi-docker prefer it to a root ``.dockerignore``)."""
+    return f"{dockerfile_path(service)}.dockerignore"
+
+
+def dockerfile_instructions(text: str) -> Iterator[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs of a Dockerfile, with continuation lines joined and comments dropped."""
     pending = ""
     for raw in text.splitlines():
@@ -80,10 +90,10 @@ def _instructions(text: str) -> Iterator[tuple[str, str]]:
 def copied_sources(dockerfile_text: str) -> list[str]:
     """The build-context paths a Dockerfile's COPY and ADD instructions read (``--from`` copies left out)."""
     sources: list[str] = []
-    for instruction, rest in _instructions(dockerfile_text):
+    for instruction, arguments in dockerfile_instructions(dockerfile_text):
         if instruction not in ("COPY", "ADD"):
             continue
-        flags: list[str] = []
+        rest, flags = arguments, []
         while rest.startswith("--"):
             flag, _, rest = rest.partition(" ")
             flags.append(flag)
@@ -109,22 +119,28 @@ def _files_under(context_dir: str, source: str) -> list[str]:
             continue
         for root, dirs, names in os.walk(match):
             dirs[:] = sorted(d for d in dirs if not _ignored(d))
-            files.extend(os.path.relpath(os.path.join(root, n), context_dir) for n in names if not _ignored(n))
+            files.extend(
+                os.path.relpath(os.path.join(root, n), context_dir) for n in names if not _ignored(n)
+            )
     return files
 
 
 def content_tag(context_dir: str, service: str, platform: str = "linux/amd64") -> str:
-    """A tag that changes exactly when the image's inputs change: its Dockerfile, the files it copies, the platform.
+    """A tag that changes whenever the image's inputs change: Dockerfile, ignore file, copied files, platform.
 
-    Paths are hashed with their contents, in sorted order, so the tag is the same on every machine.
-    Sources the Dockerfile names but the context lacks are hashed as missing (the build will say so).
+    Paths are hashed with their permission bits and contents, in sorted order (what pulumi-docker also
+    hashes to decide on a rebuild, so a rebuild never re-pushes an existing immutable tag). Sources the
+    Dockerfile names but the context lacks are hashed as missing (the build will say so).
     """
-    dockerfile = os.path.join(context_dir, dockerfile_path(service))
-    with open(dockerfile, "rb") as fh:
+    with open(os.path.join(context_dir, dockerfile_path(service)), "rb") as fh:
         dockerfile_bytes = fh.read()
     digest = hashlib.sha256()
     digest.update(f"platform={platform}\0".encode())
     digest.update(b"dockerfile\0" + hashlib.sha256(dockerfile_bytes).digest())
+    ignore_file = os.path.join(context_dir, dockerignore_path(service))
+    if os.path.isfile(ignore_file):
+        with open(ignore_file, "rb") as fh:
+            digest.update(b"dockerignore\0" + hashlib.sha256(fh.read()).digest())
     files: set[str] = set()
     for source in copied_sources(dockerfile_bytes.decode("utf-8")):
         found = _files_under(context_dir, source)
@@ -132,14 +148,16 @@ def content_tag(context_dir: str, service: str, platform: str = "linux/amd64") -
             digest.update(f"missing:{source}\0".encode())
         files.update(found)
     for rel in sorted(files):
-        with open(os.path.join(context_dir, rel), "rb") as fh:
+        path = os.path.join(context_dir, rel)
+        with open(path, "rb") as fh:
             content = hashlib.sha256(fh.read()).digest()
-        digest.update(rel.replace(os.sep, "/").encode() + b"\0" + content)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        digest.update(f"{rel.replace(os.sep, '/')}\0{mode:o}\0".encode() + content)
     return digest.hexdigest()[:16]
 
 
 class Registry(pulumi.ComponentResource):
-    """One private, scanned, immutable-tag ECR repository per service, and each service's image pushed to it."""
+    """One private, scanned, immutable-tag ECR repository per service, each with its service's image."""
 
     repository_urls: dict[str, pulumi.Output[str]]
     repository_arns: dict[str, pulumi.Output[str]]
@@ -151,7 +169,6 @@ class Registry(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("tessera:infra:Registry", name, None, opts)
-        _check(args)
         child = pulumi.ResourceOptions(parent=self)
         self.repositories: dict[str, aws.ecr.Repository] = {}
         self.images: dict[str, docker.Image] = {}
@@ -167,7 +184,9 @@ class Registry(pulumi.ComponentResource):
             repo = aws.ecr.Repository(
                 f"{name}-{service}",
                 image_tag_mutability="IMMUTABLE",
-                image_scanning_configuration=aws.ecr.RepositoryImageScanningConfigurationArgs(scan_on_push=True),
+                image_scanning_configuration=aws.ecr.RepositoryImageScanningConfigurationArgs(
+                    scan_on_push=True
+                ),
                 encryption_configurations=[encryption],
                 force_delete=args.force_delete,
                 opts=child,
@@ -253,7 +272,11 @@ def _lifecycle_policy(keep_images: int) -> dict[str, object]:
             {
                 "rulePriority": 2,
                 "description": f"Keep the last {keep_images} images",
-                "selection": {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": keep_images},
+                "selection": {
+                    "tagStatus": "any",
+                    "countType": "imageCountMoreThan",
+                    "countNumber": keep_images,
+                },
                 "action": {"type": "expire"},
             },
         ]

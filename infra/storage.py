@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ class BucketSpec:
     def __post_init__(self) -> None:
         if not _PURPOSE.match(self.purpose):
             raise ValueError(
-                f"BucketSpec.purpose={self.purpose!r} cannot be part of a bucket name; set purpose to at most "
-                "31 lowercase letters, digits and hyphens"
+                f"BucketSpec.purpose={self.purpose!r} cannot be part of a bucket name; set purpose to "
+                "at most 31 lowercase letters, digits and hyphens"
             )
         for knob in (
             "noncurrent_version_expiry_days",
@@ -44,16 +45,24 @@ class BucketSpec:
         ):
             value = getattr(self, knob)
             if value is not None and value < (0 if knob == "intelligent_tiering_after_days" else 1):
-                raise ValueError(f"BucketSpec({self.purpose!r}).{knob}={value}; set it to a positive number of days")
+                raise ValueError(
+                    f"BucketSpec({self.purpose!r}).{knob}={value}; set it to a positive number of days"
+                )
 
 
 DEFAULT_BUCKETS: tuple[BucketSpec, ...] = (
     # Source rasters are huge and read once or twice: tier them early.
-    BucketSpec("imagery", versioned=True, noncurrent_version_expiry_days=30, intelligent_tiering_after_days=30),
-    BucketSpec("results", versioned=True, noncurrent_version_expiry_days=30, intelligent_tiering_after_days=30),
+    BucketSpec(
+        "imagery", versioned=True, noncurrent_version_expiry_days=30, intelligent_tiering_after_days=30
+    ),
+    BucketSpec(
+        "results", versioned=True, noncurrent_version_expiry_days=30, intelligent_tiering_after_days=30
+    ),
     # The model registry: every exported model is kept; replaced versions stay long enough to roll back.
     BucketSpec("models", versioned=True, noncurrent_version_expiry_days=180),
-    BucketSpec("datasets", versioned=True, noncurrent_version_expiry_days=90, intelligent_tiering_after_days=30),
+    BucketSpec(
+        "datasets", versioned=True, noncurrent_version_expiry_days=90, intelligent_tiering_after_days=30
+    ),
     # Logs are write-once and worth little after a while.
     BucketSpec(
         "logs",
@@ -79,7 +88,9 @@ class StorageArgs:
     def __post_init__(self) -> None:
         purposes = [b.purpose for b in self.buckets]
         if len(set(purposes)) != len(purposes):
-            raise ValueError(f"StorageArgs.buckets has a purpose twice: {purposes}; give every bucket its own purpose")
+            raise ValueError(
+                f"StorageArgs.buckets has a purpose twice: {purposes}; give every bucket its own purpose"
+            )
 
 
 def bucket_policy(bucket_arn: str) -> dict[str, Any]:
@@ -105,7 +116,7 @@ def bucket_policy(bucket_arn: str) -> dict[str, Any]:
                 "Condition": {"NumericLessThan": {"s3:TlsVersion": "1.2"}},
             },
             {
-                # An upload without the header gets the bucket default (the KMS key); one with another one is refused.
+                # Without the header an upload gets the bucket default (the KMS key); another one is refused.
                 "Sid": "DenyUploadsWithOtherEncryption",
                 "Effect": "Deny",
                 "Principal": "*",
@@ -215,7 +226,7 @@ class Storage(pulumi.ComponentResource):
             aws.s3.BucketPolicy(
                 f"{base}-policy",
                 bucket=bucket.id,
-                policy=bucket.arn.apply(lambda arn: pulumi.Output.json_dumps(bucket_policy(arn))),
+                policy=bucket.arn.apply(lambda arn: json.dumps(bucket_policy(arn))),
                 # S3 rejects concurrent changes to a bucket's policy and its public access block.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[access_block]),
             )
@@ -224,7 +235,9 @@ class Storage(pulumi.ComponentResource):
                 versioning = aws.s3.BucketVersioning(
                     f"{base}-versioning",
                     bucket=bucket.id,
-                    versioning_configuration=aws.s3.BucketVersioningVersioningConfigurationArgs(status="Enabled"),
+                    versioning_configuration=aws.s3.BucketVersioningVersioningConfigurationArgs(
+                        status="Enabled"
+                    ),
                     opts=child,
                 )
             aws.s3.BucketLifecycleConfiguration(

@@ -33,7 +33,8 @@ def stack_outputs(stack: str | None, cwd: str | None = None) -> dict[str, Any]:
     pulumi = shutil.which("pulumi")
     if pulumi is None:
         raise CommandError(
-            "the Pulumi CLI is not on PATH; install it (https://www.pulumi.com/docs/install/) and log in to the "
+            "the Pulumi CLI is not on PATH; install it (https://www.pulumi.com/docs/install/) and log in "
+            "to the "
             "backend that holds your stacks"
         )
     command = [pulumi, "stack", "output", "--json"]
@@ -76,8 +77,11 @@ def _tunnel(args: argparse.Namespace) -> int:
     print(" ".join(command))
     if args.print_only:
         return 0
-    print(f"Grafana: http://localhost:{args.local_port}  (admin password: the stack's grafanaAdminSecretArn; "
-          "Ctrl-C closes the tunnel)", file=sys.stderr)
+    print(
+        f"Grafana: http://localhost:{args.local_port}  (admin password: the stack's grafanaAdminSecretArn; "
+        "Ctrl-C closes the tunnel)",
+        file=sys.stderr,
+    )
     if shutil.which("ssh") is None:
         raise CommandError("ssh is not on PATH; install an OpenSSH client")
     os.execvp("ssh", command)
@@ -100,8 +104,12 @@ def parser() -> argparse.ArgumentParser:
 
     tunnel = commands.add_parser("tunnel", help="open an SSH tunnel through the jump host")
     tunnel.add_argument("target", choices=["grafana"], help="what to reach")
-    tunnel.add_argument("--stack", default=None, help="the stack holding the compute layer (default: selected)")
-    tunnel.add_argument("--local-port", type=int, default=3000, help="local port to listen on (default: 3000)")
+    tunnel.add_argument(
+        "--stack", default=None, help="the stack holding the compute layer (default: selected)"
+    )
+    tunnel.add_argument(
+        "--local-port", type=int, default=3000, help="local port to listen on (default: 3000)"
+    )
     tunnel.add_argument(
         "--print", dest="print_only", action="store_true", help="print the ssh command instead of running it"
     )

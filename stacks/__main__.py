@@ -1,4 +1,4 @@
-"""Entry point of the Pulumi program (``main: stacks/`` in Pulumi.yaml): read the stack's config, declare it."""
+"""Entry point of the Pulumi program (``main: stacks/`` in Pulumi.yaml): read the config, declare it."""
 
 import pulumi
 

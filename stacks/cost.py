@@ -146,7 +146,7 @@ def _price(run: OfflineRun, r: Declared, line: CostLine, prices: PriceTable, oth
         gb = _volume_gb(template.get("blockDeviceMappings"), "ebs")
         line.hourly = max_size * (per_instance + gb * gp3 / prices.hours_per_month)
         line.note = (
-            f"{template.get('instanceType')} × {get('minSize', 0)}–{max_size}: counted at {max_size} "
+            f"{template.get('instanceType')} x {get('minSize', 0)}-{max_size}: counted at {max_size} "
             f"(${per_instance:.3f}/h each); $0 while the queues are empty"
         )
     elif t == "aws:ec2/natGateway:NatGateway":
@@ -173,7 +173,9 @@ def _price(run: OfflineRun, r: Declared, line: CostLine, prices: PriceTable, oth
         line.monthly_fixed = other["secret_month"]
     elif t == "aws:cloudwatch/metricAlarm:MetricAlarm":
         line.monthly_fixed = other["alarm_month"]
-    elif t.startswith(("aws:s3/bucket:", "aws:sqs/queue:", "aws:ecr/repository:", "aws:cloudwatch/logGroup:")):
+    elif t.startswith(
+        ("aws:s3/bucket:", "aws:sqs/queue:", "aws:ecr/repository:", "aws:cloudwatch/logGroup:")
+    ):
         line.note = "usage-based"
 
 

@@ -77,7 +77,7 @@ class OfflineRun:
 
     def ancestors(self, resource: Declared) -> list[Declared]:
         """The chain of parents of ``resource``, nearest first."""
-        index = {(r.type, r.name): r for r in self.resources}
+        index: dict[tuple[str | None, str], Declared] = {(r.type, r.name): r for r in self.resources}
         chain: list[Declared] = []
         current = resource
         while current.parent is not None and (current.parent_type, current.parent) in index:
@@ -101,9 +101,16 @@ class TesseraMocks(pulumi_mocks.Mocks):
         self.stack_outputs = dict(stack_outputs or {})
         self.declared: list[Declared] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        #: Every string a provider function returned: values fetched at deploy time, not written in code.
+        self.fetched_values: set[str] = set()
 
     # --- provider functions -------------------------------------------------------------------------
     def call(self, args: pulumi_mocks.MockCallArgs) -> dict:  # type: ignore[override]
+        result = self._answer(args)
+        self.fetched_values.update(v for v in result.values() if isinstance(v, str))
+        return result
+
+    def _answer(self, args: pulumi_mocks.MockCallArgs) -> dict:
         token = args.token
         self.calls.append((token, dict(args.args)))
         region = self.region
@@ -127,6 +134,10 @@ class TesseraMocks(pulumi_mocks.Mocks):
         if token == "aws:ssm/getParameter:getParameter":
             digest = _suffix(str(args.args.get("name")))
             return {"value": f"ami-0{digest}00000000", "name": args.args.get("name"), "type": "String"}
+        if token == "aws:ec2/getSubnet:getSubnet":
+            subnet = str(args.args.get("id", "subnet"))
+            zone = f"{region}{'abc'[int(_suffix(subnet), 16) % 3]}"
+            return {"id": subnet, "availabilityZone": zone, "vpcId": "vpc-0", "cidrBlock": "10.0.9.0/24"}
         if token == "aws:ecr/getAuthorizationToken:getAuthorizationToken":
             return {
                 "userName": "AWS",
@@ -146,6 +157,9 @@ class TesseraMocks(pulumi_mocks.Mocks):
         service = typ.split(":")[1].split("/")[0] if ":" in typ else "unknown"
         state.setdefault("arn", f"arn:aws:{service}:{self.region}:{ACCOUNT_ID}:{physical}")
         state.update(self._outputs_for(typ, name, physical, state))
+        if args.custom:
+            # What AWS gives an auto-named resource; ignored by types that have no name property.
+            state.setdefault("name", physical)
         if typ == "pulumi:pulumi:StackReference":
             wanted = str(state.get("name", name))
             state = {"name": wanted, "outputs": self.stack_outputs, "secretOutputNames": []}
@@ -178,7 +192,11 @@ class TesseraMocks(pulumi_mocks.Mocks):
                 "arn": f"arn:aws:ecr:{region}:{acct}:repository/{repo}",
             }
         if typ == "aws:iam/role:Role":
-            return {"name": physical, "arn": f"arn:aws:iam::{acct}:role/{physical}", "uniqueId": "AROAOFFLINE"}
+            return {
+                "name": physical,
+                "arn": f"arn:aws:iam::{acct}:role/{physical}",
+                "uniqueId": "AROAOFFLINE",
+            }
         if typ == "aws:iam/policy:Policy":
             return {"name": physical, "arn": f"arn:aws:iam::{acct}:policy/{physical}"}
         if typ == "aws:iam/instanceProfile:InstanceProfile":
@@ -202,7 +220,7 @@ class TesseraMocks(pulumi_mocks.Mocks):
             return {"publicIp": f"198.51.100.{ip_octet}", "allocationId": f"eipalloc-{_suffix(name)}"}
         if typ == "aws:rds/instance:Instance":
             host = f"{state.get('identifier', physical)}.c0ffee.{region}.rds.amazonaws.com"
-            port = state.get("port", 5432)
+            port = int(state.get("port") or 5432)
             secrets = []
             if state.get("manageMasterUserPassword"):
                 secrets = [
@@ -266,7 +284,7 @@ def run_offline(
     project: str = "tessera",
     stack_outputs: Mapping[str, Any] | None = None,
 ) -> OfflineRun:
-    """Run ``program`` under fresh mocks with ``config`` (``namespace:key`` -> value) and return what it declared.
+    """Run ``program`` under fresh mocks with ``config`` (``namespace:key`` -> value); return its resources.
 
     ``program`` returns the stack outputs (a mapping of names to values or Outputs); they come back resolved.
     Every call gets a new event loop and new mocks, so runs never leak into one another.

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stacks.audit import Finding, audit
 from stacks.cost import CostEstimate, estimate
 from stacks.offline import Declared, OfflineRun, load_stack_config, run_offline
-from stacks.settings import ConfigError
+from stacks.settings import ConfigError, Settings, getter_from_mapping, read_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,9 +52,15 @@ class Plan:
     """One stack's offline plan: its resources, outputs and cost."""
 
     stack: str
-    layer: str
+    settings: Settings
     run: OfflineRun
     cost: CostEstimate
+    findings: list[Finding]
+
+    @property
+    def layer(self) -> str:
+        """Which layer the stack holds."""
+        return self.settings.layer
 
 
 def config_path(stack: str, project_dir: Path = REPO_ROOT) -> Path:
@@ -78,9 +85,12 @@ def plan_stack(stack: str, project_dir: Path = REPO_ROOT, config: dict[str, Any]
                 f"(create one with `pulumi stack init {stack}` and `pulumi config set ...`)"
             )
         config = load_stack_config(str(path))
-    layer = str(config.get("tessera:layer", "all"))
+    from infra.training import ACCELERATOR_FAMILIES
+
+    # Validate before running anything, so a bad value reads as one clear message.
+    settings = read_settings(getter_from_mapping(config), stack, accelerator_families=ACCELERATOR_FAMILIES)
     stack_outputs: dict[str, Any] | None = None
-    if layer == "compute" and config.get("tessera:dataStack"):
+    if settings.layer == "compute" and config.get("tessera:dataStack"):
         data_stack = str(config["tessera:dataStack"]).rsplit("/", 1)[-1]
         if not config_path(data_stack, project_dir).exists():
             raise ConfigError(
@@ -89,7 +99,14 @@ def plan_stack(stack: str, project_dir: Path = REPO_ROOT, config: dict[str, Any]
             )
         stack_outputs = plan_stack(data_stack, project_dir).run.outputs
     run = run_offline(_program, config=config, stack=stack, stack_outputs=stack_outputs)
-    return Plan(stack=stack, layer=layer, run=run, cost=estimate(run))
+    return Plan(stack=stack, settings=settings, run=run, cost=estimate(run), findings=audit(run, settings))
+
+
+def short_type(type_token: str) -> str:
+    """``aws:rds/instance:Instance`` -> ``rds.Instance``; ``docker:index/image:Image`` -> ``docker.Image``."""
+    package, module_path, kind = [*type_token.split(":"), "", ""][:3]
+    module = module_path.split("/")[0]
+    return f"{package if module == 'index' else module}.{kind}"
 
 
 def key_settings(resource: Declared) -> str:
@@ -99,7 +116,9 @@ def key_settings(resource: Declared) -> str:
         value = resource.inputs.get(key)
         if value is None:
             continue
-        if isinstance(value, dict | list):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # the engine hands numbers over as floats
+        elif isinstance(value, dict | list):
             value = json.dumps(value, separators=(",", ":"))
         parts.append(f"{key}={value}")
     if resource.protect:
@@ -124,7 +143,7 @@ def render(plan: Plan, width: int | None = None) -> str:
         monthly = line.monthly(hours)
         table.add_row(
             line.layer,
-            r.type.split(":", 1)[-1],
+            short_type(r.type),
             r.name,
             key_settings(r),
             f"{monthly / hours:.3f}" if monthly else "",
@@ -146,12 +165,20 @@ def render(plan: Plan, width: int | None = None) -> str:
     )
     if plan.layer == "compute":
         console.print("This stack holds compute only: its data layer is priced with its own stack.")
+    if plan.settings.region != prices.region:
+        console.print(f"Prices are for {prices.region}; {plan.settings.region} differs by a few percent.")
     if est.unpriced:
         console.print(f"Not priced (add them to stacks/prices.toml): {', '.join(est.unpriced)}")
     console.print(
         f"Prices: {prices.source}, recorded {prices.recorded}; usage-based charges (S3, SQS, transfer, logs) "
         "are not included."
     )
+    if plan.findings:
+        console.print(f"Security and lifecycle checks: {len(plan.findings)} finding(s):")
+        for finding in plan.findings:
+            console.print(f"  {finding}")
+    else:
+        console.print("Security and lifecycle checks: no findings.")
     outputs = plan.run.outputs
     if "grafanaTunnelCommand" in outputs:
         console.print(f"Grafana, once up: {outputs['grafanaTunnelCommand']}  then open http://localhost:3000")

@@ -48,7 +48,9 @@ class DataLayer(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         account_id = aws.get_caller_identity_output(opts=pulumi.InvokeOutputOptions(parent=self)).account_id
 
-        self.encryption = Encryption(f"{name}-kms", EncryptionArgs(region=s.region, account_id=account_id), child)
+        self.encryption = Encryption(
+            f"{name}-kms", EncryptionArgs(region=s.region, account_id=account_id), child
+        )
         key = self.encryption.key_arn
         self.network = Network(
             f"{name}-net",
@@ -155,7 +157,9 @@ class DataView:
         return DataView(reference.require_output)
 
 
-def service_environment(spec: ServiceSpec, settings: Settings, data: DataView) -> dict[str, pulumi.Input[str]]:
+def service_environment(
+    spec: ServiceSpec, settings: Settings, data: DataView
+) -> dict[str, pulumi.Input[str]]:
     """The container environment of one service: where its queues, buckets and database are."""
     env: dict[str, pulumi.Input[str]] = {
         "TESSERA_SERVICE": spec.name,
@@ -214,7 +218,9 @@ class ComputeLayer(pulumi.ComponentResource):
         )
         self.roles = {
             spec.name: ServiceRole(
-                f"{name}-role-{spec.name}", ServiceRoleArgs(service=spec.name, access=service_access(spec, data)), child
+                f"{name}-role-{spec.name}",
+                ServiceRoleArgs(service=spec.name, access=service_access(spec, data)),
+                child,
             )
             for spec in SERVICES
         }
@@ -261,11 +267,21 @@ class ComputeLayer(pulumi.ComponentResource):
                     idle_minutes=s.training_idle_minutes,
                     environment=service_environment(trainer, s, data),
                     log_group_name=data.item("logGroupNames", trainer.name),
-                    agent_config_json=agent_config_json(gpu=True),
+                    kms_key_arn=data.get("kmsKeyArn"),
                     key_name=self.jump_host.key_name,
                     ssh_source_security_group_id=self.jump_host.security_group_id,
                 ),
                 child,
+            )
+            # What the box does with its role besides training (read its config, re-arm its idle alarm,
+            # publish utilisation): the ARNs exist only once the instance does, after its role.
+            self.training_box_policy = aws.iam.RolePolicy(
+                f"{name}-training-box",
+                role=self.roles[trainer.name].role_name,
+                policy=pulumi.Output.json_dumps(
+                    {"Version": "2012-10-17", "Statement": self.training.role_statements}
+                ),
+                opts=child,
             )
 
         self.grafana_role = ServiceRole(
@@ -276,6 +292,15 @@ class ComputeLayer(pulumi.ComponentResource):
                     cloudwatch_read=True,
                     kms_key_arns=[data.get("kmsKeyArn")],
                     log_group_arns=[data.item("logGroupArns", GRAFANA)],
+                    extra_statements=[
+                        {
+                            # The training dashboard lists instances by their tessera:role tag.
+                            "Sid": "FindTrainingInstances",
+                            "Effect": "Allow",
+                            "Action": ["ec2:DescribeInstances", "ec2:DescribeTags"],
+                            "Resource": "*",
+                        }
+                    ],
                 ),
             ),
             child,

@@ -93,5 +93,5 @@ def service(name: str) -> ServiceSpec:
 
 
 def env_name(kind: str, purpose: str) -> str:
-    """The container environment variable that carries one resource, e.g. ``TESSERA_QUEUE_IMAGE_REQUESTS_URL``."""
+    """The environment variable that carries one resource, e.g. ``TESSERA_QUEUE_IMAGE_REQUESTS_URL``."""
     return f"TESSERA_{kind.upper()}_{purpose.upper().replace('-', '_')}"

@@ -49,7 +49,7 @@ class Settings:
     region: str
     layer: str = "all"
     environment: str = "dev"
-    #: Throw-away stacks may lose their data on destroy (no protect, force-destroy buckets, no final snapshot).
+    #: Throw-away stacks may lose data on destroy (no protect, force-destroy buckets, no final snapshot).
     throwaway: bool = False
     vpc_cidr: str = "10.40.0.0/16"
     az_count: int = 2
@@ -74,7 +74,7 @@ class Settings:
 
     @property
     def protect_data(self) -> bool:
-        """Data stores carry ``protect``, deletion protection and final snapshots outside throw-away stacks."""
+        """Data stores carry ``protect``, deletion protection and final snapshots unless throw-away."""
         return not self.throwaway
 
     @property
@@ -145,7 +145,9 @@ def _cidrs(key: str, raw: str) -> tuple[str, ...]:
         try:
             net = ipaddress.ip_network(str(item), strict=True)
         except ValueError as exc:
-            raise ConfigError(f"{key}: {item!r} is not a valid CIDR ({exc}); write e.g. 198.51.100.7/32") from None
+            raise ConfigError(
+                f"{key}: {item!r} is not a valid CIDR ({exc}); write e.g. 198.51.100.7/32"
+            ) from None
         if net.prefixlen == 0:
             raise ConfigError(
                 f"{key}: {item} would open SSH to the whole internet; list only your office or VPN "
@@ -169,14 +171,19 @@ def _fleets(key: str, raw: str | None) -> dict[str, FleetSettings]:
             raise ConfigError(f"{key}.{service} must be a map with instanceType and/or maxSize")
         unknown = set(spec) - {"instanceType", "maxSize", "backlogPerInstance"}
         if unknown:
-            raise ConfigError(f"{key}.{service}: unknown settings {sorted(unknown)}; use instanceType, maxSize, "
-                              "backlogPerInstance")
+            raise ConfigError(
+                f"{key}.{service}: unknown settings {sorted(unknown)}; use instanceType, maxSize, "
+                "backlogPerInstance"
+            )
         base = fleets[service]
         families = NVIDIA_FAMILIES if service in GPU_FLEETS else NVIDIA_FAMILIES + CPU_FAMILIES
         what = "a GPU service (NVIDIA instance)" if service in GPU_FLEETS else "a worker fleet"
         fleets[service] = FleetSettings(
             instance_type=_instance_type(
-                f"{key}.{service}.instanceType", str(spec.get("instanceType", base.instance_type)), families, what
+                f"{key}.{service}.instanceType",
+                str(spec.get("instanceType", base.instance_type)),
+                families,
+                what,
             ),
             max_size=_as_int(f"{key}.{service}.maxSize", str(spec.get("maxSize", base.max_size)), 0, 100),
             backlog_per_instance=_as_int(
@@ -193,10 +200,14 @@ def _vpc_cidr(key: str, raw: str) -> str:
     try:
         net = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
-        raise ConfigError(f"{key}: {raw!r} is not a valid CIDR ({exc}); {_hint(key, '10.40.0.0/16')}") from None
+        raise ConfigError(
+            f"{key}: {raw!r} is not a valid CIDR ({exc}); {_hint(key, '10.40.0.0/16')}"
+        ) from None
     if not (net.version == 4 and net.is_private and 16 <= net.prefixlen <= 24):
-        raise ConfigError(f"{key}: {raw} must be a private IPv4 range (RFC 1918) from /16 to /24; "
-                          f"{_hint(key, '10.40.0.0/16')}")
+        raise ConfigError(
+            f"{key}: {raw} must be a private IPv4 range (RFC 1918) from /16 to /24; "
+            f"{_hint(key, '10.40.0.0/16')}"
+        )
     return str(net)
 
 

@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# tessera FITS classifier: bins incoming telescope FITS frames, classifies them with an ONNX CNN on the CPU
+# and records the verdict. Built by the Pulumi program (infra/registry.py) with the repository root as
+# context:
+#   docker build -f images/fits-classifier.Dockerfile --platform linux/amd64 .
+
+# ---- build: a virtual environment holding tessera and its dependencies ---------------------------------
+FROM python:3.11.14-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+# Only what the package build reads: setuptools packages infra*, stacks* and services*.
+COPY pyproject.toml README.md ./
+COPY infra/ infra/
+COPY stacks/ stacks/
+COPY services/ services/
+RUN /opt/venv/bin/pip install --no-cache-dir .
+
+# ---- runtime: the same Python, the venv, no sources -------------------------------------------------------
+FROM python:3.11.14-slim-bookworm
+LABEL org.opencontainers.image.title="tessera-fits-classifier" \
+      org.opencontainers.image.description="tessera FITS classifier: FITS frame classification (CPU)" \
+      org.opencontainers.image.vendor="tessera" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+COPY --from=build /opt/venv /opt/venv
+RUN groupadd --system --gid 10001 tessera \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/tessera \
+       --shell /usr/sbin/nologin tessera
+WORKDIR /home/tessera
+USER 10001:10001
+# A queue worker serves no port: a crash ends the container, Docker's restart policy starts it again and the
+# SQS visibility timeout hands its frame to another worker.
+HEALTHCHECK NONE
+ENTRYPOINT ["tessera"]
+CMD ["worker", "fits-classifier"]

@@ -1,0 +1,248 @@
+"""Image registry: scanned, immutable, self-cleaning repositories; images tagged by what goes into them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.registry import Registry, RegistryArgs, content_tag, copied_sources
+from stacks.offline import OfflineRun
+
+REPO = "aws:ecr/repository:Repository"
+LIFECYCLE = "aws:ecr/lifecyclePolicy:LifecyclePolicy"
+IMAGE = "docker:index/image:Image"
+TOKEN_CALL = "aws:ecr/getAuthorizationToken:getAuthorizationToken"
+KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/0000-ecr"
+SERVICES = ("model-runner", "sight-catalog")
+# A secret input reaches the engine wrapped in an object carrying this signature key.
+SECRET_SIG = "4dabf18193072939515e22adb298388d"
+
+DOCKERFILE = """\
+FROM python:3.11.14-slim-bookworm AS build
+COPY pyproject.toml README.md ./
+COPY --chown=10001:10001 services/ services/
+RUN pip install --no-cache-dir .
+FROM python:3.11.14-slim-bookworm
+COPY --from=build /opt/venv /opt/venv
+CMD ["worker", "{service}"]
+"""
+
+
+def _context(root: Path, services: Sequence[str] = SERVICES) -> Path:
+    """A small build context laid out like the repository."""
+    (root / "pyproject.toml").write_text("[project]\nname = 'tessera'\n")
+    (root / "README.md").write_text("# tessera\n")
+    (root / "services" / "runner").mkdir(parents=True)
+    (root / "services" / "__init__.py").write_text("")
+    (root / "services" / "runner" / "worker.py").write_text("def main() -> None: ...\n")
+    (root / "infra").mkdir()
+    (root / "infra" / "network.py").write_text("# not copied by these Dockerfiles\n")
+    (root / "images").mkdir()
+    for service in services:
+        (root / "images" / f"{service}.Dockerfile").write_text(DOCKERFILE.replace("{service}", service))
+    return root
+
+
+def _registry(offline: Callable[..., OfflineRun], context: Path, **args: Any) -> OfflineRun:
+    def program() -> dict[str, Any]:
+        registry = Registry("ecr", RegistryArgs(services=SERVICES, context_dir=str(context), **args))
+        return {
+            "urls": registry.repository_urls,
+            "arns": registry.repository_arns,
+            "refs": registry.image_refs,
+            "tags": registry.image_tags,
+        }
+
+    return offline(program)
+
+
+def _unsecret(value: Any) -> Any:
+    return value["value"] if isinstance(value, dict) and SECRET_SIG in value else value
+
+
+def test_repositories_are_scanned_immutable_and_kms_encrypted(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    run = _registry(offline, _context(tmp_path), kms_key_arn=KEY_ARN)
+    repos = {r.name: r for r in run.of_type(REPO)}
+    assert set(repos) == {"ecr-model-runner", "ecr-sight-catalog"}
+    for repo in repos.values():
+        assert repo.inputs["imageTagMutability"] == "IMMUTABLE"
+        assert repo.inputs["imageScanningConfiguration"] == {"scanOnPush": True}
+        assert repo.inputs["encryptionConfigurations"] == [{"encryptionType": "KMS", "kmsKey": KEY_ARN}]
+        assert repo.inputs["forceDelete"] is False  # images survive a careless destroy
+        assert repo.parent == "ecr"
+    assert run.outputs["urls"]["model-runner"] == repos["ecr-model-runner"].outputs["repositoryUrl"]
+    assert run.outputs["arns"]["sight-catalog"] == repos["ecr-sight-catalog"].outputs["arn"]
+
+
+def test_without_a_key_repositories_use_aes256(offline: Callable[..., OfflineRun], tmp_path: Path) -> None:
+    run = _registry(offline, _context(tmp_path), force_delete=True)
+    for repo in run.of_type(REPO):
+        assert repo.inputs["encryptionConfigurations"] == [{"encryptionType": "AES256"}]
+        assert repo.inputs["forceDelete"] is True
+
+
+def test_lifecycle_keeps_the_last_images_and_expires_untagged(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    run = _registry(offline, _context(tmp_path), keep_images=7)
+    repos = {r.outputs["name"] for r in run.of_type(REPO)}
+    policies = run.of_type(LIFECYCLE)
+    assert {p.inputs["repository"] for p in policies} == repos  # one per repository
+    for policy in policies:
+        rules = json.loads(policy.inputs["policy"])["rules"]
+        untagged = next(r for r in rules if r["selection"]["tagStatus"] == "untagged")
+        assert untagged["selection"] == {
+            "tagStatus": "untagged",
+            "countType": "sinceImagePushed",
+            "countUnit": "days",
+            "countNumber": 7,
+        }
+        keep = next(r for r in rules if r["selection"]["tagStatus"] == "any")
+        assert keep["selection"]["countType"] == "imageCountMoreThan"
+        assert keep["selection"]["countNumber"] == 7
+        assert all(r["action"] == {"type": "expire"} for r in rules)
+        # ECR requires the "any" rule to carry the highest priority number.
+        assert keep["rulePriority"] == max(r["rulePriority"] for r in rules)
+
+
+def test_one_image_per_service_built_for_amd64_and_tagged_by_content(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    context = _context(tmp_path)
+    run = _registry(offline, context)
+    images = {i.name: i for i in run.of_type(IMAGE)}
+    assert set(images) == {"ecr-model-runner-image", "ecr-sight-catalog-image"}
+    repos = {r.name: r for r in run.of_type(REPO)}
+    for service in SERVICES:
+        image, repo = images[f"ecr-{service}-image"], repos[f"ecr-{service}"]
+        build = image.inputs["build"]
+        assert build["platform"] == "linux/amd64"
+        assert build["context"] == str(context)
+        assert os.path.samefile(build["dockerfile"], context / "images" / f"{service}.Dockerfile")
+        tag = content_tag(str(context), service)
+        assert run.outputs["tags"][service] == tag
+        assert image.inputs["imageName"] == f"{repo.outputs['repositoryUrl']}:{tag}"
+        assert image.inputs.get("skipPush") is not True
+        # What consumers run is the pushed digest, never a movable tag.
+        assert run.outputs["refs"][service] == image.outputs["repoDigest"]
+        assert "@sha256:" in run.outputs["refs"][service]
+
+
+def test_push_credentials_come_from_ecr_and_stay_secret(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    run = _registry(offline, _context(tmp_path))
+    image = run.named(IMAGE, "ecr-model-runner-image")
+    assert SECRET_SIG in image.inputs["registry"]  # the token never lands in state in plain text
+    registry = _unsecret(image.inputs["registry"])
+    repo = run.named(REPO, "ecr-model-runner")
+    assert registry == {
+        "server": repo.outputs["repositoryUrl"],
+        "username": "AWS",
+        "password": "offline-token",
+    }
+    tokens = [args for token, args in run.mocks.calls if token == TOKEN_CALL]
+    assert tokens and all(args["registryId"] == repo.outputs["registryId"] for args in tokens)
+
+
+def test_build_false_declares_repositories_and_refs_without_images(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    context = _context(tmp_path)
+    run = _registry(offline, context, build=False)
+    assert run.of_type(IMAGE) == []
+    assert not [c for c, _ in run.mocks.calls if c == TOKEN_CALL]
+    assert len(run.of_type(REPO)) == 2
+    url = run.named(REPO, "ecr-model-runner").outputs["repositoryUrl"]
+    assert run.outputs["refs"]["model-runner"] == f"{url}:{content_tag(str(context), 'model-runner')}"
+
+
+def test_content_tag_follows_the_build_inputs(tmp_path: Path) -> None:
+    context = _context(tmp_path)
+    tag = content_tag(str(context), "model-runner")
+    assert tag == content_tag(str(context), "model-runner")  # deterministic
+    assert tag != content_tag(str(context), "sight-catalog")  # each image has its own
+    assert tag != content_tag(str(context), "model-runner", platform="linux/arm64")
+
+    # Noise the image never sees leaves the tag alone.
+    (context / "services" / "runner" / "__pycache__").mkdir()
+    (context / "services" / "runner" / "__pycache__" / "worker.cpython-311.pyc").write_bytes(b"\0\1")
+    (context / ".venv").mkdir()
+    (context / "infra" / "network.py").write_text("# changed, but this Dockerfile does not copy infra/\n")
+    assert content_tag(str(context), "model-runner") == tag
+
+    # A copied file's content changes the tag, and so does the Dockerfile.
+    (context / "services" / "runner" / "worker.py").write_text("def main() -> None: print('v2')\n")
+    changed_code = content_tag(str(context), "model-runner")
+    assert changed_code != tag
+    dockerfile = context / "images" / "model-runner.Dockerfile"
+    dockerfile.write_text(dockerfile.read_text() + "LABEL org.opencontainers.image.version=2\n")
+    assert content_tag(str(context), "model-runner") not in (tag, changed_code)
+
+
+def test_a_new_file_in_a_copied_folder_changes_the_tag(tmp_path: Path) -> None:
+    context = _context(tmp_path)
+    tag = content_tag(str(context), "model-runner")
+    (context / "services" / "runner" / "tiles.py").write_text("")
+    assert content_tag(str(context), "model-runner") != tag
+
+
+def test_what_pulumi_docker_rebuilds_on_also_changes_the_tag(tmp_path: Path) -> None:
+    # pulumi-docker rebuilds when the ignore file or a file's mode changes; re-pushing the old tag would fail.
+    context = _context(tmp_path)
+    tag = content_tag(str(context), "model-runner")
+    worker = context / "services" / "runner" / "worker.py"
+    worker.chmod(worker.stat().st_mode | 0o111)
+    executable = content_tag(str(context), "model-runner")
+    assert executable != tag
+    (context / "images" / "model-runner.Dockerfile.dockerignore").write_text("*\n!services\n")
+    assert content_tag(str(context), "model-runner") not in (tag, executable)
+
+
+def test_changing_the_dockerfile_changes_the_pushed_image_name(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    context = _context(tmp_path)
+    before = _registry(offline, context).named(IMAGE, "ecr-model-runner-image").inputs["imageName"]
+    dockerfile = context / "images" / "model-runner.Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("slim-bookworm", "slim-trixie"))
+    after = _registry(offline, context).named(IMAGE, "ecr-model-runner-image").inputs["imageName"]
+    assert before.rsplit(":", 1)[0] == after.rsplit(":", 1)[0]
+    assert before != after
+
+
+def test_a_missing_dockerfile_says_which_file_to_write(tmp_path: Path) -> None:
+    context = _context(tmp_path, services=("model-runner",))
+    with pytest.raises(
+        ValueError, match=r"'sky-generator' has no Dockerfile: write images/sky-generator\.Dockerfile"
+    ):
+        RegistryArgs(services=["model-runner", "sky-generator"], context_dir=str(context))
+
+
+@pytest.mark.parametrize("services", [["Model Runner"], ["model-runner", "model-runner"]])
+def test_bad_service_lists_are_rejected(tmp_path: Path, services: list[str]) -> None:
+    context = _context(tmp_path, services=("model-runner",))
+    with pytest.raises(ValueError, match="service"):
+        RegistryArgs(services=services, context_dir=str(context))
+
+
+def test_copied_sources_reads_every_copy_form() -> None:
+    text = """\
+# syntax=docker/dockerfile:1
+FROM scratch AS build
+COPY pyproject.toml \\
+     README.md ./
+COPY --chown=1:1 --chmod=644 ["stacks/", "stacks/"]
+ADD infra/ /src/infra/
+COPY --from=build /opt/venv /opt/venv
+COPY --from=ghcr.io/astral-sh/uv:0.13.0 /uv /bin/uv
+RUN echo COPY nothing
+"""
+    assert copied_sources(text) == ["pyproject.toml", "README.md", "stacks/", "infra/"]

@@ -1,0 +1,324 @@
+"""The training instance: stops (never terminates) when idle, keeps its data, admits only the jump host."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+import pulumi
+import pytest
+
+from infra.cloudwatch_agent import ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC
+from infra.training import (
+    INSTANCE_TYPE_SETTING,
+    VOLTA_AMI_NAME_PATTERN,
+    TrainingInstance,
+    TrainingInstanceArgs,
+    accelerator_for,
+)
+from stacks.offline import Declared, OfflineRun
+
+IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/tessera/trainer@sha256:" + "a" * 64
+JUMP_SG = "sg-0jumphost0000000"
+INSTANCE = "aws:ec2/instance:Instance"
+SECRET_SENTINEL = "4dabf18193072939515e22adb298388d"
+
+
+def _args(**overrides: Any) -> TrainingInstanceArgs:
+    settings: dict[str, Any] = {
+        "vpc_id": "vpc-0123",
+        "subnet_id": "subnet-0private",
+        "instance_profile_name": "tessera-training",
+        "image_ref": IMAGE,
+        "region": "eu-west-1",
+        "availability_zone": "eu-west-1b",
+        "environment": {"TESSERA_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com/123456789012/train"},
+        "ssh_source_security_group_id": JUMP_SG,
+        "log_group_name": "/tessera/training",
+    }
+    settings.update(overrides)
+    return TrainingInstanceArgs(**settings)
+
+
+def _run(
+    offline: Callable[..., OfflineRun], captured: dict[str, pulumi.ResourceOptions] | None = None, **kw: Any
+) -> OfflineRun:
+    def program() -> dict[str, Any]:
+        if captured is not None:
+
+            def capture(args: pulumi.ResourceTransformationArgs) -> None:
+                captured[args.type_] = args.opts
+
+            pulumi.runtime.register_stack_transformation(capture)
+        box = TrainingInstance("trainer", _args(**kw))
+        return {
+            "instance_id": box.instance_id,
+            "private_ip": box.private_ip,
+            "security_group_id": box.security_group_id,
+            "data_volume_id": box.data_volume_id,
+            "accelerator": box.accelerator,
+        }
+
+    return offline(program, config={"aws:region": "eu-west-1"})
+
+
+def _instance(run: OfflineRun) -> Declared:
+    (instance,) = run.of_type(INSTANCE)
+    return instance
+
+
+def _plain(value: Any) -> Any:
+    """An input with Pulumi's secret wrapper taken off."""
+    if isinstance(value, dict) and SECRET_SENTINEL in value:
+        return value["value"]
+    return value
+
+
+def _heredocs(script: str) -> dict[str, str]:
+    """Files a script writes with ``install ... /dev/stdin PATH <<'DELIM'``, by path."""
+    pattern = re.compile(r"install -D -m \d+ /dev/stdin '?([^\s']+)'? <<'(\w+)'\n(.*?)\n\2\n", re.DOTALL)
+    return {m.group(1): m.group(3) for m in pattern.finditer(script)}
+
+
+def setup_units(user_data: str) -> str:
+    """The units the setup script enables and starts."""
+    setup, _ = _setup_files(user_data)
+    (line,) = [x for x in setup.splitlines() if x.startswith("systemctl --no-block enable --now")]
+    return line
+
+
+def _setup_files(user_data: str) -> tuple[str, dict[str, str]]:
+    (setup,) = _heredocs(user_data).values()
+    return setup, _heredocs(setup)
+
+
+def test_instance_stops_itself_instead_of_terminating_and_requires_imdsv2(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    instance = _instance(_run(offline))
+    assert instance.inputs["instanceInitiatedShutdownBehavior"] == "stop"
+    assert instance.inputs["metadataOptions"]["httpTokens"] == "required"
+    assert instance.inputs["associatePublicIpAddress"] is False
+    assert instance.inputs["monitoring"] is True
+
+
+def test_root_and_data_volumes_are_encrypted_with_the_given_key(offline: Callable[..., OfflineRun]) -> None:
+    key = "arn:aws:kms:eu-west-1:123456789012:key/0000-training"
+    run = _run(offline, kms_key_arn=key)
+    root = _instance(run).inputs["rootBlockDevice"]
+    assert root["encrypted"] is True
+    assert root["kmsKeyId"] == key
+    (volume,) = run.of_type("aws:ebs/volume:Volume")
+    assert volume.inputs["encrypted"] is True
+    assert volume.inputs["kmsKeyId"] == key
+    assert volume.inputs["type"] == "gp3"
+
+
+def test_data_volume_is_in_the_instance_zone_and_attached_to_it(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline, data_volume_gb=750)
+    instance = _instance(run)
+    (volume,) = run.of_type("aws:ebs/volume:Volume")
+    (attachment,) = run.of_type("aws:ec2/volumeAttachment:VolumeAttachment")
+    assert volume.inputs["availabilityZone"] == "eu-west-1b"
+    assert instance.inputs["availabilityZone"] == volume.inputs["availabilityZone"]
+    assert volume.inputs["size"] == 750
+    assert attachment.inputs["instanceId"] == instance.outputs["id"] == run.outputs["instance_id"]
+    assert attachment.inputs["volumeId"] == volume.outputs["id"] == run.outputs["data_volume_id"]
+    # The box mounts exactly this volume (found by its id) at /data.
+    setup, _ = _setup_files(_instance(run).inputs["userData"])
+    assert f"data_volume_id={volume.outputs['id']}" in setup
+
+
+def test_data_volume_survives_instance_replacement_and_new_amis(offline: Callable[..., OfflineRun]) -> None:
+    captured: dict[str, pulumi.ResourceOptions] = {}
+    run = _run(offline, captured=captured)
+    # The volume is its own resource: nothing in it depends on the instance, so replacing the box keeps it.
+    (volume,) = run.of_type("aws:ebs/volume:Volume")
+    assert _instance(run).outputs["id"] not in json.dumps(volume.inputs)
+    # A new AMI or edited user data must not replace a box with data on it.
+    ignored = set(captured[INSTANCE].ignore_changes or [])
+    assert {"ami", "user_data"} <= ignored
+    assert _instance(run).inputs["userDataReplaceOnChange"] is False
+    # A volume attaches to one instance at a time: the old attachment must go before the new one is made.
+    assert captured["aws:ec2/volumeAttachment:VolumeAttachment"].delete_before_replace is True
+
+
+def test_idle_alarm_stops_the_instance_on_its_gpu_utilisation(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline, idle_minutes=20, gpu_idle_threshold_percent=7.5)
+    (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
+    a = alarm.inputs
+    assert a["alarmActions"] == ["arn:aws:automate:eu-west-1:ec2:stop"]
+    assert (a["namespace"], a["metricName"]) == ("CWAgent", "nvidia_smi_utilization_gpu")
+    assert a["dimensions"] == {"InstanceId": _instance(run).outputs["id"]}
+    assert a["period"] == 300
+    assert a["evaluationPeriods"] == 4
+    assert a["threshold"] == 7.5
+    assert a["comparisonOperator"] == "LessThanThreshold"
+    # A box whose agent died publishes nothing: that must count as idle, or it would never stop.
+    assert a["treatMissingData"] == "breaching"
+
+
+def test_idle_minutes_must_fill_whole_alarm_periods(offline: Callable[..., OfflineRun]) -> None:
+    with pytest.raises(ValueError, match="multiple of 5"):
+        _run(offline, idle_minutes=12)
+
+
+def test_functional_tags_let_the_platform_find_and_start_the_box(offline: Callable[..., OfflineRun]) -> None:
+    tags = _instance(_run(offline)).inputs["tags"]
+    assert tags["tessera:auto-stop"] == "true"
+    assert tags["tessera:role"] == "training"
+    assert tags["tessera:start-on-demand"] == "true"
+
+
+def test_no_resource_forces_the_instance_to_run(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline)
+    # An InstanceState "running" would restart, on every `pulumi up`, a box that stopped itself.
+    assert not [r for r in run.resources if r.type.startswith("aws:ec2/instanceState")]
+    assert _instance(run).outputs["id"]
+
+
+@pytest.mark.parametrize("instance_type", ["m5.large", "c7g.4xlarge", "p3", "dl2q.24xlarge", ""])
+def test_unknown_instance_families_are_rejected_naming_the_setting(
+    offline: Callable[..., OfflineRun], instance_type: str
+) -> None:
+    with pytest.raises(ValueError) as err:
+        _run(offline, instance_type=instance_type)
+    message = str(err.value)
+    assert INSTANCE_TYPE_SETTING in message
+    assert "p3" in message and "dl1" in message and "trn1" in message
+
+
+def test_accelerator_follows_the_family() -> None:
+    assert accelerator_for("p3.2xlarge") == "nvidia"
+    assert accelerator_for("g6e.xlarge") == "nvidia"
+    assert accelerator_for("dl1.24xlarge") == "gaudi"
+    assert accelerator_for("trn1.32xlarge") == "neuron"
+
+
+def test_dl1_takes_the_gaudi_path(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline, instance_type="dl1.24xlarge")
+    assert run.outputs["accelerator"] == "gaudi"
+    user_data = _instance(run).inputs["userData"]
+    _, files = _setup_files(user_data)
+    trainer = files["/usr/local/bin/tessera-trainer"]
+    assert "--runtime=habana" in trainer
+    assert "HABANA_VISIBLE_DEVICES=all" in trainer
+    assert "--gpus" not in user_data
+    # No agent plugin exists for Gaudi: the box publishes hl-smi utilisation, and the alarm reads that metric.
+    publisher = files["/usr/local/bin/tessera-accelerator-metric"]
+    assert "hl-smi" in publisher
+    assert ACCELERATOR_NAMESPACE in publisher and ACCELERATOR_UTILIZATION_METRIC in publisher
+    assert "OnUnitActiveSec=1min" in files["/etc/systemd/system/tessera-accelerator-metric.timer"]
+    assert "tessera-accelerator-metric.timer" in setup_units(user_data)
+    (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
+    assert (alarm.inputs["namespace"], alarm.inputs["metricName"]) == (
+        ACCELERATOR_NAMESPACE,
+        ACCELERATOR_UTILIZATION_METRIC,
+    )
+    # The AMI comes from the Habana Deep Learning AMIs.
+    (lookup,) = [args for token, args in run.mocks.calls if token == "aws:ec2/getAmi:getAmi"]
+    assert any("Habana" in v for f in lookup["filters"] for v in f["values"])
+
+
+def test_nvidia_box_runs_the_trainer_with_all_gpus_and_the_gpu_agent(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    user_data = _instance(_run(offline, instance_type="g5.2xlarge")).inputs["userData"]
+    _, files = _setup_files(user_data)
+    trainer = files["/usr/local/bin/tessera-trainer"]
+    assert "args+=(--gpus all)" in trainer
+    assert trainer.rstrip().endswith('"$image" worker trainer')
+    assert "--runtime=habana" not in user_data
+    agent = json.loads(files["/opt/aws/amazon-cloudwatch-agent/etc/tessera.json"])
+    assert "nvidia_gpu" in agent["metrics"]["metrics_collected"]
+    assert "/usr/local/bin/tessera-accelerator-metric" not in files
+
+
+def test_volta_boxes_get_an_ami_whose_driver_still_supports_v100(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline, instance_type="p3.2xlarge")
+    (lookup,) = [args for token, args in run.mocks.calls if token == "aws:ec2/getAmi:getAmi"]
+    assert {"name": "name", "values": [VOLTA_AMI_NAME_PATTERN]} in lookup["filters"]
+    assert lookup["owners"] == ["amazon"] and lookup["mostRecent"] is True
+
+
+def test_pinned_ami_skips_the_lookup(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline, ami_id="ami-0pinned")
+    assert _instance(run).inputs["ami"] == "ami-0pinned"
+    assert not [t for t, _ in run.mocks.calls if t == "aws:ec2/getAmi:getAmi"]
+
+
+def test_ssh_is_admitted_only_from_the_jump_host_group(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline)
+    sg = run.outputs["security_group_id"]
+    assert _instance(run).inputs["vpcSecurityGroupIds"] == [sg]
+    ingress = [r for r in run.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")]
+    assert [r.inputs["securityGroupId"] for r in ingress] == [sg]
+    (rule,) = ingress
+    assert rule.inputs["referencedSecurityGroupId"] == JUMP_SG
+    assert (rule.inputs["ipProtocol"], rule.inputs["fromPort"], rule.inputs["toPort"]) == ("tcp", 22, 22)
+    assert not {"cidrIpv4", "cidrIpv6", "prefixListId"} & set(rule.inputs)
+    assert not run.of_type("aws:ec2/securityGroupRule:SecurityGroupRule")
+    (group,) = run.of_type("aws:ec2/securityGroup:SecurityGroup")
+    assert not group.inputs.get("ingress")
+
+
+def test_without_a_jump_host_nothing_can_connect_in(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline, ssh_source_security_group_id=None)
+    assert not run.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+
+
+def test_image_and_environment_reach_the_box_through_ssm(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline)
+    (parameter,) = run.of_type("aws:ssm/parameter:Parameter")
+    config = json.loads(_plain(parameter.inputs["value"]))
+    assert config["image"] == IMAGE
+    assert config["environment"] == dict(_args().environment)
+    user_data = _instance(run).inputs["userData"]
+    # The box reads the parameter at each start; the image itself is not in the (ignored) user data.
+    assert (
+        f"parameter='{parameter.inputs['name']}'"
+        in _setup_files(user_data)[1]["/usr/local/bin/tessera-trainer"]
+    )
+    assert IMAGE not in user_data
+
+
+@pytest.mark.parametrize("instance_type", ["p4d.24xlarge", "dl1.24xlarge", "trn1.32xlarge"])
+def test_user_data_is_valid_bash_within_the_ec2_limit(
+    offline: Callable[..., OfflineRun], instance_type: str
+) -> None:
+    user_data = _instance(_run(offline, instance_type=instance_type)).inputs["userData"]
+    assert len(user_data.encode()) < 16 * 1024
+    setup, files = _setup_files(user_data)
+    scripts = [user_data, setup] + [
+        body for path, body in files.items() if path.startswith("/usr/local/bin/")
+    ]
+    assert len(scripts) >= 4
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    for script in scripts:
+        checked = subprocess.run([bash, "-n"], input=script, text=True, capture_output=True, check=False)
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_role_statements_grant_the_box_only_its_own_parameter_and_alarm(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    def program() -> dict[str, Any]:
+        box = TrainingInstance("trainer", _args(instance_type="dl1.24xlarge"))
+        return {"statements": pulumi.Output.json_dumps(box.role_statements)}
+
+    run = offline(program, config={"aws:region": "eu-west-1"})
+    statements = {s["Sid"]: s for s in json.loads(run.outputs["statements"])}
+    (parameter,) = run.of_type("aws:ssm/parameter:Parameter")
+    (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
+    assert statements["ReadTrainerConfig"]["Action"] == ["ssm:GetParameter"]
+    assert statements["ReadTrainerConfig"]["Resource"] == parameter.outputs["arn"]
+    assert statements["RearmIdleAlarm"]["Action"] == ["cloudwatch:SetAlarmState"]
+    assert statements["RearmIdleAlarm"]["Resource"] == alarm.outputs["arn"]
+    namespaces = statements["PublishUtilization"]["Condition"]["StringEquals"]["cloudwatch:namespace"]
+    assert ACCELERATOR_NAMESPACE in namespaces
