@@ -1,0 +1,327 @@
+"""Object detectors in ONNX, run tile batch by tile batch.
+
+The detector contract
+=====================
+
+A tessera detector is an ONNX model with
+
+- **one input** ``[N, C, H, W]`` float32. ``C`` is fixed in the model; ``H`` and ``W`` are fixed in the model
+  (the tile size), or dynamic, in which case the caller passes ``tile_size=(W, H)``. ``N`` is dynamic
+  (batches of ``batch_size``) or fixed (batches of exactly that size). Batches always have the same shape:
+  the last, short one is padded with zeros and the padding's results are dropped.
+- **input values** scaled as the model's metadata ``tessera.input_scale`` says (default ``"1/255"``: uint8
+  pixels divided by 255; the tiling library turns this into its input scaling).
+- **outputs**, either
+  - three tensors ``boxes [N, K, 4]`` (``x1, y1, x2, y2`` in tile pixels), ``scores [N, K]`` and
+    ``labels [N, K]`` (int64, int32, or float holding whole numbers). They are told apart by name
+    (``box``, ``score``/``conf``, ``label``/``class``) or else by rank and type. Rows with a score below
+    ``score_threshold`` or a negative label are padding and are dropped; or
+  - the raw head of an **Ultralytics YOLO** detection export: one tensor ``[N, 4 + classes, anchors]``
+    holding ``(cx, cy, w, h)`` in input pixels and one score per class. It is decoded to the best class
+    per anchor, thresholded, and suppressed per tile with class-aware greedy NMS
+    (``yolo_iou_threshold``).
+- **class names** in the metadata ``tessera.class_names`` as a JSON list (``labels`` index it). For YOLO
+  exports Ultralytics' own ``names`` metadata is read when ``tessera.class_names`` is absent.
+
+Anything else is refused when the model is loaded, with a UserError that says what the model has and what
+the contract expects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from services.errors import UserError
+from services.inference.detections import Detections
+from services.inference.session import create_session
+from services.inference.yolo import decode_yolo, ultralytics_class_names
+
+CLASS_NAMES_KEY = "tessera.class_names"
+INPUT_SCALE_KEY = "tessera.input_scale"
+NAME_KEY = "tessera.name"
+
+_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(bool)": "bool",
+}
+_FLOAT_TYPES = {"tensor(float)", "tensor(double)", "tensor(float16)"}
+_LABEL_TYPES = {"tensor(int64)", "tensor(int32)", *_FLOAT_TYPES}
+
+CONTRACT = (
+    "one input [N, C, H, W] float32 and either three outputs boxes [N, K, 4], scores [N, K], labels [N, K] "
+    "or one raw Ultralytics YOLO output [N, 4 + classes, anchors]"
+)
+
+
+class Detector(Protocol):
+    """What the pipeline needs from a detector, local (:class:`OnnxDetector`) or remote
+    (:class:`services.inference.endpoint.EndpointDetector`)."""
+
+    name: str
+    provider: str
+    channels: int
+    tile_width: int
+    tile_height: int
+    batch_size: int
+    class_names: list[str]
+
+    def detect(self, pixels: np.ndarray) -> list[Detections]:
+        """Detections in tile pixels, one per tile of ``pixels`` float32 ``[B, C, H, W]``."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """Which session output is which; ``yolo`` when the model has the raw YOLO head."""
+
+    yolo: bool
+    boxes: int = 0
+    scores: int = 1
+    labels: int = 2
+    n_classes: int = 0
+
+
+class OnnxDetector:
+    """A detector model in ONNX Runtime; see the module docstring for the contract it checks.
+
+    ``providers``: ``"auto"`` (CUDA when it works, else CPU), ``"cpu"`` or ``"cuda"``; ``.provider`` says
+    which one runs. ``batch_size`` tiles go to the model per run (a model with a fixed batch dimension
+    sets it). ``tile_size`` ``(width, height)`` is needed only for models with dynamic H/W.
+    """
+
+    def __init__(
+        self,
+        model: str | bytes | Path,
+        *,
+        providers: str = "auto",
+        batch_size: int = 8,
+        score_threshold: float = 0.25,
+        intra_op_threads: int | None = None,
+        tile_size: tuple[int, int] | None = None,
+        yolo_iou_threshold: float = 0.45,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        opened = create_session(model, providers=providers, intra_op_threads=intra_op_threads)
+        self._session = opened.session
+        self.provider: str = opened.provider
+        meta = opened.session.get_modelmeta()
+        self.metadata: dict[str, str] = dict(meta.custom_metadata_map or {})
+        self.name: str = self.metadata.get(NAME_KEY) or (
+            opened.name if opened.name != "model" else (meta.graph_name or "model")
+        )
+        self.input_scale: str | None = self.metadata.get(INPUT_SCALE_KEY)
+        self.score_threshold = float(score_threshold)
+        self.yolo_iou_threshold = float(yolo_iou_threshold)
+
+        self._input_name, fixed_batch, self.channels, self.tile_height, self.tile_width = self._check_input(
+            tile_size
+        )
+        self.batch_size: int = fixed_batch or batch_size
+        self._outputs = self._check_outputs()
+        self.class_names: list[str] = self._class_names()
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxDetector({self.name!r}, {self.channels}x{self.tile_height}x{self.tile_width}, "
+            f"batch {self.batch_size}, {self.provider})"
+        )
+
+    @property
+    def is_yolo(self) -> bool:
+        """Whether the model has the raw Ultralytics YOLO head (decoded and suppressed here)."""
+        return self._outputs.yolo
+
+    def class_name(self, label: int) -> str:
+        """The class name of ``label``, or the label as text when the model names no such class."""
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+    def detect(self, pixels: np.ndarray) -> list[Detections]:
+        """Detections in tile pixels, one :class:`Detections` per tile of ``pixels`` ``[B, C, H, W]``
+        (float32, scaled per the contract). Runs in batches of ``batch_size``, padding the last one."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        expected = (self.channels, self.tile_height, self.tile_width)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise UserError(
+                f"model {self.name} takes tiles [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                f"got {list(pixels.shape)}"
+            )
+        results: list[Detections] = []
+        bs = self.batch_size
+        for start in range(0, pixels.shape[0], bs):
+            batch = pixels[start : start + bs]
+            n = batch.shape[0]
+            if n < bs:
+                batch = np.concatenate([batch, np.zeros((bs - n, *expected), dtype=np.float32)])
+            raw = self._session.run(None, {self._input_name: np.ascontiguousarray(batch)})
+            results.extend(self._decode(raw, n))
+        return results
+
+    def _decode(self, raw: Sequence[np.ndarray], n: int) -> list[Detections]:
+        o = self._outputs
+        if o.yolo:
+            head = np.asarray(raw[0])
+            if head.ndim != 3 or head.shape[1] != 4 + o.n_classes:
+                raise UserError(
+                    f"model {self.name} returned {list(head.shape)}, not [N, {4 + o.n_classes}, anchors]"
+                )
+            return decode_yolo(
+                head[:n],
+                score_threshold=self.score_threshold,
+                iou_threshold=self.yolo_iou_threshold,
+                tile_width=self.tile_width,
+                tile_height=self.tile_height,
+            )
+        boxes = np.asarray(raw[o.boxes])
+        scores = np.asarray(raw[o.scores])
+        labels = np.asarray(raw[o.labels])
+        bs = self.batch_size
+        if (
+            boxes.ndim != 3
+            or boxes.shape[0] != bs
+            or boxes.shape[2] != 4
+            or scores.shape != boxes.shape[:2]
+            or labels.shape != boxes.shape[:2]
+        ):
+            raise UserError(
+                f"model {self.name} returned boxes {list(boxes.shape)}, scores {list(scores.shape)}, "
+                f"labels {list(labels.shape)} for a batch of {bs}; the contract wants [{bs}, K, 4], "
+                f"[{bs}, K], [{bs}, K]"
+            )
+        if labels.dtype.kind == "f":
+            labels = np.rint(np.nan_to_num(labels, nan=-1.0))
+        labels = labels.astype(np.int64)
+        keep = (scores >= self.score_threshold) & (labels >= 0)
+        return [Detections(boxes[i][keep[i]], scores[i][keep[i]], labels[i][keep[i]]) for i in range(n)]
+
+    def _check_input(self, tile_size: tuple[int, int] | None) -> tuple[str, int | None, int, int, int]:
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise UserError(
+                f"model {self.name} has {len(inputs)} inputs ({_describe(inputs)}); the detector contract "
+                f"wants {CONTRACT}"
+            )
+        (inp,) = inputs
+        shape = list(inp.shape)
+        if len(shape) != 4 or inp.type != "tensor(float)":
+            raise UserError(
+                f"model {self.name} takes {_describe(inputs)}; the detector contract wants one input "
+                f"[N, C, H, W] float32"
+            )
+        n, c, h, w = (d if isinstance(d, int) and d > 0 else None for d in shape)
+        if c is None:
+            raise UserError(f"model {self.name} takes {_describe(inputs)}: the channel count C must be fixed")
+        if tile_size is not None:
+            tw, th = (int(v) for v in tile_size)
+            if (w is not None and w != tw) or (h is not None and h != th):
+                raise UserError(
+                    f"tile size {tw}x{th} does not fit model {self.name}, which takes {w}x{h} tiles (W x H)"
+                )
+            w, h = tw, th
+        if h is None or w is None:
+            raise UserError(
+                f"model {self.name} takes {_describe(inputs)} with a dynamic tile size; give the tile size "
+                f"(tile_size=(W, H))"
+            )
+        return inp.name, n, c, h, w
+
+    def _check_outputs(self) -> _Outputs:
+        outputs = self._session.get_outputs()
+        shapes = [list(o.shape) for o in outputs]
+        wrong = UserError(
+            f"model {self.name} returns {_describe(outputs)}; the detector contract wants {CONTRACT}"
+        )
+        if len(outputs) == 1:
+            (shape,) = shapes
+            rows = shape[1] if len(shape) == 3 else None
+            if not isinstance(rows, int) or rows < 5 or outputs[0].type not in _FLOAT_TYPES:
+                raise wrong
+            anchors = shape[2]
+            if anchors == 4:  # a lone boxes output: scores and labels are missing
+                raise wrong
+            if isinstance(anchors, int) and anchors < rows:
+                raise UserError(
+                    f"model {self.name} returns {_describe(outputs)}, which looks like a transposed YOLO "
+                    f"head [N, anchors, 4 + classes]; export it with Ultralytics' default layout "
+                    f"[N, 4 + classes, anchors]"
+                )
+            return _Outputs(yolo=True, n_classes=rows - 4)
+        if len(outputs) != 3:
+            raise wrong
+        names = [o.name.lower() for o in outputs]
+        by_name = [
+            _only(names, ("box",)),
+            _only(names, ("score", "conf")),
+            _only(names, ("label", "class")),
+        ]
+        if None not in by_name and len(set(by_name)) == 3:
+            boxes, scores, labels = (int(i) for i in by_name if i is not None)
+        else:
+            ranks = [len(s) for s in shapes]
+            if sorted(ranks) != [2, 2, 3]:
+                raise wrong
+            boxes = ranks.index(3)
+            pair = [i for i in range(3) if i != boxes]
+            ints = [i for i in pair if outputs[i].type not in _FLOAT_TYPES]
+            labels = ints[0] if len(ints) == 1 else pair[1]
+            scores = pair[0] if labels == pair[1] else pair[1]
+        box_shape, score_shape, label_shape = shapes[boxes], shapes[scores], shapes[labels]
+        last = box_shape[2] if len(box_shape) == 3 else None
+        if (
+            len(box_shape) != 3
+            or (isinstance(last, int) and last != 4)
+            or len(score_shape) != 2
+            or len(label_shape) != 2
+            or outputs[boxes].type not in _FLOAT_TYPES
+            or outputs[scores].type not in _FLOAT_TYPES
+            or outputs[labels].type not in _LABEL_TYPES
+        ):
+            raise wrong
+        return _Outputs(yolo=False, boxes=boxes, scores=scores, labels=labels)
+
+    def _class_names(self) -> list[str]:
+        text = self.metadata.get(CLASS_NAMES_KEY)
+        n_classes = self._outputs.n_classes
+        if text is not None:
+            try:
+                names = json.loads(text)
+            except ValueError as exc:
+                raise UserError(f"model {self.name}: metadata {CLASS_NAMES_KEY} is not JSON: {exc}") from exc
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise UserError(f"model {self.name}: metadata {CLASS_NAMES_KEY} must be a JSON list of names")
+            if n_classes and len(names) != n_classes:
+                raise UserError(
+                    f"model {self.name} has {n_classes} classes but metadata {CLASS_NAMES_KEY} names "
+                    f"{len(names)}"
+                )
+            return list(names)
+        if self._outputs.yolo:
+            return ultralytics_class_names(self.metadata, n_classes) or [
+                f"class_{i}" for i in range(n_classes)
+            ]
+        return []
+
+
+def _only(names: list[str], needles: tuple[str, ...]) -> int | None:
+    hits = [i for i, n in enumerate(names) if any(s in n for s in needles)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _describe(values: Sequence[Any]) -> str:
+    parts = []
+    for v in values:
+        dims = ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in v.shape)
+        parts.append(f"{v.name!r} {_TYPES.get(v.type, v.type)} [{dims}]")
+    return ", ".join(parts) if parts else "nothing"

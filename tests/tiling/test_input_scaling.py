@@ -1,0 +1,92 @@
+"""InputScaling: each dtype to [0, 1] (or the model's range), nodata to 0, bands to model channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.errors import UserError
+from services.tiling.scaling import InputScaling, parse_value_range
+
+
+def test_uint8_divides_by_255() -> None:
+    raw = np.array([[[0, 1, 128, 255]]], dtype=np.uint8)
+    out = InputScaling().apply(raw)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, raw / 255.0, rtol=1e-7)
+
+
+def test_uint16_divides_by_65535_unless_a_range_is_given() -> None:
+    raw = np.array([[[0, 2048, 4095, 65535]]], dtype=np.uint16)
+    np.testing.assert_allclose(InputScaling().apply(raw), raw / 65535.0, rtol=1e-7)
+    twelve_bit = InputScaling(value_range=(0, 4095)).apply(raw)
+    np.testing.assert_allclose(twelve_bit, [[[0.0, 2048 / 4095, 1.0, 1.0]]], rtol=1e-6)  # clipped above 4095
+    offset = InputScaling(value_range=(1000, 3000)).apply(np.array([0, 1000, 2000, 5000], dtype=np.uint16))
+    np.testing.assert_allclose(offset, [0.0, 0.0, 0.5, 1.0])
+
+
+def test_floats_pass_through_clipped_and_nan_becomes_zero() -> None:
+    raw = np.array([-0.5, 0.0, 0.25, 1.0, 7.0, np.nan], dtype=np.float32)
+    np.testing.assert_array_equal(InputScaling().apply(raw), [0.0, 0.0, 0.25, 1.0, 1.0, 0.0])
+    reflectance = np.array([0.0, 5000.0, 10000.0], dtype=np.float64)
+    np.testing.assert_allclose(InputScaling(value_range=(0, 10000)).apply(reflectance), [0.0, 0.5, 1.0])
+
+
+def test_signed_integers_use_their_positive_range() -> None:
+    raw = np.array([-100, 0, 16383, 32767], dtype=np.int16)
+    np.testing.assert_allclose(InputScaling().apply(raw), [0.0, 0.0, 16383 / 32767, 1.0], rtol=1e-6)
+
+
+def test_nodata_pixels_become_zero_whatever_their_value() -> None:
+    raw = np.array([255, 10, 255, 0], dtype=np.uint8)
+    np.testing.assert_allclose(InputScaling().apply(raw, nodata=255), [0.0, 10 / 255, 0.0, 0.0], rtol=1e-6)
+    raw16 = np.array([65535, 3, 0], dtype=np.uint16)
+    np.testing.assert_allclose(
+        InputScaling(value_range=(0, 10)).apply(raw16, nodata=65535), [0.0, 0.3, 0.0], rtol=1e-6
+    )
+
+
+def test_model_metadata_sets_the_output_scale_and_range() -> None:
+    raw = np.array([0, 51, 255], dtype=np.uint8)
+    raw_pixels = InputScaling.from_metadata({"tessera.input_scale": "1"}, channels=3)
+    np.testing.assert_allclose(raw_pixels.apply(raw), [0.0, 51.0, 255.0], rtol=1e-6)
+    unit = InputScaling.from_metadata({"tessera.input_scale": "1/255"}, channels=3)
+    np.testing.assert_allclose(unit.apply(raw), [0.0, 0.2, 1.0], rtol=1e-6)
+    ranged = InputScaling.from_metadata({"tessera.input_range": "0,4095"}, channels=1)
+    assert ranged.value_range == (0.0, 4095.0) and ranged.channels == 1
+    request_wins = InputScaling.from_metadata(
+        {"tessera.input_range": "0,4095"}, channels=1, value_range=(0, 255)
+    )
+    assert request_wins.value_range == (0, 255)
+    with pytest.raises(UserError, match=r"tessera\.input_scale"):
+        InputScaling.from_metadata({"tessera.input_scale": "a lot"}, channels=3)
+    with pytest.raises(UserError, match="low,high"):
+        parse_value_range("4095")
+
+
+@pytest.mark.parametrize(
+    ("band_count", "channels", "bands", "expected"),
+    [
+        (1, 3, None, (1, 1, 1)),  # grey replicated to RGB
+        (3, 3, None, (1, 2, 3)),
+        (4, 3, None, (1, 2, 3)),  # RGBA or RGB+NIR: first three
+        (4, 3, (4, 3, 2), (4, 3, 2)),  # false colour chosen by the request
+        (4, 1, None, (1,)),
+        (8, 4, (8, 1, 1, 2), (8, 1, 1, 2)),
+    ],
+)
+def test_bands_feed_the_model_channels(
+    band_count: int, channels: int, bands: tuple[int, ...] | None, expected: tuple[int, ...]
+) -> None:
+    assert InputScaling(channels=channels).band_indexes(band_count, bands) == expected
+
+
+def test_band_mismatches_are_user_errors() -> None:
+    with pytest.raises(UserError, match="choose 3 bands"):
+        InputScaling(channels=3).band_indexes(2)
+    with pytest.raises(UserError, match=r"bands \[5\] do not exist"):
+        InputScaling(channels=3).band_indexes(4, (1, 2, 5))
+    with pytest.raises(UserError, match="one band per model channel"):
+        InputScaling(channels=3).band_indexes(4, (1, 2))
+    with pytest.raises(UserError, match="high > low"):
+        InputScaling(value_range=(10, 10))
