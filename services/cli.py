@@ -114,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
         "--print", dest="print_only", action="store_true", help="print the ssh command instead of running it"
     )
     tunnel.set_defaults(handler=_tunnel)
+
+    from services.model_runner.commands import register as register_model_runner
+
+    register_model_runner(commands)
     return top
 
 

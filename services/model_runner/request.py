@@ -1,0 +1,446 @@
+"""The image request: what a client asks the model runner to do, as versioned, validated JSON.
+
+An example (every field but ``image``, ``outputs`` and one of ``model`` / ``endpoint`` is optional)::
+
+    {
+      "schema": "tessera.image-request/v1",
+      "job_id": "harbour-2026-07-01",
+      "image": "s3://imagery/harbour.tif",
+      "model": "s3://models/ships.onnx",
+      "tile_size": [512, 512],
+      "overlap": [64, 64],
+      "region_size": [8192, 8192],
+      "roi": {"geometry": "POLYGON ((...))", "crs": "lonlat"},
+      "merge": {"algorithm": "nms+ios", "iou": 0.5, "ios": 0.8, "score_threshold": 0.25, "edge_margin": 1},
+      "outputs": {"s3": "s3://results/harbour/", "path": "/data/harbour.geojson"},
+      "properties": {"campaign": "july"},
+      "batch_size": 8
+    }
+
+``model`` is a path, a ``file://`` or an ``s3://`` URI of an ONNX file (model registry names come later);
+``endpoint`` instead points at a model served elsewhere (``{"url", "tile_size", "class_names"}``). Sizes
+are ``[width, height]`` (or one number for both); ``overlap`` is ``[x, y]`` pixels. Without ``tile_size``
+the model's input size is used; without ``overlap``, an eighth of the tile. ``roi`` is GeoJSON (a geometry,
+Feature or FeatureCollection, as an object or text) or WKT, in lon/lat or in the image's map CRS.
+
+``merge`` says how an object seen by several overlapping tiles comes out once, with its full extent:
+boxes within ``edge_margin`` pixels of a tile side that is not the image's edge are dropped first (the tile
+cut them; a neighbouring tile sees the object whole when the overlap is at least the largest object plus
+``2 * edge_margin``; ``null`` keeps them), then ``algorithm`` merges what is left: ``"nms+ios"`` drops a box
+lying inside a larger one of its class (IoS > ``ios``), then greedy NMS (IoU > ``iou``); ``"nms"`` only the
+latter. Detections scoring below ``score_threshold`` are never kept.
+
+Unknown fields and bad values raise one :class:`~services.errors.UserError` listing every problem with its
+JSON path (``$.merge.iou: ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.errors import UserError
+
+SCHEMA = "tessera.image-request/v1"
+MERGE_ALGORITHMS = ("nms+ios", "nms")
+ROI_CRS = ("lonlat", "map")
+#: Feature properties the model runner writes itself; a request cannot override them.
+RESERVED_PROPERTIES = frozenset({"class", "score", "pixel_bbox", "model", "job"})
+DEFAULT_REGION = 8192
+MAX_BATCH = 256
+MAX_SIDE = 16384
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TOP = (
+    "schema",
+    "job_id",
+    "image",
+    "model",
+    "endpoint",
+    "tile_size",
+    "overlap",
+    "region_size",
+    "roi",
+    "merge",
+    "outputs",
+    "properties",
+    "batch_size",
+)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A model served elsewhere over HTTP (OSML-style ``POST /invocations``)."""
+
+    url: str
+    tile_size: tuple[int, int]
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RegionOfInterest:
+    """Where to look: ``geometry`` is GeoJSON or WKT text, in ``crs`` ``"lonlat"`` or ``"map"``."""
+
+    geometry: str
+    crs: str = "lonlat"
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How duplicate detections in tile and region overlaps are merged."""
+
+    algorithm: str = "nms+ios"
+    iou: float = 0.5
+    ios: float = 0.8
+    score_threshold: float = 0.25
+    #: Boxes this close to an interior tile side are dropped as cut by the tile; None keeps them.
+    edge_margin: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the GeoJSON goes: an S3 prefix (``<prefix>/<job_id>.geojson``) and/or a local file."""
+
+    s3: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A validated image request."""
+
+    job_id: str
+    image: str
+    outputs: Outputs
+    model: str | None = None
+    endpoint: Endpoint | None = None
+    tile_size: tuple[int, int] | None = None
+    overlap: tuple[int, int] | None = None
+    region_size: tuple[int, int] = (DEFAULT_REGION, DEFAULT_REGION)
+    roi: RegionOfInterest | None = None
+    merge: MergeSettings = MergeSettings()
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 8
+
+    @property
+    def model_name(self) -> str:
+        """What the features' ``model`` property says: the model URI or the endpoint URL."""
+        return self.model or (self.endpoint.url if self.endpoint else "")
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as JSON, with every default written out (what is stored with the job)."""
+        body: dict[str, Any] = {"schema": SCHEMA, "job_id": self.job_id, "image": self.image}
+        if self.model is not None:
+            body["model"] = self.model
+        if self.endpoint is not None:
+            body["endpoint"] = {
+                "url": self.endpoint.url,
+                "tile_size": list(self.endpoint.tile_size),
+                "class_names": list(self.endpoint.class_names),
+            }
+        if self.tile_size is not None:
+            body["tile_size"] = list(self.tile_size)
+        if self.overlap is not None:
+            body["overlap"] = list(self.overlap)
+        body["region_size"] = list(self.region_size)
+        if self.roi is not None:
+            body["roi"] = {"geometry": self.roi.geometry, "crs": self.roi.crs}
+        body["merge"] = {
+            "algorithm": self.merge.algorithm,
+            "iou": self.merge.iou,
+            "ios": self.merge.ios,
+            "score_threshold": self.merge.score_threshold,
+            "edge_margin": self.merge.edge_margin,
+        }
+        body["outputs"] = {k: v for k, v in (("s3", self.outputs.s3), ("path", self.outputs.path)) if v}
+        body["properties"] = dict(self.properties)
+        body["batch_size"] = self.batch_size
+        return body
+
+
+def new_job_id() -> str:
+    """A fresh job id."""
+    return uuid.uuid4().hex
+
+
+def parse_request(data: str | bytes | Mapping[str, Any]) -> ImageRequest:
+    """Validate an image request (JSON text or a decoded object); UserError lists every problem."""
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"the image request is not JSON: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise UserError(f"$: the image request must be a JSON object, got {_kind(data)}")
+    check = _Checker()
+    return check.request(data)
+
+
+def request_job_id(data: str | bytes | Mapping[str, Any]) -> str | None:
+    """The job id a possibly invalid request names, if it names a usable one (to record its failure)."""
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+    if isinstance(data, Mapping):
+        job_id = data.get("job_id")
+        if isinstance(job_id, str) and _JOB_ID.match(job_id):
+            return job_id
+    return None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+class _Checker:
+    """Collects every problem, then raises them together."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def request(self, data: Mapping[str, Any]) -> ImageRequest:
+        for key in data:
+            if key not in _TOP:
+                self.problem(f"$.{key}", f"unknown field; the fields are {', '.join(_TOP)}")
+        schema = data.get("schema", SCHEMA)
+        if schema != SCHEMA:
+            self.problem("$.schema", f"unsupported schema {schema!r}; this model runner reads {SCHEMA!r}")
+        job_id = data.get("job_id")
+        if job_id is None:
+            job_id = new_job_id()
+        elif not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+            self.problem(
+                "$.job_id",
+                f"must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric; got {_kind(job_id)}",
+            )
+        image = self.image(data.get("image"))
+        model = self.model(data.get("model"), "endpoint" in data)
+        endpoint = self.endpoint(data["endpoint"]) if "endpoint" in data else None
+        tile = self.size("$.tile_size", data["tile_size"], 1) if "tile_size" in data else None
+        overlap = self.size("$.overlap", data["overlap"], 0) if "overlap" in data else None
+        if tile and overlap and (overlap[0] >= tile[0] or overlap[1] >= tile[1]):
+            self.problem(
+                "$.overlap", f"must be smaller than the tile ({tile[0]} x {tile[1]}), got {list(overlap)}"
+            )
+        region = self.size("$.region_size", data.get("region_size", DEFAULT_REGION), 1)
+        roi = self.roi(data["roi"]) if "roi" in data else None
+        merge = self.merge(data.get("merge", {}))
+        outputs = self.outputs(data.get("outputs"))
+        properties = self.properties(data.get("properties", {}))
+        batch = data.get("batch_size", 8)
+        if not _is_int(batch) or not 1 <= batch <= MAX_BATCH:
+            self.problem("$.batch_size", f"must be a whole number 1..{MAX_BATCH}, got {_kind(batch)}")
+        if self.problems:
+            raise UserError(
+                "the image request has "
+                + (f"{len(self.problems)} problems" if len(self.problems) > 1 else "a problem")
+                + ":\n  "
+                + "\n  ".join(self.problems)
+            )
+        return ImageRequest(
+            job_id=job_id,
+            image=image,
+            outputs=outputs,
+            model=model,
+            endpoint=endpoint,
+            tile_size=tile,
+            overlap=overlap,
+            region_size=region or (DEFAULT_REGION, DEFAULT_REGION),
+            roi=roi,
+            merge=merge,
+            properties=properties,
+            batch_size=batch,
+        )
+
+    def image(self, image: Any) -> str:
+        if image is None:
+            self.problem("$.image", "required: the path or s3://bucket/key URL of the raster")
+            return ""
+        if not isinstance(image, str) or not image.strip():
+            self.problem("$.image", f"must be a path or an s3:// URL, got {_kind(image)}")
+            return ""
+        scheme = image.split("://", 1)[0] if "://" in image else ""
+        if scheme not in {"", "s3", "file"}:
+            self.problem("$.image", f"{image!r}: the image must be a local path, file:// or s3:// URL")
+        if scheme == "s3" and not image[len("s3://") :].split("/", 1)[0]:
+            self.problem("$.image", f"{image!r} names no bucket; write s3://BUCKET/KEY")
+        return image
+
+    def model(self, model: Any, has_endpoint: bool) -> str | None:
+        if model is None:
+            if not has_endpoint:
+                self.problem(
+                    "$.model",
+                    "required (or give an endpoint): the path, file:// or s3:// URI of an ONNX model",
+                )
+            return None
+        if has_endpoint:
+            self.problem("$.model", "give either model or endpoint, not both")
+        if not isinstance(model, str) or not model.strip():
+            self.problem("$.model", f"must be a path, file:// or s3:// URI, got {_kind(model)}")
+            return None
+        if "://" in model:
+            scheme = model.split("://", 1)[0]
+            if scheme not in {"file", "s3"}:
+                self.problem(
+                    "$.model",
+                    f"{model!r}: models are read from a path, file:// or s3://; "
+                    "for a model served over HTTP give endpoint instead",
+                )
+        elif "/" not in model and not model.lower().endswith(".onnx"):
+            self.problem(
+                "$.model",
+                f"{model!r} looks like a model registry name; the registry comes with a later issue, so give "
+                "the model's path, file:// or s3:// URI",
+            )
+        return model
+
+    def endpoint(self, endpoint: Any) -> Endpoint | None:
+        if not isinstance(endpoint, Mapping):
+            self.problem(
+                "$.endpoint", f"must be an object {{url, tile_size, class_names}}, got {_kind(endpoint)}"
+            )
+            return None
+        for key in endpoint:
+            if key not in {"url", "tile_size", "class_names"}:
+                self.problem(f"$.endpoint.{key}", "unknown field; the fields are url, tile_size, class_names")
+        url = endpoint.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            self.problem("$.endpoint.url", f"must be an http:// or https:// URL, got {_kind(url)}")
+        tile = self.size("$.endpoint.tile_size", endpoint.get("tile_size"), 1)
+        names = endpoint.get("class_names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            self.problem("$.endpoint.class_names", f"must be a list of strings, got {_kind(names)}")
+            names = []
+        if not isinstance(url, str) or tile is None:
+            return None
+        return Endpoint(url=url, tile_size=tile, class_names=tuple(names))
+
+    def size(self, path: str, value: Any, least: int) -> tuple[int, int] | None:
+        pair = [value, value] if _is_int(value) else value
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(
+                _is_int(v) and least <= v <= (MAX_SIDE if path != "$.region_size" else 10**7) for v in pair
+            )
+        ):
+            top = MAX_SIDE if path != "$.region_size" else 10**7
+            self.problem(
+                path,
+                f"must be [width, height] (or one number), whole numbers {least}..{top}; got {_kind(value)}",
+            )
+            return None
+        return int(pair[0]), int(pair[1])
+
+    def roi(self, roi: Any) -> RegionOfInterest | None:
+        if not isinstance(roi, Mapping):
+            self.problem("$.roi", f"must be an object {{geometry, crs}}, got {_kind(roi)}")
+            return None
+        for key in roi:
+            if key not in {"geometry", "crs"}:
+                self.problem(f"$.roi.{key}", "unknown field; the fields are geometry, crs")
+        crs = roi.get("crs", "lonlat")
+        if crs not in ROI_CRS:
+            self.problem("$.roi.crs", f"must be one of {', '.join(ROI_CRS)}, got {_kind(crs)}")
+        geometry = roi.get("geometry")
+        if isinstance(geometry, Mapping):
+            geometry = json.dumps(geometry)
+        if not isinstance(geometry, str) or not geometry.strip():
+            self.problem("$.roi.geometry", f"must be GeoJSON or WKT, got {_kind(geometry)}")
+            return None
+        return RegionOfInterest(geometry=geometry, crs=str(crs))
+
+    def merge(self, merge: Any) -> MergeSettings:
+        if not isinstance(merge, Mapping):
+            self.problem(
+                "$.merge",
+                "must be an object {algorithm, iou, ios, score_threshold, edge_margin}, "
+                f"got {_kind(merge)}",
+            )
+            return MergeSettings()
+        known = ("algorithm", "iou", "ios", "score_threshold", "edge_margin")
+        for key in merge:
+            if key not in known:
+                self.problem(f"$.merge.{key}", f"unknown field; the fields are {', '.join(known)}")
+        algorithm = merge.get("algorithm", "nms+ios")
+        if algorithm not in MERGE_ALGORITHMS:
+            self.problem(
+                "$.merge.algorithm", f"must be one of {', '.join(MERGE_ALGORITHMS)}, got {_kind(algorithm)}"
+            )
+        values = {}
+        for key in ("iou", "ios", "score_threshold"):
+            value = merge.get(key, getattr(MergeSettings, key))
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                self.problem(f"$.merge.{key}", f"must be a number 0..1, got {_kind(value)}")
+                value = getattr(MergeSettings, key)
+            values[key] = float(value)
+        margin = merge.get("edge_margin", MergeSettings.edge_margin)
+        if margin is not None and (
+            not isinstance(margin, int | float) or isinstance(margin, bool) or not 0.0 <= margin <= 64.0
+        ):
+            self.problem(
+                "$.merge.edge_margin", f"must be a number of pixels 0..64 or null, got {_kind(margin)}"
+            )
+            margin = MergeSettings.edge_margin
+        return MergeSettings(
+            algorithm=str(algorithm),
+            edge_margin=None if margin is None else float(margin),
+            **values,
+        )
+
+    def outputs(self, outputs: Any) -> Outputs:
+        if outputs is None:
+            self.problem("$.outputs", 'required: {"s3": "s3://bucket/prefix"} and/or {"path": "out.geojson"}')
+            return Outputs()
+        if not isinstance(outputs, Mapping):
+            self.problem("$.outputs", f"must be an object {{s3, path}}, got {_kind(outputs)}")
+            return Outputs()
+        for key in outputs:
+            if key not in {"s3", "path"}:
+                self.problem(f"$.outputs.{key}", "unknown field; the fields are s3, path")
+        s3, path = outputs.get("s3"), outputs.get("path")
+        if s3 is not None and (
+            not isinstance(s3, str) or not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?$", s3)
+        ):
+            self.problem("$.outputs.s3", f"must be s3://BUCKET or s3://BUCKET/PREFIX, got {_kind(s3)}")
+            s3 = None
+        if path is not None and (not isinstance(path, str) or not path.strip()):
+            self.problem("$.outputs.path", f"must be a file path, got {_kind(path)}")
+            path = None
+        if s3 is None and path is None and not any(k in outputs for k in ("s3", "path")):
+            self.problem("$.outputs", "give s3 (s3://bucket/prefix) and/or path (a local .geojson file)")
+        return Outputs(s3=s3, path=path)
+
+    def properties(self, properties: Any) -> dict[str, Any]:
+        if not isinstance(properties, Mapping):
+            self.problem(
+                "$.properties", f"must be an object of extra feature properties, got {_kind(properties)}"
+            )
+            return {}
+        clash = sorted(set(properties) & RESERVED_PROPERTIES)
+        for key in clash:
+            self.problem(f"$.properties.{key}", "is written by the model runner; choose another name")
+        return dict(properties)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,217 @@
+"""The model runner's worker loop: serve the region queue first, then the image queue, one message at a time.
+
+Each message is handled under a visibility heartbeat (which also extends the region or finalisation lease
+the message holds). The message is deleted once its work is recorded; a message another worker is busy
+with is hidden until that worker's lease lapses; after an unexpected error the message is left alone, so
+SQS delivers it again and, after ``maxReceiveCount`` deliveries, moves it to the dead-letter queue.
+
+Run it as ``tessera worker model-runner`` (or ``python -m services.model_runner.worker``); it reads the
+environment the platform gives the container (see ``services/cloud/embedded.py`` for the names).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from services.cloud import database, objects
+from services.cloud.queue import (
+    Heartbeat,
+    Message,
+    QueueSettings,
+    delete_message,
+    queue_settings,
+    receive_messages,
+    set_visibility,
+    sqs_client,
+)
+from services.errors import UserError
+from services.model_runner import handler
+from services.model_runner.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+IMAGE_QUEUE_ENV = "TESSERA_QUEUE_IMAGE_REQUESTS_URL"
+REGION_QUEUE_ENV = "TESSERA_QUEUE_REGION_REQUESTS_URL"
+#: SQS refuses visibility timeouts above 12 hours.
+MAX_VISIBILITY_S = 43_200
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Where a worker takes its work from, and how."""
+
+    region_queue_url: str
+    image_queue_url: str | None = None
+    database_url: str | None = None
+    worker_id: str = ""
+    providers: str = "auto"
+    #: Seconds a receive long-polls the region queue when both queues were empty last time.
+    wait_s: int = 1
+    #: Stop after handling this many messages (None: serve until stopped).
+    max_messages: int | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Settings from the container environment (queue URLs, database); ``overrides`` win."""
+        env = os.environ if env is None else env
+        region = overrides.pop("region_queue_url", None) or env.get(REGION_QUEUE_ENV)
+        if not region:
+            raise UserError(f"{REGION_QUEUE_ENV} is not set: the worker needs the region queue's URL")
+        return cls(
+            region_queue_url=region,
+            image_queue_url=overrides.pop("image_queue_url", None) or env.get(IMAGE_QUEUE_ENV),
+            **overrides,
+        )
+
+
+def default_worker_id() -> str:
+    """``host:pid``: unique among live workers, and says where to look when a region misbehaves."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    """Serves the region and image queues until stopped (or ``max_messages`` are handled)."""
+
+    def __init__(self, settings: WorkerSettings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or default_worker_id()
+        self.metrics = metrics or Metrics()
+        self.sqs = sqs_client()
+        self.s3 = objects.s3_client()
+        self.region_queue: QueueSettings = queue_settings(settings.region_queue_url, self.sqs)
+        self.image_queue: QueueSettings | None = (
+            queue_settings(settings.image_queue_url, self.sqs) if settings.image_queue_url else None
+        )
+        self.database_url = settings.database_url or database.database_url()
+        self.conn = database.connect(self.database_url)
+        database.apply_migrations(self.conn)
+        # The heartbeat thread extends leases on its own connection, never inside the main thread's work.
+        self.lease_conn = database.connect(self.database_url)
+        self.detectors = handler.DetectorCache(settings.providers, s3_client=self.s3)
+        self.handled = 0
+        self.stop_event = threading.Event()
+
+    def context(self) -> handler.Context:
+        """What the handlers get; the lease is half the region queue's visibility timeout."""
+        return handler.Context(
+            conn=self.conn,
+            worker=self.worker_id,
+            region_queue_url=self.settings.region_queue_url,
+            lease_s=self.region_queue.visibility_timeout_s / 2,
+            detectors=self.detectors,
+            metrics=self.metrics,
+            sqs=self.sqs,
+            s3=self.s3,
+            s3_endpoint=os.environ.get("AWS_ENDPOINT_URL") or None,
+        )
+
+    def poll(self, wait_s: int | None = None) -> bool:
+        """Receive and handle at most one message, region queue first; False when both queues were empty."""
+        self._reconnect_if_needed()
+        wait = self.settings.wait_s if wait_s is None else wait_s
+        queues: list[tuple[str, str, QueueSettings]] = [
+            ("region", self.settings.region_queue_url, self.region_queue)
+        ]
+        if self.settings.image_queue_url and self.image_queue is not None:
+            queues.append(("image", self.settings.image_queue_url, self.image_queue))
+        for position, (kind, url, queue) in enumerate(queues):
+            # Long-poll only the last queue, so the region queue is never starved by a wait on the other.
+            last = position == len(queues) - 1
+            messages = receive_messages(url, max_messages=1, wait_s=wait if last else 0, client=self.sqs)
+            if messages:
+                self.handle(kind, messages[0], queue)
+                return True
+        return False
+
+    def handle(self, kind: str, message: Message, queue: QueueSettings) -> None:
+        """Handle one message under a heartbeat; delete, hide or leave it according to the outcome."""
+        self.metrics.record(
+            {"QueueLag": max(0.0, time.time() - message.sent_at)}, Queue=kind, Worker=self.worker_id
+        )
+        ctx = self.context()
+        leases = handler.Leases(self.lease_conn, self.worker_id, ctx.lease_s)
+        beat = Heartbeat(
+            message, visibility_s=queue.visibility_timeout_s, client=self.sqs, on_beat=leases.extend
+        )
+        try:
+            with beat:
+                if kind == "region":
+                    outcome = handler.handle_region_request(ctx, message, leases)
+                else:
+                    outcome = handler.handle_image_request(ctx, message)
+        except Exception as error:
+            last = queue.max_receive_count is not None and message.receive_count >= queue.max_receive_count
+            log.exception(
+                "%s message %s failed unexpectedly (delivery %d%s); it will be delivered again",
+                kind,
+                message.message_id,
+                message.receive_count,
+                f" of {queue.max_receive_count}" if queue.max_receive_count else "",
+            )
+            try:
+                self._reconnect_if_needed()
+                handler.on_unexpected(self.context(), message, kind, error, last_attempt=last)
+            except Exception:
+                log.exception("cleaning up after the failed message failed too")
+            self.handled += 1
+            return
+        self.handled += 1
+        log.info("%s message %s: %s", kind, message.message_id, outcome.note)
+        if outcome.delete:
+            delete_message(message, self.sqs)
+        elif outcome.defer_s is not None:
+            set_visibility(message, min(MAX_VISIBILITY_S, max(1, math.ceil(outcome.defer_s))), self.sqs)
+
+    def serve(self) -> int:
+        """Handle messages until :meth:`stop` (or ``max_messages``); returns how many were handled."""
+        log.info(
+            "worker %s serving %s then %s",
+            self.worker_id,
+            self.settings.region_queue_url,
+            self.settings.image_queue_url or "(no image queue)",
+        )
+        while not self.stop_event.is_set():
+            if self.settings.max_messages is not None and self.handled >= self.settings.max_messages:
+                break
+            try:
+                self.poll()
+            except psycopg.OperationalError:
+                log.exception("database unreachable; retrying")
+                self.stop_event.wait(1.0)
+        return self.handled
+
+    def stop(self) -> None:
+        """Finish the message in hand, then return from :meth:`serve`."""
+        self.stop_event.set()
+
+    def close(self) -> None:
+        """Close the database connections."""
+        for conn in (self.conn, self.lease_conn):
+            conn.close()
+
+    def _reconnect_if_needed(self) -> None:
+        if self.conn.closed or self.conn.broken:
+            self.conn = database.connect(self.database_url)
+        if self.lease_conn.closed or self.lease_conn.broken:
+            self.lease_conn = database.connect(self.database_url)
+
+
+def main() -> int:
+    """``python -m services.model_runner.worker``: serve with settings from the environment."""
+    from services.model_runner.commands import main as commands_main
+
+    return commands_main(["worker", "model-runner"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
