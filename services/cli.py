@@ -115,10 +115,27 @@ def parser() -> argparse.ArgumentParser:
     )
     tunnel.set_defaults(handler=_tunnel)
 
-    from services.model_runner.commands import register as register_model_runner
+    from services.model_runner import commands as model_runner
+    from services.trainer import commands as trainer
 
-    register_model_runner(commands)
+    model_runner.register(commands)
+    trainer.register(commands)
+    worker = commands.add_parser("worker", help="serve a service's queues")
+    worker.add_argument("service", choices=sorted(WORKERS), help="which service")
+    model_runner.add_worker_options(worker)
+    trainer.add_worker_options(worker)
+    worker.set_defaults(handler=_worker)
     return top
+
+
+#: ``tessera worker SERVICE``: the module whose ``run_worker(args)`` serves that service's queues.
+WORKERS = {"model-runner": "services.model_runner.commands", "trainer": "services.trainer.commands"}
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module(WORKERS[args.service]).run_worker(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

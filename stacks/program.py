@@ -18,6 +18,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from infra.autostop import AutoStop, AutoStopArgs
 from infra.cloudwatch_agent import agent_config_json
 from infra.database import Database, DatabaseArgs
 from infra.encryption import Encryption, EncryptionArgs
@@ -37,6 +38,8 @@ from stacks.settings import Settings, read_settings
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_NAMESPACES = ("tessera", "CWAgent")
 GRAFANA = "grafana"
+#: The safety-net function that stops idle training instances (its code: services/autostop/).
+AUTOSTOP = "autostop"
 
 
 class DataLayer(pulumi.ComponentResource):
@@ -88,7 +91,7 @@ class DataLayer(pulumi.ComponentResource):
             f"{name}-logs",
             ServiceLogsArgs(
                 prefix=s.stack,
-                services=(*SERVICE_NAMES, GRAFANA),
+                services=(*SERVICE_NAMES, GRAFANA, AUTOSTOP),
                 retention_days=s.log_retention_days,
                 kms_key_arn=key,
             ),
@@ -284,6 +287,19 @@ class ComputeLayer(pulumi.ComponentResource):
                 opts=child,
             )
 
+        # Independent of the instance's own idle agent and alarm: catches a box whose agents died.
+        self.autostop = AutoStop(
+            f"{name}-autostop",
+            AutoStopArgs(
+                code_dir=str(REPO_ROOT / "services" / AUTOSTOP),
+                region=s.region,
+                idle_minutes=s.training_idle_minutes,
+                log_group_name=data.item("logGroupNames", AUTOSTOP),
+                log_group_arn=data.item("logGroupArns", AUTOSTOP),
+            ),
+            child,
+        )
+
         self.grafana_role = ServiceRole(
             f"{name}-role-{GRAFANA}",
             ServiceRoleArgs(
@@ -350,6 +366,7 @@ class ComputeLayer(pulumi.ComponentResource):
             "grafanaTunnelCommand": tunnel,
             "serviceRoleArns": {svc: role.role_arn for svc, role in self.roles.items()},
             "fleetGroupNames": {svc: fleet.group_name for svc, fleet in self.fleets.items()},
+            "autostopFunctionName": self.autostop.function_name,
         }
         if self.training is not None:
             self.outputs["trainingInstanceId"] = self.training.instance_id

@@ -167,3 +167,18 @@ def test_dev_costs_less_with_compute_destroyed(dev: Plan) -> None:
     running, data_only = dev.cost.total_monthly(), dev.cost.total_monthly(("data",))
     assert 0 < data_only < running
     assert dev.cost.unpriced == []
+
+
+def test_the_autostop_safety_net_is_deployed_with_compute(dev: Plan, prod_compute: Plan) -> None:
+    for plan in (dev, prod_compute):
+        (function,) = plan.run.of_type("aws:lambda/function:Function")
+        assert layer_of(plan.run, function) == "compute"
+        assert plan.run.outputs["autostopFunctionName"]
+        assert plan.run.of_type("aws:cloudwatch/eventRule:EventRule")
+        stops = [
+            statement
+            for policy in plan.run.of_type("aws:iam/rolePolicy:RolePolicy")
+            for statement in json.loads(policy.inputs["policy"])["Statement"]
+            if "ec2:StopInstances" in statement["Action"] and "autostop" in policy.name
+        ]
+        assert stops and all("ec2:ResourceTag/tessera:auto-stop" in json.dumps(s["Condition"]) for s in stops)

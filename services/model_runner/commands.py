@@ -116,8 +116,20 @@ def _run(args: argparse.Namespace) -> int:
 
     from services.model_runner.pipeline import JobPlan, run_image
     from services.model_runner.request import parse_request
+    from services.registry import is_registry_ref
 
     request = parse_request(request_from_args(args))
+    if request.model is not None and is_registry_ref(request.model):
+        if not os.environ.get("TESSERA_DB_URL"):
+            raise UserError(
+                f"{request.model!r} is a model registry name: set TESSERA_DB_URL to the registry's database, "
+                "or give the model's path or s3:// URI"
+            )
+        from services.cloud.database import connect
+        from services.model_runner.handler import pin_model
+
+        with connect() as conn:
+            request = pin_model(conn, request)
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]tiles"),
@@ -167,6 +179,20 @@ def _submit(args: argparse.Namespace) -> int:
     if args.print_request:
         print(json.dumps(request.to_json(), indent=2), file=sys.stderr)
     return 0
+
+
+def add_worker_options(worker: argparse.ArgumentParser) -> None:
+    """The options of ``tessera worker model-runner`` (the CLI owns the ``worker`` command itself)."""
+    worker.add_argument("--once", action="store_true", help="handle at most one message, then exit")
+    worker.add_argument("--max-messages", type=int, metavar="N", help="exit after handling N messages")
+    worker.add_argument("--providers", choices=PROVIDERS, default="auto", help="ONNX Runtime provider")
+    worker.add_argument("--wait", type=int, default=1, help="seconds to long-poll when idle (default: 1)")
+    worker.add_argument("--worker-id", help="name recorded on the regions it runs (default: host:pid)")
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Serve the image and region queues (``tessera worker model-runner``)."""
+    return _user_errors("worker", _worker)(args)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -220,7 +246,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``run``, ``submit``, ``worker`` and ``demo`` to the ``tessera`` command parser's subparsers."""
+    """Add ``run``, ``submit`` and ``demo`` to the ``tessera`` command parser's subparsers."""
     run = subparsers.add_parser(
         "run", help="detect objects in an image in this process (no queues) and write GeoJSON"
     )
@@ -240,14 +266,6 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--print-request", action="store_true", help="also print the request sent")
     submit.set_defaults(handler=_user_errors("submit", _submit))
 
-    worker = subparsers.add_parser("worker", help="serve a service's queues")
-    worker.add_argument("service", choices=["model-runner"], help="which service")
-    worker.add_argument("--once", action="store_true", help="handle at most one message, then exit")
-    worker.add_argument("--max-messages", type=int, metavar="N", help="exit after handling N messages")
-    worker.add_argument("--providers", choices=PROVIDERS, default="auto", help="ONNX Runtime provider")
-    worker.add_argument("--wait", type=int, default=1, help="seconds to long-poll when idle (default: 1)")
-    worker.add_argument("--worker-id", help="name recorded on the regions it runs (default: host:pid)")
-    worker.set_defaults(handler=_user_errors("worker", _worker))
 
     demo = subparsers.add_parser(
         "demo",

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from services.model_runner.pipeline import (
     write_outputs,
 )
 from services.model_runner.request import ImageRequest, new_job_id, parse_request, request_job_id
+from services.registry import is_registry_ref, resolve_model_uri
 from services.tiling.reader import RasterSource
 from services.tiling.scaling import InputScaling
 
@@ -199,6 +200,14 @@ def region_message(job_id: str, index: int) -> dict[str, Any]:
     return {"schema": REGION_SCHEMA, "job_id": job_id, "region_index": index}
 
 
+def pin_model(conn: psycopg.Connection[Any], request: ImageRequest) -> ImageRequest:
+    """The request with a registry name replaced by that model version's URI, so every region of the job
+    runs the same model even when a newer version is registered meanwhile."""
+    if request.model is None or not is_registry_ref(request.model):
+        return request
+    return replace(request, model=resolve_model_uri(conn, request.model))
+
+
 def handle_image_request(ctx: Context, message: Message) -> Outcome:
     """Validate a request, record its job, plan its regions and put one message per open region on the queue.
 
@@ -206,7 +215,7 @@ def handle_image_request(ctx: Context, message: Message) -> Outcome:
     again (a duplicate region message does no work twice). A finished job's request is just deleted.
     """
     try:
-        request = parse_request(message.body)
+        request = pin_model(ctx.conn, parse_request(message.body))
     except UserError as error:
         try:
             raw = json.loads(message.body)

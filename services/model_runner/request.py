@@ -17,7 +17,8 @@ An example (every field but ``image``, ``outputs`` and one of ``model`` / ``endp
       "batch_size": 8
     }
 
-``model`` is a path, a ``file://`` or an ``s3://`` URI of an ONNX file (model registry names come later);
+``model`` is a path, a ``file://`` or an ``s3://`` URI of an ONNX file, or a model registry name
+(``NAME`` for the latest version, ``NAME:VERSION``), which the worker pins to that version's URI on arrival;
 ``endpoint`` instead points at a model served elsewhere (``{"url", "tile_size", "class_names"}``). Sizes
 are ``[width, height]`` (or one number for both); ``overlap`` is ``[x, y]`` pixels. Without ``tile_size``
 the model's input size is used; without ``overlap``, an eighth of the tile. ``roi`` is GeoJSON (a geometry,
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.errors import UserError
+from services.registry import is_registry_ref
 
 SCHEMA = "tessera.image-request/v1"
 MERGE_ALGORITHMS = ("nms+ios", "nms")
@@ -305,11 +307,11 @@ class _Checker:
                     f"{model!r}: models are read from a path, file:// or s3://; "
                     "for a model served over HTTP give endpoint instead",
                 )
-        elif "/" not in model and not model.lower().endswith(".onnx"):
+        elif "/" not in model and not model.lower().endswith(".onnx") and not is_registry_ref(model):
             self.problem(
                 "$.model",
-                f"{model!r} looks like a model registry name; the registry comes with a later issue, so give "
-                "the model's path, file:// or s3:// URI",
+                f"{model!r} is neither a path, a file:// or s3:// URI nor a model registry name "
+                "(NAME or NAME:VERSION, letters, digits, '.', '_' and '-')",
             )
         return model
 

@@ -94,7 +94,7 @@ def _problems(data: Any) -> str:
         ("image", "", "$.image", "path or an s3:// URL"),
         ("image", "ftp://host/a.tif", "$.image", "local path, file:// or s3://"),
         ("image", "s3:///key.tif", "$.image", "names no bucket"),
-        ("model", "ships", "$.model", "registry"),
+        ("model", "ships model", "$.model", "registry name"),
         ("model", "http://host/m.onnx", "$.model", "endpoint instead"),
         ("model", 7, "$.model", "path, file:// or s3://"),
         ("tile_size", [512], "$.tile_size", "[width, height]"),
@@ -151,7 +151,7 @@ def test_model_or_endpoint_but_not_both_nor_neither() -> None:
 
 
 def test_every_problem_is_listed_at_once() -> None:
-    message = _problems({"image": 3, "model": "ships", "batch_size": -1, "extra": 1, "outputs": {}})
+    message = _problems({"image": 3, "model": "ships model", "batch_size": -1, "extra": 1, "outputs": {}})
     assert message.startswith("the image request has 5 problems:")
     for path in ("$.image", "$.model", "$.batch_size", "$.extra", "$.outputs"):
         assert f"  {path}:" in message

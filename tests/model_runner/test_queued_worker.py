@@ -259,3 +259,36 @@ def test_the_heartbeat_keeps_a_long_region_with_its_worker(
     assert row == (1,)
     assert len([r for r in crew.metric_records() if "TilesPerSecond" in r]) == 1
     assert feature_boxes(read_geojson(job.output_uris[0])) == square_boxes(scene.squares)
+
+
+@pytest.mark.usefixtures("runner_env")
+def test_a_model_named_in_the_registry_is_pinned_to_its_version(
+    resources: Resources, database_url: str, square_model: Path, tmp_path: Path
+) -> None:
+    from services.cloud.database import apply_migrations
+    from services.registry import register
+
+    scene = upload_scene(resources, tmp_path, square_model)
+    with connect(database_url) as conn:
+        apply_migrations(conn)
+        first = register(conn, "squares", task="detector", uri=scene.model_url)
+        register(conn, "squares", task="detector", uri=scene.model_url + ".missing")
+    assert first.version == 1
+    # Version 2 points at nothing: the job asks for version 1 by name and must run it.
+    submit(resources, request_for(scene, "job-registry", model="squares:1"))
+    submit(resources, request_for(scene, "job-registry-latest", model="squares"))
+    submit(resources, request_for(scene, "job-registry-unknown", model="boats"))
+    with Crew(count=1, names=["alpha"]):
+        for job_id in ("job-registry", "job-registry-latest", "job-registry-unknown"):
+            wait_until(job_done(database_url, job_id), 60, f"{job_id} to finish")
+    pinned = job_status(database_url, "job-registry")
+    assert pinned is not None and pinned.status == "SUCCESS", pinned
+    collection = read_geojson(pinned.output_uris[0])
+    assert feature_boxes(collection) == square_boxes(scene.squares)
+    assert {f["properties"]["model"] for f in collection["features"]} <= {scene.model_url, "squares"}
+    latest = job_status(database_url, "job-registry-latest")
+    assert latest is not None and latest.status == "FAILED" and ".missing" in str(latest.reason)
+    unknown = job_status(database_url, "job-registry-unknown")
+    assert (
+        unknown is not None and unknown.status == "FAILED" and "no model named 'boats'" in str(unknown.reason)
+    )

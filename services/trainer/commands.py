@@ -1,0 +1,254 @@
+"""The trainer's commands: ``tessera train TASK ...`` (train here), ``tessera train submit TASK ...`` (queue
+a job and start the training instance) and the trainer's ``tessera worker trainer``.
+
+:func:`register` adds ``train`` to the ``tessera`` parser; :func:`add_worker_options` and :func:`run_worker`
+are the trainer's half of ``tessera worker``. Handlers return an exit status and turn a UserError into one
+line on stderr and status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from services.errors import UserError
+
+#: The tasks ``tessera train`` offers (the table in services.trainer.tasks, without importing torch).
+TASK_NAMES = ("classifier", "dcgan", "detector", "sky-position")
+
+
+def _user_errors(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except UserError as error:
+            print(f"tessera {name}: {error}", file=sys.stderr)
+            return 2
+
+    return handler
+
+
+def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+    """``NAME=VALUE`` items -> a dict; each VALUE is parsed as JSON when it is JSON, else kept as text."""
+    params: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param {item!r}: write it as NAME=VALUE (VALUE is JSON or text)")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """A training job (JSON object, not yet validated) from ``train``'s options."""
+    job: dict[str, Any] = {
+        "schema": "tessera.training-job/v1",
+        "task": args.task,
+        "dataset": args.dataset,
+        "output": args.out,
+        "params": parse_params(args.param),
+    }
+    if args.job_id:
+        job["job_id"] = args.job_id
+    if args.steps is not None:
+        job["steps"] = args.steps
+    if args.epochs is not None:
+        job["epochs"] = args.epochs
+    if args.checkpoint_every is not None:
+        job["checkpoint_every"] = args.checkpoint_every
+    if args.register:
+        job["register"] = {"name": args.register}
+    if args.device:
+        job["device"] = args.device
+    return job
+
+
+def _add_job_options(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    parser.add_argument("--dataset", required=True, help="s3://bucket/prefix, a directory, or 'synthetic'")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument(
+        "--param", action="append", metavar="NAME=VALUE", help="a hyper-parameter (VALUE is JSON or text)"
+    )
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="optimiser steps to train")
+    length.add_argument("--epochs", type=int, help="epochs to train")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps")
+    parser.add_argument("--register", metavar="NAME", help="register the model under this name")
+    parser.add_argument(
+        "--job-id", help="the job id (default: a new one; the same id resumes its checkpoint)"
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "hpu"], help="where to train (default auto)"
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from services.cloud import database
+    from services.trainer.device import choose_device, leave
+    from services.trainer.job import parse_job
+    from services.trainer.loop import run
+    from services.trainer.storage import storage_for
+    from services.trainer.tasks import make_task
+
+    job = parse_job(job_from_args(args))
+    task = make_task(job.task)
+    device = choose_device(job.device)
+    conn = None
+    if job.register_name or os.environ.get("TESSERA_DB_URL"):
+        conn = database.connect()
+        database.apply_migrations(conn)
+    try:
+        result = run(task, job, device, storage_for(job.output), conn=conn)
+    finally:
+        if conn is not None:
+            conn.close()
+        leave(device)
+    if device.is_main:
+        print(f"job        {result.job_id}")
+        print(f"steps      {result.steps} ({result.epochs} epochs complete)")
+        if result.resumed_from_step is not None:
+            print(f"resumed    from step {result.resumed_from_step}")
+        print(f"model      {result.model_uri}")
+        for name, uri in result.artifacts.items():
+            if name != "model":
+                print(f"{name:<10} {uri}")
+        if result.registered is not None:
+            print(f"registered {result.registered.ref}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import importlib
+
+    from services.trainer.job import parse_job
+    from services.trainer.worker import QUEUE_ENV
+
+    job = parse_job(job_from_args(args))
+    queue_url = args.queue_url or os.environ.get(QUEUE_ENV)
+    if not queue_url:
+        raise UserError(f"no training queue: pass --queue-url or set {QUEUE_ENV}")
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    launch: Any = importlib.import_module("services.trainer.launch")
+    result = launch.submit_job(
+        job.to_json(),
+        queue_url=queue_url,
+        sqs=boto3.client("sqs", endpoint_url=endpoint),
+        ec2=boto3.client("ec2", endpoint_url=endpoint),
+        stack=args.stack,
+        start_instance=not args.no_start,
+    )
+    print(result.job_id)
+    print(result.describe(), file=sys.stderr)
+    return 0
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tessera worker trainer``; those ``parser`` has already (the model runner's worker
+    shares ``--once``, ``--max-messages``, ``--wait``, ``--worker-id``) are left as they are."""
+    options: list[tuple[str, dict[str, Any]]] = [
+        ("--once", {"action": "store_true", "help": "handle at most one message, then exit"}),
+        ("--max-messages", {"type": int, "metavar": "N", "help": "exit after handling N messages"}),
+        ("--wait", {"type": int, "default": 5, "help": "seconds to long-poll when idle (default: 5)"}),
+        ("--worker-id", {"help": "name recorded on the jobs it runs (default: host:pid)"}),
+        (
+            "--state-file",
+            {"help": "the trainer state file the idle agent reads (default: $TESSERA_TRAINER_STATE)"},
+        ),
+    ]
+    have = {option for action in parser._actions for option in action.option_strings}
+    for flag, settings in options:
+        if flag not in have:
+            parser.add_argument(flag, **settings)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Serve the training-jobs queue (``tessera worker trainer``); SIGTERM checkpoints the job in hand."""
+    from services.trainer.worker import Worker, WorkerSettings
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    overrides: dict[str, Any] = {"wait_s": getattr(args, "wait", 5)}
+    if getattr(args, "once", False):
+        overrides["max_messages"] = 1
+    elif getattr(args, "max_messages", None) is not None:
+        overrides["max_messages"] = args.max_messages
+    if getattr(args, "worker_id", None):
+        overrides["worker_id"] = args.worker_id
+    if getattr(args, "state_file", None):
+        overrides["state_path"] = args.state_file
+    worker = Worker(WorkerSettings.from_env(**overrides))
+
+    def stop(signum: int, frame: Any) -> None:
+        logging.getLogger(__name__).info("signal %d: checkpointing the job in hand, then stopping", signum)
+        worker.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        worker.serve()
+    finally:
+        worker.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = None) -> None:
+    """Add ``train`` (``train TASK ...`` and ``train submit TASK ...``) to the ``tessera`` subparsers.
+
+    ``worker_parser``, if given, is ``tessera worker``'s parser: the trainer's options are added to it
+    (the caller dispatches ``service == "trainer"`` to :func:`run_worker`).
+    """
+    train = subparsers.add_parser("train", help="train a model here, or submit a training job to the queue")
+    kinds = train.add_subparsers(dest="train_command", required=True, metavar="TASK|submit")
+    for name in TASK_NAMES:
+        task = kinds.add_parser(name, help=f"train the {name} task in this process")
+        task.set_defaults(task=name)
+        _add_job_options(task, out_help="the job's output: a directory or s3://bucket/prefix")
+        task.set_defaults(handler=_user_errors("train", _train))
+    submit = kinds.add_parser(
+        "submit", help="queue a training job and start the training instance if stopped"
+    )
+    submit.add_argument("task", choices=TASK_NAMES, help="what to train")
+    _add_job_options(submit, out_help="the job's output: s3://bucket/prefix (read by the training instance)")
+    submit.add_argument(
+        "--queue-url", help="the training-jobs queue (default: $TESSERA_QUEUE_TRAINING_JOBS_URL)"
+    )
+    submit.add_argument(
+        "--no-start", action="store_true", help="only queue the job; leave the instance alone"
+    )
+    submit.add_argument(
+        "--stack", help="start only the training instance of this (compute) stack, by its tessera:stack tag"
+    )
+    submit.set_defaults(handler=_user_errors("train submit", _submit))
+    if worker_parser is not None:
+        add_worker_options(worker_parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """These commands on their own (``python -m services.trainer.commands ...``)."""
+    parser = argparse.ArgumentParser(prog="tessera")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(commands)
+    worker = commands.add_parser("worker", help="serve the training-jobs queue")
+    worker.add_argument("service", choices=["trainer"], help="which service")
+    add_worker_options(worker)
+    worker.set_defaults(handler=_user_errors("worker", run_worker))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Dataset readers for the training tasks: image folders, FITS frames, the sky manifest, epoch order."""

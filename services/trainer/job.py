@@ -1,0 +1,246 @@
+"""The training job: what to train, on what, for how long, and where the results go, as versioned JSON.
+
+An example (``task``, ``dataset`` and ``output`` are required; give ``epochs`` or ``steps``, not both)::
+
+    {
+      "schema": "tessera.training-job/v1",
+      "job_id": "ships-2026-07-01",
+      "task": "detector",
+      "dataset": "s3://datasets/ships/",
+      "params": {"batch_size": 16, "seed": 3},
+      "steps": 2000,
+      "checkpoint_every": 200,
+      "output": "s3://models/ships/run-1/",
+      "register": {"name": "ships"},
+      "device": "auto"
+    }
+
+``dataset`` is an S3 prefix (fetched into a local cache first), a local directory, or a word a task knows
+(the detector's ``"synthetic"``). ``output`` is the job's own S3 prefix or local directory: checkpoints,
+the ONNX model, curves, pictures, TensorBoard logs and metrics land there, and a restarted job finds its
+checkpoints there. ``params`` are the task's hyper-parameters (checked by the task). Unknown fields and bad
+values raise one :class:`~services.errors.UserError` listing every problem with its JSON path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.errors import UserError
+
+SCHEMA = "tessera.training-job/v1"
+DEVICES = ("auto", "cpu", "cuda", "hpu")
+#: Checkpoints every this many optimiser steps unless the job says otherwise.
+DEFAULT_CHECKPOINT_EVERY = 500
+MAX_STEPS = 100_000_000
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?$")
+_TOP = (
+    "schema",
+    "job_id",
+    "task",
+    "dataset",
+    "params",
+    "epochs",
+    "steps",
+    "checkpoint_every",
+    "output",
+    "register",
+    "device",
+)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """A validated training job. Exactly one of ``epochs`` and ``steps`` is set."""
+
+    job_id: str
+    task: str
+    dataset: str
+    output: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    steps: int | None = None
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    register_name: str | None = None
+    device: str = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as JSON with every default written out (what is queued and stored with the job)."""
+        body: dict[str, Any] = {
+            "schema": SCHEMA,
+            "job_id": self.job_id,
+            "task": self.task,
+            "dataset": self.dataset,
+            "params": dict(self.params),
+        }
+        if self.epochs is not None:
+            body["epochs"] = self.epochs
+        if self.steps is not None:
+            body["steps"] = self.steps
+        body["checkpoint_every"] = self.checkpoint_every
+        body["output"] = self.output
+        if self.register_name is not None:
+            body["register"] = {"name": self.register_name}
+        body["device"] = self.device
+        return body
+
+
+def new_job_id() -> str:
+    """A fresh job id."""
+    return uuid.uuid4().hex
+
+
+def parse_job(data: str | bytes | Mapping[str, Any]) -> TrainingJob:
+    """Validate a training job (JSON text or a decoded object); UserError lists every problem."""
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"the training job is not JSON: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise UserError(f"$: the training job must be a JSON object, got {_kind(data)}")
+    return _Checker().job(data)
+
+
+def job_id_of(data: str | bytes | Mapping[str, Any]) -> str | None:
+    """The job id a possibly invalid job names, if it names a usable one (to record its failure)."""
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+    if isinstance(data, Mapping):
+        job_id = data.get("job_id")
+        if isinstance(job_id, str) and _JOB_ID.match(job_id):
+            return job_id
+    return None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Checker:
+    """Collects every problem, then raises them together."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def job(self, data: Mapping[str, Any]) -> TrainingJob:
+        for key in data:
+            if key not in _TOP:
+                self.problem(f"$.{key}", f"unknown field; the fields are {', '.join(_TOP)}")
+        schema = data.get("schema", SCHEMA)
+        if schema != SCHEMA:
+            self.problem("$.schema", f"unsupported schema {schema!r}; this trainer reads {SCHEMA!r}")
+        job_id = data.get("job_id")
+        if job_id is None:
+            job_id = new_job_id()
+        elif not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+            self.problem(
+                "$.job_id",
+                f"must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric; got {_kind(job_id)}",
+            )
+        task = data.get("task")
+        if task is None:
+            self.problem("$.task", "required: the task to train (e.g. detector, dcgan, classifier)")
+        elif not isinstance(task, str) or not _NAME.match(task):
+            self.problem("$.task", f"must be a task name, got {_kind(task)}")
+        dataset = self.location("$.dataset", data.get("dataset"), "the dataset: an s3:// prefix or a path")
+        output = self.location(
+            "$.output", data.get("output"), "where results go: s3://bucket/prefix or a local directory"
+        )
+        params = data.get("params", {})
+        if not isinstance(params, Mapping):
+            self.problem("$.params", f"must be an object of the task's hyper-parameters, got {_kind(params)}")
+            params = {}
+        epochs, steps = data.get("epochs"), data.get("steps")
+        if epochs is None and steps is None:
+            self.problem("$.epochs", "give epochs or steps: how long to train")
+        if epochs is not None and steps is not None:
+            self.problem("$.steps", "give epochs or steps, not both")
+        for path, value in (("$.epochs", epochs), ("$.steps", steps)):
+            if value is not None and (not _is_int(value) or not 1 <= value <= MAX_STEPS):
+                self.problem(path, f"must be a whole number 1..{MAX_STEPS}, got {_kind(value)}")
+        every = data.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
+        if not _is_int(every) or not 1 <= every <= MAX_STEPS:
+            self.problem("$.checkpoint_every", f"must be a whole number of steps >= 1, got {_kind(every)}")
+        register_name = self.register(data.get("register"))
+        device = data.get("device", "auto")
+        if device not in DEVICES:
+            self.problem("$.device", f"must be one of {', '.join(DEVICES)}, got {_kind(device)}")
+        if self.problems:
+            raise UserError(
+                "the training job has "
+                + (f"{len(self.problems)} problems" if len(self.problems) > 1 else "a problem")
+                + ":\n  "
+                + "\n  ".join(self.problems)
+            )
+        return TrainingJob(
+            job_id=str(job_id),
+            task=str(task),
+            dataset=dataset,
+            output=output,
+            params=dict(params),
+            epochs=epochs,
+            steps=steps,
+            checkpoint_every=int(every),
+            register_name=register_name,
+            device=str(device),
+        )
+
+    def location(self, path: str, value: Any, what: str) -> str:
+        if value is None:
+            self.problem(path, f"required: {what}")
+            return ""
+        if not isinstance(value, str) or not value.strip():
+            self.problem(path, f"must be {what}, got {_kind(value)}")
+            return ""
+        if "://" in value:
+            if not value.startswith("s3://"):
+                self.problem(path, f"{value!r}: only s3:// URLs and local paths are read")
+            elif not _S3.match(value):
+                self.problem(path, f"{value!r}: write s3://BUCKET/PREFIX")
+        return value
+
+    def register(self, register: Any) -> str | None:
+        if register is None:
+            return None
+        if not isinstance(register, Mapping):
+            self.problem("$.register", f'must be an object {{"name": MODEL_NAME}}, got {_kind(register)}')
+            return None
+        for key in register:
+            if key != "name":
+                self.problem(f"$.register.{key}", "unknown field; the only field is name")
+        name = register.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            self.problem(
+                "$.register.name",
+                f"must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric; got {_kind(name)}",
+            )
+            return None
+        return name

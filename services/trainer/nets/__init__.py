@@ -1,0 +1,1 @@
+"""Plain-torch networks of the training tasks (no torchvision): DCGAN, VGG16-style classifier, sky model."""

@@ -1,0 +1,222 @@
+"""The classifier task: a VGG16-style network (``nets.vgg``) sorting telescope frames into classes.
+
+Dataset layout: one subfolder per class, its name the class name; frames inside (searched recursively) are
+FITS (.fits, .fit, .fts, .fits.gz: the first image HDU with data, 2-D after dropping size-1 axes) or PNG
+(colour averaged to grey)::
+
+    DATASET/
+      star_field/  a.fits  b.fit  c.png ...
+      cloudy/      d.fits ...
+
+Class names are the subfolder names in sorted order (class index = position); folders whose names start
+with "." are ignored; at least two classes are needed, and every class folder must hold a frame. Frames
+are scaled with ``data.frames.robust_scale`` (0.5th-99.5th percentile -> [0, 1], clipped) and resized to
+``input_size`` x ``input_size``, once, in ``load`` (kept in memory as float32: 4 * input_size^2 bytes
+each). ``val_fraction`` of each class (rounded; always leaving one for training) is held out, chosen by
+``seed``, for ``evaluate``; with none held out, ``evaluate`` reports on the training frames
+(``held_out_frames`` = 0 says so).
+
+The number of classes is a property of the dataset, while ``build`` sees only the parameters: ``build``
+takes the class names from the ``classes`` parameter when given (a sorted list; it must match the folders),
+or else from the latest ``load`` on this task object; so a loop calls ``load`` before ``build`` (one task
+object per job). The names are kept in ``TrainState.extra["class_names"]`` and exported as ONNX metadata.
+
+Training: cross-entropy, AdamW. Export: ``frames [N, 1, S, S]`` -> ``logits [N, classes]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual torch spelling)
+
+from services.errors import UserError
+from services.trainer.data.frames import FRAME_SUFFIXES, SCALING, prepared_frame
+from services.trainer.data.images import decode_all, list_files
+from services.trainer.data.seeding import batch_indices, epoch_generator, held_out_split, seeded
+from services.trainer.nets.modes import evaluating
+from services.trainer.nets.vgg import VggClassifier
+from services.trainer.task import ExportCheck, TrainState
+from services.trainer.tasks.hyperparameters import Rule, resolve
+from services.trainer.tasks.onnx_export import bare, export_onnx
+
+RULES: dict[str, Rule] = {
+    "input_size": Rule(224, int, 32, 1024, multiple_of=32),
+    "width": Rule(1.0, float, 0.0, 4.0, open_low=True),
+    "head_width": Rule(256, int, 1, 4096),
+    "batch_size": Rule(32, int, 1, 4096),
+    "lr": Rule(1e-3, float, 0.0, 1.0, open_low=True),
+    "weight_decay": Rule(0.01, float, 0.0, 1.0),
+    "val_fraction": Rule(0.2, float, 0.0, 0.9),
+    "classes": Rule((), list),
+    "seed": Rule(0, int, 0, 2**31 - 1),
+}
+_LAYOUT = "one subfolder per class holding .fits/.fit/.png frames"
+_EXPORT_STREAM = 2
+
+
+@dataclass(frozen=True)
+class FrameSet:
+    """Prepared frames ``[N, 1, S, S]`` (float32 in [0, 1]), their class indices, the class names and the
+    training/held-out split (index tensors into ``frames``)."""
+
+    frames: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    training: torch.Tensor
+    held_out: torch.Tensor
+    files: list[Path]
+
+
+class FrameBatch(NamedTuple):
+    """Frames ``[B, 1, S, S]`` and their class indices ``[B]``."""
+
+    frames: torch.Tensor
+    labels: torch.Tensor
+
+
+class ClassifierTask:
+    """VGG16-style FITS frame classifier."""
+
+    name: ClassVar[str] = "classifier"
+
+    def __init__(self) -> None:
+        self._loaded_classes: list[str] | None = None
+
+    def params(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults (see ``RULES``) merged with ``given``; ``classes``: optional list of the class names the
+        dataset must have, in sorted order (lets ``build`` run before ``load``)."""
+        params = resolve(self.name, RULES, given)
+        names = params["classes"]
+        if names and (
+            len(names) < 2 or not all(isinstance(n, str) and n for n in names) or names != sorted(names)
+        ):
+            raise UserError(
+                f"{self.name}: parameter classes must list at least two class names (the dataset's subfolder "
+                f"names, sorted), got {names!r}"
+            )
+        return params
+
+    def load(self, dataset: Path, params: Mapping[str, Any]) -> FrameSet:
+        """Read, scale and resize every frame under ``dataset``; split off the held-out frames."""
+        folder = Path(dataset)
+        if not folder.is_dir():
+            raise UserError(f"dataset {folder} does not exist or is not a directory; expected {_LAYOUT}")
+        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if len(class_dirs) < 2:
+            raise UserError(f"dataset {folder} has {len(class_dirs)} class folder(s); expected {_LAYOUT}")
+        names = [d.name for d in class_dirs]
+        if params["classes"] and list(params["classes"]) != names:
+            raise UserError(
+                f"dataset {folder} has classes {', '.join(names)}; parameter classes says "
+                f"{', '.join(params['classes'])}"
+            )
+        files: list[Path] = []
+        labels: list[int] = []
+        training: list[int] = []
+        held_out: list[int] = []
+        for label, class_dir in enumerate(class_dirs):
+            found = list_files(class_dir, FRAME_SUFFIXES, f"frames of class {class_dir.name}")
+            kept, held = held_out_split(len(found), params["val_fraction"], params["seed"] + label)
+            training += [len(files) + i for i in kept]
+            held_out += [len(files) + i for i in held]
+            files += found
+            labels += [label] * len(found)
+        frames = decode_all(files, partial(prepared_frame, size=params["input_size"]))
+        self._loaded_classes = names
+        return FrameSet(
+            torch.from_numpy(frames),
+            torch.tensor(labels, dtype=torch.int64),
+            names,
+            torch.tensor(training, dtype=torch.int64),
+            torch.tensor(held_out, dtype=torch.int64),
+            files,
+        )
+
+    def build(self, params: Mapping[str, Any], device: torch.device) -> TrainState:
+        """The VGG16-style network for the dataset's classes and its AdamW optimiser."""
+        names = list(params["classes"]) or self._loaded_classes
+        if names is None:
+            raise UserError(f"{self.name}: the classes are unknown; load the dataset first or give classes")
+        with seeded(params["seed"]):
+            model = VggClassifier(len(names), 1, params["width"], params["head_width"])
+        model = model.to(device)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"]
+        )
+        return TrainState(
+            {"classifier": model}, {"classifier": optimizer}, extra={"class_names": list(names)}
+        )
+
+    def batches(
+        self, data: FrameSet, params: Mapping[str, Any], epoch: int, device: torch.device
+    ) -> Iterator[FrameBatch]:
+        """The training frames, shuffled by the (seed, epoch) generator."""
+        source = epoch_generator(params["seed"], epoch)
+        for index in batch_indices(len(data.training), params["batch_size"], source):
+            chosen = data.training[index]
+            yield FrameBatch(data.frames[chosen].to(device), data.labels[chosen].to(device))
+
+    def train_step(self, state: TrainState, batch: FrameBatch) -> dict[str, float]:
+        """One AdamW step on the cross-entropy; the loss and the batch's accuracy."""
+        model, optimizer = state.models["classifier"], state.optimizers["classifier"]
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(batch.frames)
+        loss = F.cross_entropy(logits, batch.labels)
+        loss.backward()
+        optimizer.step()
+        accuracy = (logits.argmax(dim=1) == batch.labels).float().mean()
+        return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+    def evaluate(self, state: TrainState, data: FrameSet, params: Mapping[str, Any]) -> dict[str, float]:
+        """Accuracy and mean cross-entropy on the held-out frames (on the training frames if none)."""
+        model = bare(state.models["classifier"])
+        device = next(model.parameters()).device
+        chosen = data.held_out if len(data.held_out) else data.training
+        correct, loss = 0, 0.0
+        with evaluating(model), torch.no_grad():
+            for start in range(0, len(chosen), params["batch_size"]):
+                index = chosen[start : start + params["batch_size"]]
+                logits = model(data.frames[index].to(device))
+                labels = data.labels[index].to(device)
+                loss += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += int((logits.argmax(dim=1) == labels).sum().item())
+        return {
+            "accuracy": correct / len(chosen),
+            "loss": loss / len(chosen),
+            "held_out_frames": float(len(data.held_out)),
+        }
+
+    def export(self, state: TrainState, directory: Path, params: Mapping[str, Any]) -> ExportCheck:
+        """``classifier.onnx``: ``frames [N, 1, S, S]`` -> ``logits [N, classes]``, with the class names."""
+        size = params["input_size"]
+        source = epoch_generator(params["seed"], 0, _EXPORT_STREAM)
+        frames = torch.rand(2, 1, size, size, generator=source).numpy()
+        names = state.extra["class_names"]
+        metadata = {
+            "tessera.task": self.name,
+            "tessera.architecture": f"vgg16-bn-gap-width{params['width']:g}",
+            "tessera.class_names": json.dumps(list(names)),
+            "tessera.input_size": f"{size}x{size}",
+            "tessera.input_scaling": SCALING,
+            "tessera.params": json.dumps(dict(params), sort_keys=True),
+        }
+        return export_onnx(
+            state.models["classifier"],
+            Path(directory) / f"{self.name}.onnx",
+            {"frames": frames},
+            ["logits"],
+            metadata=metadata,
+            description=f"tessera FITS frame classifier ({len(names)} classes, {size} px)",
+        )
+
+    def pictures(self, state: TrainState, directory: Path, params: Mapping[str, Any]) -> list[Path]:
+        """None: the loss and accuracy curves say it all."""
+        return []

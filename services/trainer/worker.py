@@ -1,0 +1,199 @@
+"""The trainer's worker loop: serve the training-jobs queue, one job at a time, under a visibility heartbeat.
+
+A job that fails for a reason a user can fix is recorded FAILED and its message deleted, and the worker goes
+on serving. An unexpected error is recorded as the job's reason and the message left alone: SQS delivers it
+again (the job resumes from its checkpoint) and, after ``maxReceiveCount`` deliveries, moves it to the
+dead-letter queue; the last delivery records the job FAILED. A stop request (SIGTERM: the instance is
+stopping) checkpoints the running job, hands its message back and returns.
+
+Run it as ``tessera worker trainer``; it reads ``TESSERA_QUEUE_TRAINING_JOBS_URL`` and the database settings
+(``services.cloud.database``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from services.cloud import database, objects
+from services.cloud.queue import (
+    Heartbeat,
+    Message,
+    QueueSettings,
+    delete_message,
+    queue_settings,
+    receive_messages,
+    set_visibility,
+    sqs_client,
+)
+from services.errors import UserError
+from services.trainer import handler
+from services.trainer.job import job_id_of
+
+log = logging.getLogger(__name__)
+
+QUEUE_ENV = "TESSERA_QUEUE_TRAINING_JOBS_URL"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Where the worker takes jobs from, and how."""
+
+    queue_url: str
+    database_url: str | None = None
+    worker_id: str = ""
+    #: Seconds a receive long-polls when the queue was empty.
+    wait_s: int = 5
+    #: Stop after handling this many messages (None: serve until stopped).
+    max_messages: int | None = None
+    #: The trainer state file the idle agent reads (None: ``$TESSERA_TRAINER_STATE`` or the agent's default,
+    #: :data:`services.trainer.idle.DEFAULT_TRAINER_STATE`).
+    state_path: str | None = None
+    #: Local scratch space for checkpoints and exports (None: a temporary directory per job).
+    workdir: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Settings from the container environment; ``overrides`` win."""
+        env = os.environ if env is None else env
+        queue = overrides.pop("queue_url", None) or env.get(QUEUE_ENV)
+        if not queue:
+            raise UserError(f"{QUEUE_ENV} is not set: the trainer needs the training-jobs queue's URL")
+        return cls(queue_url=queue, **overrides)
+
+
+class Worker:
+    """Serves the training-jobs queue until stopped (or ``max_messages`` are handled)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.sqs = sqs_client()
+        self.s3 = objects.s3_client()
+        self.queue: QueueSettings = queue_settings(settings.queue_url, self.sqs)
+        self.database_url = settings.database_url or database.database_url()
+        self.conn = database.connect(self.database_url)
+        database.apply_migrations(self.conn)
+        self.state = handler.TrainerStateFile(settings.state_path)
+        self.handled = 0
+        self.outcomes: list[handler.Outcome] = []
+        self.stop_event = threading.Event()
+
+    def poll(self, wait_s: int | None = None) -> bool:
+        """Receive and handle at most one job; False when the queue was empty."""
+        if self.conn.closed or self.conn.broken:
+            self.conn = database.connect(self.database_url)
+        wait = self.settings.wait_s if wait_s is None else wait_s
+        messages = receive_messages(self.settings.queue_url, max_messages=1, wait_s=wait, client=self.sqs)
+        if not messages:
+            return False
+        self.handle(messages[0])
+        return True
+
+    def handle(self, message: Message) -> None:
+        """Handle one message under a heartbeat; delete or release it according to the outcome."""
+        ctx = handler.Context(
+            conn=self.conn,
+            worker=self.worker_id,
+            state=self.state,
+            s3=self.s3,
+            should_stop=self.stop_event.is_set,
+            workdir=Path(self.settings.workdir) if self.settings.workdir else None,
+        )
+        beat = self.heartbeat(message)
+        self.handled += 1
+        try:
+            with beat:
+                outcome = handler.handle_job(ctx, message)
+        except Exception as error:
+            last = (
+                self.queue.max_receive_count is not None
+                and message.receive_count >= self.queue.max_receive_count
+            )
+            log.exception(
+                "training job message %s failed unexpectedly (delivery %d); %s",
+                message.message_id,
+                message.receive_count,
+                "it goes to the dead-letter queue" if last else "it will be delivered again",
+            )
+            self._record_unexpected(message, error, last_attempt=last)
+            return
+        self.outcomes.append(outcome)
+        log.info("training job message %s: %s", message.message_id, outcome.note)
+        if outcome.delete:
+            delete_message(message, self.sqs)
+        elif outcome.release:
+            set_visibility(message, 0, self.sqs)
+
+    def heartbeat(self, message: Message) -> Heartbeat:
+        """The heartbeat a job runs under: it keeps ``message`` hidden and refreshes the trainer state file,
+        every third of the visibility timeout but at least every :data:`handler.STATE_REFRESH_S`."""
+        visibility_s = self.queue.visibility_timeout_s
+        return Heartbeat(
+            message,
+            visibility_s=visibility_s,
+            client=self.sqs,
+            on_beat=self.state.beat,
+            interval_s=min(max(1, int(visibility_s)) / 3, handler.STATE_REFRESH_S),
+        )
+
+    def _record_unexpected(self, message: Message, error: BaseException, *, last_attempt: bool) -> None:
+        job_id = job_id_of(message.body)
+        if job_id is None:
+            return
+        reason = f"{type(error).__name__}: {error}"
+        try:
+            if self.conn.closed or self.conn.broken:
+                self.conn = database.connect(self.database_url)
+            if last_attempt:
+                handler.fail_job(
+                    self.conn, job_id, f"gave up after {message.receive_count} deliveries: {reason}"
+                )
+            else:
+                handler.requeue_job(self.conn, job_id, f"delivery {message.receive_count} failed: {reason}")
+        except Exception:
+            log.exception("recording the failure of job %s failed too", job_id)
+
+    def serve(self) -> int:
+        """Handle jobs until :meth:`stop` (or ``max_messages``); returns how many messages were handled."""
+        log.info("trainer worker %s serving %s", self.worker_id, self.settings.queue_url)
+        while not self.stop_event.is_set():
+            if self.settings.max_messages is not None and self.handled >= self.settings.max_messages:
+                break
+            try:
+                self.poll()
+            except psycopg.OperationalError:
+                log.exception("database unreachable; retrying")
+                self.stop_event.wait(1.0)
+        return self.handled
+
+    def stop(self) -> None:
+        """Checkpoint the job in hand (if any), hand its message back, and return from :meth:`serve`."""
+        self.stop_event.set()
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self.conn.close()
+
+
+def main() -> int:
+    """``python -m services.trainer.worker``: serve with settings from the environment."""
+    import argparse
+
+    from services.trainer.commands import add_worker_options, run_worker
+
+    parser = argparse.ArgumentParser(prog="python -m services.trainer.worker")
+    add_worker_options(parser)
+    return run_worker(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The safety net: idle (or silent) auto-stop instances are stopped; busy, young and untagged ones are not."""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from services.autostop import handler as autostop
+from services.autostop.handler import Metric, Settings, check_instances
+
+REGION = "us-east-1"
+AMI = "ami-0123456789abcdef0"
+AUTO_STOP = {"tessera:auto-stop": "true"}
+NVIDIA = ("CWAgent", "nvidia_smi_utilization_gpu")
+GAUDI = ("tessera/Accelerators", "AcceleratorUtilization")
+
+
+@pytest.fixture(scope="module")
+def session() -> boto3.Session:
+    return boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch, session: boto3.Session) -> Iterator[tuple[Any, Any]]:
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        yield session.client("ec2"), session.client("cloudwatch")
+
+
+def _launch(ec2: Any, tags: dict[str, str]) -> tuple[str, datetime]:
+    spec = [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+    instance = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, TagSpecifications=spec or None)
+    return str(instance["Instances"][0]["InstanceId"]), instance["Instances"][0]["LaunchTime"]
+
+
+def _utilisation(
+    cloudwatch: Any, instance_id: str, at: datetime, values: list[float], metric: tuple[str, str] = NVIDIA
+) -> None:
+    """One datapoint a minute, the last one at ``at``."""
+    namespace, name = metric
+    cloudwatch.put_metric_data(
+        Namespace=namespace,
+        MetricData=[
+            {
+                "MetricName": name,
+                "Dimensions": [{"Name": "InstanceId", "Value": instance_id}],
+                "Timestamp": at - timedelta(minutes=len(values) - 1 - i),
+                "Value": value,
+                "Unit": "Percent",
+            }
+            for i, value in enumerate(values)
+        ],
+    )
+
+
+def _state(ec2: Any, instance_id: str) -> str:
+    reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+
+def test_idle_and_silent_instances_are_stopped_busy_and_untagged_ones_are_not(aws: tuple[Any, Any]) -> None:
+    ec2, cloudwatch = aws
+    idle, launched = _launch(ec2, AUTO_STOP)
+    busy, _ = _launch(ec2, AUTO_STOP)
+    silent, _ = _launch(ec2, AUTO_STOP)  # its agent died: no datapoints at all
+    untagged, _ = _launch(ec2, {"tessera:role": "worker"})
+    opted_out, _ = _launch(ec2, {"tessera:auto-stop": "false"})
+    gaudi, _ = _launch(ec2, {**AUTO_STOP, "tessera:accelerator": "gaudi"})
+    parked, _ = _launch(ec2, AUTO_STOP)
+    ec2.stop_instances(InstanceIds=[parked])  # already stopped: nothing to check
+    now = launched + timedelta(minutes=40)  # every box has been up long past the idle period
+    low = [1.0, 0.0, 3.0, 4.9, 2.0]
+    _utilisation(cloudwatch, idle, now - timedelta(minutes=1), low * 3)
+    _utilisation(cloudwatch, idle, now - timedelta(minutes=20), [100.0])  # busy once, before the window
+    _utilisation(cloudwatch, busy, now - timedelta(minutes=1), [*low, 80.0, *low])
+    for quiet in (untagged, opted_out):
+        _utilisation(cloudwatch, quiet, now - timedelta(minutes=1), low)
+    _utilisation(cloudwatch, gaudi, now - timedelta(minutes=2), [0.0, 60.0], metric=GAUDI)
+
+    summary = check_instances(ec2, cloudwatch, Settings(), now=now)
+
+    assert summary["checked"] == 4
+    assert parked not in summary["stopped"] and parked not in summary["spared"]
+    assert sorted(summary["stopped"]) == sorted([idle, silent])
+    assert set(summary["spared"]) == {busy, gaudi}
+    assert "80%" in summary["spared"][busy] and "busy" in summary["spared"][busy]
+    assert summary["failed"] == {}
+    assert {_state(ec2, i) for i in (idle, silent)} <= {"stopping", "stopped"}
+    assert {_state(ec2, i) for i in (busy, untagged, opted_out, gaudi)} == {"running"}
+
+
+def test_instances_up_for_less_than_the_idle_period_are_spared(aws: tuple[Any, Any]) -> None:
+    ec2, cloudwatch = aws
+    young, launched = _launch(ec2, AUTO_STOP)  # booting: no metrics yet
+    summary = check_instances(
+        ec2, cloudwatch, Settings(idle_minutes=15), now=launched + timedelta(minutes=14)
+    )
+    assert summary["stopped"] == []
+    assert "up for 14 min" in summary["spared"][young]
+    later = check_instances(ec2, cloudwatch, Settings(idle_minutes=15), now=launched + timedelta(minutes=16))
+    assert later["stopped"] == [young]
+
+
+def test_the_threshold_and_idle_period_come_from_the_settings(aws: tuple[Any, Any]) -> None:
+    ec2, cloudwatch = aws
+    box, launched = _launch(ec2, AUTO_STOP)
+    now = launched + timedelta(hours=2)
+    _utilisation(cloudwatch, box, now - timedelta(minutes=1), [12.0, 8.0])
+    _utilisation(cloudwatch, box, now - timedelta(minutes=40), [90.0])
+    assert check_instances(ec2, cloudwatch, Settings(threshold_percent=10), now=now)["stopped"] == []
+    summary = check_instances(ec2, cloudwatch, Settings(threshold_percent=15, idle_minutes=30), now=now)
+    assert summary["stopped"] == [box]
+    ec2.start_instances(InstanceIds=[box])
+    long_window = check_instances(ec2, cloudwatch, Settings(threshold_percent=15, idle_minutes=60), now=now)
+    assert long_window["stopped"] == [] and "90%" in long_window["spared"][box]
+
+
+def test_a_refused_stop_is_reported_and_the_others_are_still_stopped(aws: tuple[Any, Any]) -> None:
+    ec2, cloudwatch = aws
+    refused, launched = _launch(ec2, AUTO_STOP)
+    other, _ = _launch(ec2, AUTO_STOP)
+
+    class Refusing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ec2, name)
+
+        def stop_instances(self, InstanceIds: list[str]) -> Any:  # noqa: N803 (boto3's keyword)
+            if refused in InstanceIds:
+                raise PermissionError("UnauthorizedOperation")
+            return ec2.stop_instances(InstanceIds=InstanceIds)
+
+    summary = check_instances(Refusing(), cloudwatch, Settings(), now=launched + timedelta(hours=1))
+    assert summary["stopped"] == [other]
+    assert "UnauthorizedOperation" in summary["failed"][refused]
+    assert _state(ec2, refused) == "running"
+
+
+def test_handler_reads_its_settings_from_the_environment(
+    aws: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ec2, _ = aws
+    young, _ = _launch(ec2, AUTO_STOP)
+    monkeypatch.setenv("TESSERA_AUTOSTOP_IDLE_MINUTES", "15")
+    summary = autostop.handler({"source": "aws.events"}, None)
+    assert summary["checked"] == 1 and summary["stopped"] == [] and young in summary["spared"]
+    assert json.loads(json.dumps(summary)) == summary  # a Lambda result must be JSON
+
+
+def test_settings_from_the_environment() -> None:
+    assert Settings.from_environment({}) == Settings()
+    settings = Settings.from_environment(
+        {
+            "TESSERA_AUTOSTOP_IDLE_MINUTES": "30",
+            "TESSERA_AUTOSTOP_THRESHOLD_PERCENT": "2.5",
+            "TESSERA_AUTOSTOP_METRICS": json.dumps([{"namespace": "tessera/Accelerators", "metric": "X"}]),
+        }
+    )
+    assert settings == Settings(30, 2.5, (Metric("tessera/Accelerators", "X"),))
+    for env, match in [
+        ({"TESSERA_AUTOSTOP_IDLE_MINUTES": "soon"}, "TESSERA_AUTOSTOP_IDLE_MINUTES"),
+        ({"TESSERA_AUTOSTOP_IDLE_MINUTES": "0"}, "TESSERA_AUTOSTOP_IDLE_MINUTES"),
+        ({"TESSERA_AUTOSTOP_THRESHOLD_PERCENT": "150"}, "TESSERA_AUTOSTOP_THRESHOLD_PERCENT"),
+        ({"TESSERA_AUTOSTOP_METRICS": '[{"namespace": "CWAgent"}]'}, "TESSERA_AUTOSTOP_METRICS"),
+        ({"TESSERA_AUTOSTOP_METRICS": "[]"}, "TESSERA_AUTOSTOP_METRICS"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Settings.from_environment(env)
+
+
+def test_metric_queries_are_batched_and_paged() -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
+
+        def get_metric_data(self, **request: Any) -> dict[str, Any]:
+            self.calls.append(request)
+            queries = request["MetricDataQueries"]
+            if "NextToken" not in request:  # first page: no values, more to come
+                return {
+                    "MetricDataResults": [{"Id": q["Id"], "Values": []} for q in queries],
+                    "NextToken": "p2",
+                }
+            return {"MetricDataResults": [{"Id": q["Id"], "Values": [float(len(q["Id"]))]} for q in queries]}
+
+    ids = [f"i-{n:04d}" for n in range(260)]
+    cloudwatch = Recording()
+    end = datetime(2027, 1, 1, tzinfo=UTC)
+    peaks = autostop.peak_utilisation(
+        cloudwatch, ids, [Metric(*NVIDIA), Metric(*GAUDI)], start=end - timedelta(minutes=15), end=end
+    )
+    sizes = [len(call["MetricDataQueries"]) for call in cloudwatch.calls]
+    assert sizes == [500, 500, 20, 20]  # 520 queries: two requests of two pages each
+    assert all(
+        len(q["Id"]) >= 4 and q["Id"][0].islower() for c in cloudwatch.calls for q in c["MetricDataQueries"]
+    )
+    assert set(peaks) == set(ids) and all(p is not None for p in peaks.values())
+
+
+def test_the_function_needs_only_the_standard_library_and_boto3() -> None:
+    # Lambda gets this directory alone: importing anything else from the project would fail there.
+    import sys
+
+    directory = Path(autostop.__file__).parent
+    for source in directory.glob("*.py"):
+        tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{source.name}: relative import"
+                names = [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                assert top == "boto3" or top in sys.stdlib_module_names, f"{source.name} imports {name}"

@@ -1,0 +1,277 @@
+"""The classifier task through a tiny loop of its own: FITS/PNG class folders, robust scaling, training,
+resumption, held-out accuracy, ONNX export checked with ONNX Runtime, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from astropy.io import fits  # type: ignore[import-untyped]
+from PIL import Image
+
+from services.errors import UserError
+from services.trainer.data.frames import read_frame, robust_scale
+from services.trainer.nets.vgg import VggClassifier, conv_count, norm_groups
+from services.trainer.task import TrainState
+from services.trainer.tasks.classifier import ClassifierTask
+
+CPU = torch.device("cpu")
+TINY = {
+    "input_size": 32,
+    "width": 1 / 16,
+    "head_width": 16,
+    "batch_size": 6,
+    "lr": 1e-3,
+    "val_fraction": 0.25,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny networks run fastest on one thread (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sky_frame(rng: np.random.Generator, cloudy: bool) -> np.ndarray:
+    """A 40 x 48 sky: noisy background and a few stars; ``cloudy`` adds a bright, smooth glow of cloud."""
+    frame = 1000.0 + rng.normal(0, 10, (40, 48))
+    for y, x in rng.integers(3, 37, (4, 2)):
+        frame[y - 1 : y + 2, x - 1 : x + 2] += rng.uniform(300, 3000)
+    if cloudy:
+        yy, xx = np.mgrid[:40, :48]
+        cy, cx = rng.uniform(0, 40), rng.uniform(0, 48)
+        frame += 2500.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(12, 20) ** 2))
+    return frame
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two classes of eight frames: .fits (int16, float), .fit and .png, with a NaN and a 1 x H x W cube."""
+    root = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(3)
+    for name in ("clear", "cloudy"):
+        (root / name).mkdir()
+        for i in range(8):
+            frame = sky_frame(rng, cloudy=name == "cloudy")
+            path = root / name / f"f{i}"
+            if i == 0:
+                frame[5, 5] = np.nan
+                fits.PrimaryHDU(frame.astype(np.float32)).writeto(path.with_suffix(".fits"))
+            elif i == 1:
+                fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(frame[None].astype(np.float32))]).writeto(
+                    path.with_suffix(".fit")
+                )
+            elif i == 2:
+                Image.fromarray(np.clip(frame / 20, 0, 255).astype(np.uint8)).save(path.with_suffix(".png"))
+            else:
+                fits.PrimaryHDU(np.clip(frame, 0, 32000).astype(np.int16)).writeto(path.with_suffix(".fits"))
+    (root / ".cache").mkdir()
+    (root / "README.txt").write_text("two classes")
+    return root
+
+
+def train(
+    task: ClassifierTask, state: TrainState, data: Any, params: Mapping[str, Any], epochs: range
+) -> list[float]:
+    """The smallest loop the Task protocol allows; returns the loss of every step."""
+    losses = []
+    for epoch in epochs:
+        for batch in task.batches(data, params, epoch, CPU):
+            step = task.train_step(state, batch)
+            assert set(step) == {"loss", "accuracy"}
+            losses.append(step["loss"])
+    return losses
+
+
+def checkpoint(state: TrainState) -> dict[str, Any]:
+    """What a checkpoint would hold, through torch.save/torch.load."""
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": state.models["classifier"].state_dict(),
+            "optimizer": state.optimizers["classifier"].state_dict(),
+            "extra": state.extra,
+        },
+        buffer,
+    )
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def test_robust_scale() -> None:
+    ramp = np.arange(1000, dtype=np.float32).reshape(25, 40)
+    scaled = robust_scale(ramp)
+    low, high = np.percentile(ramp, [0.5, 99.5])
+    assert scaled.dtype == np.float32 and scaled.min() == 0.0 and scaled.max() == 1.0
+    assert scaled.flat[500] == pytest.approx((500 - low) / (high - low))
+    hot = ramp.copy()
+    hot[0, 0] = 1e9  # one hot pixel does not squash the rest
+    assert robust_scale(hot).flat[500] == pytest.approx(scaled.flat[500], abs=0.01)
+    with_nan = ramp.copy()
+    with_nan[3, 3] = np.nan
+    assert robust_scale(with_nan)[3, 3] == 0.0 and np.isfinite(robust_scale(with_nan)).all()
+    assert not robust_scale(np.full((4, 4), 7.0, np.float32)).any()
+
+
+def test_reads_fits_and_png(frames: Path) -> None:
+    cube = read_frame(frames / "clear" / "f1.fit")  # extension HDU, 1 x 40 x 48
+    assert cube.shape == (40, 48) and cube.dtype == np.float32
+    assert read_frame(frames / "clear" / "f3.fits").shape == (40, 48)
+    assert read_frame(frames / "cloudy" / "f2.png").shape == (40, 48)
+
+
+def test_params() -> None:
+    params = ClassifierTask().params({})
+    assert params["input_size"] == 224 and params["width"] == 1.0 and params["classes"] == []
+    assert ClassifierTask.name == "classifier"
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"batch_size": 2.5}, r"batch_size must be an integer in \[1, 4096\], got 2.5"),
+        ({"input_size": 48}, r"input_size must be an integer in \[32, 1024\], a multiple of 32, got 48"),
+        ({"width": 0}, r"width must be a number in \(0, 4\]"),
+        ({"val_fraction": 1.0}, r"val_fraction must be a number in \[0, 0.9\]"),
+        ({"classes": ["cloudy", "clear"]}, r"classes must list at least two class names .*sorted"),
+        ({"classes": "clear,cloudy"}, r"classes must be a list"),
+        ({"epochs_": 3}, r"unknown parameter\(s\) epochs_"),
+    ]
+    for given, message in cases:
+        with pytest.raises(UserError, match=message):
+            ClassifierTask().params(given)
+
+
+def test_norm_groups() -> None:
+    assert [norm_groups(c) for c in (1, 4, 7, 8, 19, 64, 512, 48)] == [1, 1, 1, 2, 1, 16, 32, 12]
+
+
+def test_vgg16_layout() -> None:
+    model = VggClassifier(3, width=1 / 16, head_width=8)
+    assert conv_count(model) == 13
+    assert model(torch.rand(2, 1, 64, 96)).shape == (2, 3)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [4, 4, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32, 32]
+
+
+def test_load_splits_per_class(frames: Path) -> None:
+    task = ClassifierTask()
+    data = task.load(frames, task.params(TINY))
+    assert data.class_names == ["clear", "cloudy"]
+    assert data.frames.shape == (16, 1, 32, 32) and data.frames.dtype == torch.float32
+    assert data.frames.min() >= 0.0 and data.frames.max() <= 1.0
+    assert len(data.held_out) == 4 and len(data.training) == 12
+    assert data.labels[data.held_out].tolist().count(0) == 2  # two held out of each class
+    assert set(data.held_out.tolist()).isdisjoint(data.training.tolist())
+    again = ClassifierTask().load(frames, task.params(TINY))
+    assert torch.equal(again.held_out, data.held_out) and torch.equal(again.frames, data.frames)
+    other = ClassifierTask().load(frames, task.params({**TINY, "seed": 5}))
+    assert not torch.equal(other.held_out, data.held_out)
+
+
+def test_dataset_errors(tmp_path: Path, frames: Path) -> None:
+    task = ClassifierTask()
+    params = task.params(TINY)
+    with pytest.raises(UserError, match=r"does not exist.*one subfolder per class"):
+        task.load(tmp_path / "nowhere", params)
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    fits.PrimaryHDU(np.zeros((8, 8), np.float32)).writeto(tmp_path / "one" / "only" / "a.fits")
+    with pytest.raises(UserError, match=r"has 1 class folder\(s\); expected one subfolder per class"):
+        task.load(tmp_path / "one", params)
+    (tmp_path / "one" / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty\b.* is empty; expected frames of class empty"):
+        task.load(tmp_path / "one", params)
+    (tmp_path / "one" / "empty" / "bad.fits").write_bytes(b"SIMPLE  = nonsense")
+    with pytest.raises(UserError, match=r"cannot read FITS file .*bad\.fits|bad\.fits has no image"):
+        task.load(tmp_path / "one", params)
+    (tmp_path / "one" / "empty" / "bad.fits").unlink()
+    fits.PrimaryHDU(np.zeros((3, 8, 8), np.float32)).writeto(tmp_path / "one" / "empty" / "cube.fits")
+    with pytest.raises(UserError, match=r"cube\.fits holds a 3-D image; expected a 2-D frame"):
+        task.load(tmp_path / "one", params)
+    with pytest.raises(UserError, match=r"has classes clear, cloudy; parameter classes says a, b"):
+        task.load(frames, task.params({**TINY, "classes": ["a", "b"]}))
+
+
+def test_build_needs_the_classes(frames: Path) -> None:
+    task = ClassifierTask()
+    with pytest.raises(UserError, match=r"classes are unknown; load the dataset first or give classes"):
+        task.build(task.params(TINY), CPU)
+    declared = task.build(task.params({**TINY, "classes": ["clear", "cloudy"]}), CPU)
+    assert declared.extra["class_names"] == ["clear", "cloudy"]
+    task.load(frames, task.params(TINY))
+    state = task.build(task.params(TINY), CPU)
+    assert state.extra["class_names"] == ["clear", "cloudy"]
+    # Same seed, same weights whichever way the classes were learnt.
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            declared.models["classifier"].state_dict().values(),
+            state.models["classifier"].state_dict().values(),
+            strict=True,
+        )
+    )
+
+
+def test_training_learns_deterministically(frames: Path) -> None:
+    task = ClassifierTask()
+    params = task.params(TINY)
+    data = task.load(frames, params)
+    state = task.build(params, CPU)
+    before = task.evaluate(state, data, params)
+    losses = train(task, state, data, params, range(12))
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:2])
+    after = task.evaluate(state, data, params)
+    assert set(after) == {"accuracy", "loss", "held_out_frames"} and after["held_out_frames"] == 4
+    # Cloudy frames are told from clear ones on frames it never trained on.
+    assert after["loss"] < 0.75 * before["loss"] and after["accuracy"] == 1.0 > before["accuracy"]
+    assert train(task, task.build(params, CPU), data, params, range(1)) == losses[:2]
+
+
+def test_resumed_job_follows_the_same_trajectory(frames: Path) -> None:
+    task = ClassifierTask()
+    params = task.params(TINY)
+    data = task.load(frames, params)
+    straight = train(task, task.build(params, CPU), data, params, range(3))
+    first = task.build(params, CPU)
+    before = train(task, first, data, params, range(1))
+    saved = checkpoint(first)
+    resumed = task.build(params, CPU)
+    resumed.models["classifier"].load_state_dict(saved["model"])
+    resumed.optimizers["classifier"].load_state_dict(saved["optimizer"])
+    resumed.extra = saved["extra"]
+    assert before + train(task, resumed, data, params, range(1, 3)) == straight
+
+
+def test_export_matches_torch(frames: Path, tmp_path: Path) -> None:
+    task = ClassifierTask()
+    params = task.params(TINY)
+    data = task.load(frames, params)
+    state = task.build(params, CPU)
+    train(task, state, data, params, range(2))
+    check = task.export(state, tmp_path, params)
+    assert task.pictures(state, tmp_path, params) == []
+    proto = onnx.load(str(check.path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["tessera.class_names"]) == ["clear", "cloudy"]
+    assert meta["tessera.input_size"] == "32x32" and "99.5" in meta["tessera.input_scaling"]
+
+    session = ort.InferenceSession(str(check.path), providers=["CPUExecutionProvider"])
+    (frames_input,) = session.get_inputs()
+    assert frames_input.name == "frames" and frames_input.shape[1:] == [1, 32, 32]
+    (logits,) = session.run(["logits"], check.inputs)
+    np.testing.assert_allclose(logits, check.expected["logits"], atol=check.atol)
+    real = data.frames[:5].numpy()
+    (real_logits,) = session.run(["logits"], {"frames": real})
+    model = state.models["classifier"].eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(real_logits, model(torch.from_numpy(real)).numpy(), atol=1e-4)
+    assert real_logits.shape == (5, 2)

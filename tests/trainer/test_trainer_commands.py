@@ -1,0 +1,54 @@
+"""``tessera train TASK`` trains here and prints where everything went; its options build the job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from services.errors import UserError
+from services.trainer.commands import add_worker_options, main, parse_params
+
+
+def test_train_detector_locally(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TESSERA_DB_URL", raising=False)
+    out = tmp_path / "run"
+    params = ["batch_size=2", "crop=32", "width=8", "tile=64", "eval_scenes=1", "steps_per_epoch=2"]
+    argv = [
+        "train",
+        "detector",
+        "--dataset",
+        "synthetic",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--job-id",
+        "cli-1",
+    ]
+    assert main([*argv, *[f"--param={p}" for p in params]]) == 0
+    printed = capsys.readouterr().out
+    assert f"model      {(out / 'model.onnx').resolve()}" in printed
+    job = json.loads((out / "job.json").read_text())
+    assert (job["job_id"], job["steps"], job["params"]["crop"]) == ("cli-1", 3, 32)
+    assert main([*argv, "--register", "x"]) == 2  # registering needs TESSERA_DB_URL: one line, status 2
+    assert "TESSERA_DB_URL" in capsys.readouterr().err
+
+
+def test_params_and_worker_options() -> None:
+    assert parse_params(["lr=0.5", 'classes=["a"]', "name=ships"]) == {
+        "lr": 0.5,
+        "classes": ["a"],
+        "name": "ships",
+    }
+    with pytest.raises(UserError, match="NAME=VALUE"):
+        parse_params(["oops"])
+    shared = argparse.ArgumentParser()
+    shared.add_argument("--once", action="store_true")  # the model runner's worker has some already
+    add_worker_options(shared)
+    args = shared.parse_args(["--once", "--state-file", "/tmp/busy", "--wait", "2"])
+    assert (args.once, args.state_file, args.wait) == (True, "/tmp/busy", 2)
