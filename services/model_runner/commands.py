@@ -266,7 +266,6 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--print-request", action="store_true", help="also print the request sent")
     submit.set_defaults(handler=_user_errors("submit", _submit))
 
-
     demo = subparsers.add_parser(
         "demo",
         help="the model runner end to end on the embedded default: moto, PostgreSQL, a scene, two workers",
