@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch spelling)
-from astropy.io import fits  # type: ignore[import-untyped]
+from astropy.io import fits
 
 from services.errors import UserError
 from services.trainer.data.images import open_picture
