@@ -1,8 +1,10 @@
 """One on-demand training instance: a GPU/accelerator box that trains, and stops itself when idle.
 
 The box is started by the platform when training work exists (it finds it by its functional tags), runs the
-trainer container at every boot, and is stopped by a CloudWatch alarm once its accelerators have been idle
-for ``idle_minutes``. Its data volume is a separate EBS volume, so that a replaced instance finds the
+trainer container at every boot, and stops itself: its idle agent (``services.trainer.idle``, run from the
+trainer image by ``tessera-idle.service``) stops it once no job is queued or running and no one is logged in
+for ``agent_idle_minutes``, and a CloudWatch alarm, the safety net, stops it once its accelerators have been
+idle for ``idle_minutes``. Its data volume is a separate EBS volume, so that a replaced instance finds the
 datasets and checkpoints of the one before it.
 
 What the instance's role needs (the stack grants it; :attr:`TrainingInstance.role_statements` lists the part
@@ -10,7 +12,9 @@ specific to this component):
 ``ssm:GetParameter`` on :attr:`TrainingInstance.config_parameter_arn`; ECR pull for the trainer image;
 ``cloudwatch:PutMetricData`` (the agent, and the Gaudi/Neuron publisher);
 ``cloudwatch:DescribeAlarmsForMetric`` and ``cloudwatch:SetAlarmState`` on the idle alarm (the re-arm timer,
-see :func:`render_user_data`); and ``logs:CreateLogStream`` / ``logs:PutLogEvents`` on ``log_group_name``
+see :func:`render_user_data`); ``ec2:StopInstances`` on the instance itself (the idle agent);
+``sqs:GetQueueAttributes`` on the training queue (the idle agent, granted with the trainer's consume rights);
+and ``logs:CreateLogStream`` / ``logs:PutLogEvents`` on ``log_group_name``
 when one is given.
 """
 
@@ -83,6 +87,15 @@ VOLTA_AMI_NAME_PATTERN = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.6* (
 DATA_MOUNT = "/data"
 DATA_DEVICE_NAME = "/dev/sdf"
 TRAINER_CONTAINER = "tessera-trainer"
+TRAINER_UID = 10001
+"""The trainer image's user (``images/trainer.Dockerfile``): it writes the trainer state file."""
+TRAINER_STATE_DIR = "/run/tessera"
+TRAINER_STATE_FILE = f"{TRAINER_STATE_DIR}/trainer-state.json"
+"""Where the trainer says whether it is busy and the idle agent reads it (``services.trainer.idle``)."""
+TRAINER_IMAGE_FILE = "/etc/tessera/trainer.image"
+"""The image the trainer start script resolved from SSM; the idle agent's wrapper runs the agent from it."""
+IDLE_AGENT_PATH = "/usr/local/bin/tessera-idle-agent"
+IDLE_AGENT_UNIT_PATH = "/etc/systemd/system/tessera-idle.service"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -132,7 +145,9 @@ class TrainingInstanceArgs:
     kms_key_arn: pulumi.Input[str] | None = None
     """KMS key (ARN) for the root and data volumes; None uses the account's default EBS key."""
     idle_minutes: int = 15
-    """Minutes below the threshold before the instance is stopped (multiple of 5)."""
+    """Minutes below the threshold before the idle alarm stops the instance (multiple of 5)."""
+    agent_idle_minutes: int = 5
+    """Minutes with no queued or running job and no login before the on-box idle agent stops the instance."""
     gpu_idle_threshold_percent: float = 5.0
     """Utilisation (percent, busiest accelerator) below which the instance counts as idle."""
     environment: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
@@ -174,6 +189,8 @@ class TrainingInstance(pulumi.ComponentResource):
         family = args.instance_type.partition(".")[0]
         if args.idle_minutes < 5 or args.idle_minutes % 5:
             raise ValueError(f"idle_minutes must be a positive multiple of 5 (got {args.idle_minutes})")
+        if args.agent_idle_minutes < 1:
+            raise ValueError(f"agent_idle_minutes must be at least 1 (got {args.agent_idle_minutes})")
         if not 0 < args.gpu_idle_threshold_percent < 100:
             raise ValueError("gpu_idle_threshold_percent must be between 0 and 100")
         for key in args.environment:
@@ -280,6 +297,7 @@ class TrainingInstance(pulumi.ComponentResource):
                 log_group_name=v["log_group"],
                 agent_config=v["agent_json"],
                 idle_minutes=args.idle_minutes,
+                agent_idle_minutes=args.agent_idle_minutes,
             )
         )
 
@@ -400,6 +418,13 @@ class TrainingInstance(pulumi.ComponentResource):
                 "Resource": self.idle_alarm.arn,
             },
             {
+                # The idle agent stops its own box, and no other.
+                "Sid": "StopSelf",
+                "Effect": "Allow",
+                "Action": ["ec2:StopInstances"],
+                "Resource": self.instance.arn,
+            },
+            {
                 "Sid": "PublishUtilization",
                 "Effect": "Allow",
                 "Action": ["cloudwatch:PutMetricData"],
@@ -465,8 +490,10 @@ case "$registry" in
       | docker login --username AWS --password-stdin "$registry" ;;
 esac
 docker pull "$image"
+printf '%s\n' "$image" > @IMAGE_FILE@   # the idle agent runs from the same image
 args=(--rm --name @CONTAINER@ --ipc=host --env-file /etc/tessera/trainer.env
-      -e TESSERA_DATA_DIR=@DATA@ -e AWS_REGION="$region" -v @DATA@:@DATA@)
+      -e TESSERA_DATA_DIR=@DATA@ -e AWS_REGION="$region" -v @DATA@:@DATA@
+      -v @STATE_DIR@:@STATE_DIR@ -e TESSERA_TRAINER_STATE=@STATE_FILE@)
 @DEVICE_ARGS@
 if [ -n "$log_group" ]; then
   args+=(--log-driver=awslogs --log-opt awslogs-region="$region" --log-opt awslogs-group="$log_group"
@@ -496,6 +523,42 @@ RestartSec=30
 [Install]
 WantedBy=multi-user.target
 """
+
+IDLE_AGENT_UNIT = """\
+[Unit]
+Description=tessera idle agent: stop this training box when no job, no queue and no login for the idle period
+Wants=network-online.target
+After=network-online.target docker.service tessera-trainer.service
+Requires=docker.service
+
+[Service]
+ExecStartPre=-/usr/bin/docker rm -f tessera-idle
+ExecStart=/usr/local/bin/tessera-idle-agent
+ExecStop=/usr/bin/docker stop --time 10 tessera-idle
+Restart=always
+RestartSec=30
+
+[Install]
+WantedBy=multi-user.target
+"""
+"""A copy of ``services.trainer.idle.SYSTEMD_UNIT`` (infra imports no services code; a test checks it)."""
+
+IDLE_AGENT_WRAPPER = r"""#!/bin/bash
+# tessera idle agent, run from the trainer image. Host network and PID namespaces let it see SSH connections
+# (/proc/net/tcp) and Session Manager sessions (/proc/*/comm) of the host; it reads the trainer's state file.
+# It stops the box through the EC2 API; exit status 75 asks this wrapper to shut the box down instead.
+set -uo pipefail
+image=$(cat /etc/tessera/trainer.image) || exit 1
+docker run --rm --name tessera-idle --network host --pid host \
+  --env-file /etc/tessera/trainer.env -e AWS_REGION=@REGION@ -e TESSERA_IDLE_MINUTES=@IDLE_MINUTES@ \
+  -e TESSERA_TRAINER_STATE=/run/tessera/trainer-state.json -v /run/tessera:/run/tessera:ro \
+  --entrypoint python "$image" -m services.trainer.idle
+status=$?
+if [ "$status" -eq 75 ]; then exec /usr/sbin/shutdown -h now; fi
+exit "$status"
+"""
+"""A copy of ``services.trainer.idle.WRAPPER_SCRIPT`` (a test keeps them equal); ``@REGION@`` and
+``@IDLE_MINUTES@`` are filled by :func:`render_user_data`."""
 
 _REARM_SCRIPT = r"""
 #!/bin/bash
@@ -595,6 +658,9 @@ set -euo pipefail
 region=@REGION@
 data_volume_id=@VOLUME_ID@
 
+# --- the trainer's state file (the idle agent reads it): /run is a tmpfs, made again at every boot ---------
+install -d -m 0755 -o @TRAINER_UID@ -g @TRAINER_UID@ @STATE_DIR@
+
 # --- data volume: wait for the attachment, format only if blank, mount ------------------------------------
 find_data_device() {
   local dev
@@ -632,7 +698,7 @@ fi
 @FILES@
 "$agent_ctl" -a fetch-config -m ec2 -s -c file:/opt/aws/amazon-cloudwatch-agent/etc/tessera.json
 
-# --- trainer service, accelerator metrics, idle-alarm re-arm: enabled for every boot, started now ----------
+# --- trainer, idle agent, accelerator metrics, idle-alarm re-arm: enabled for every boot, started now ------
 systemctl daemon-reload
 systemctl --no-block enable --now @UNITS@
 """
@@ -676,13 +742,16 @@ def render_user_data(
     log_group_name: str | None,
     agent_config: str,
     idle_minutes: int,
+    agent_idle_minutes: int = 5,
 ) -> str:
     """The instance's user data: a bash script that installs an idempotent setup script run at every boot.
 
     The setup mounts the data volume (formatting it only if it is blank), configures the CloudWatch agent,
     and installs, enables and starts: the trainer service (``docker run ... worker trainer``, image and
-    environment read from SSM at each start), for Gaudi/Neuron a timer publishing accelerator utilisation
-    (there is no agent plugin for them), and a timer that re-arms the idle alarm after each boot.
+    environment read from SSM at each start, ``/run/tessera`` mounted for its state file), the idle agent
+    (:data:`IDLE_AGENT_UNIT` running :data:`IDLE_AGENT_WRAPPER`, which stops the box after
+    ``agent_idle_minutes`` with no job, queue or login), for Gaudi/Neuron a timer publishing accelerator
+    utilisation (there is no agent plugin for them), and a timer that re-arms the idle alarm after each boot.
     """
     if accelerator == "nvidia":
         alarm_namespace, alarm_metric = AGENT_NAMESPACE, NVIDIA_UTILIZATION_METRIC
@@ -694,6 +763,7 @@ def render_user_data(
         "REGION": region,
         "DATA": DATA_MOUNT,
         "CONTAINER": TRAINER_CONTAINER,
+        "STATE_DIR": TRAINER_STATE_DIR,
     }
     files = [
         _file("/opt/aws/amazon-cloudwatch-agent/etc/tessera.json", "0644", agent_config),
@@ -706,9 +776,17 @@ def render_user_data(
                 PARAMETER=config_parameter_name,
                 LOG_GROUP=log_group_name or "",
                 DEVICE_ARGS=_DOCKER_DEVICE_ARGS[accelerator],
+                STATE_FILE=TRAINER_STATE_FILE,
+                IMAGE_FILE=TRAINER_IMAGE_FILE,
             ),
         ),
         _file("/etc/systemd/system/tessera-trainer.service", "0644", _fill(_TRAINER_UNIT, **common)),
+        _file(
+            IDLE_AGENT_PATH,
+            "0755",
+            _fill(IDLE_AGENT_WRAPPER, REGION=region, IDLE_MINUTES=agent_idle_minutes),
+        ),
+        _file(IDLE_AGENT_UNIT_PATH, "0644", _fill(IDLE_AGENT_UNIT)),
         _file(
             "/usr/local/bin/tessera-idle-rearm",
             "0755",
@@ -741,7 +819,7 @@ def render_user_data(
             ),
         ),
     ]
-    units = ["tessera-idle-rearm.timer", "tessera-trainer.service"]
+    units = ["tessera-idle-rearm.timer", "tessera-trainer.service", "tessera-idle.service"]
     if accelerator != "nvidia":
         files += [
             _file(
@@ -784,6 +862,8 @@ def render_user_data(
         VOLUME_ID=data_volume_id,
         DEVICE=DATA_DEVICE_NAME,
         DATA=DATA_MOUNT,
+        STATE_DIR=TRAINER_STATE_DIR,
+        TRAINER_UID=TRAINER_UID,
         FILES="mkdir -p /etc/tessera\n" + "".join(files).rstrip("\n"),
         UNITS=" ".join(units),
     )

@@ -13,13 +13,19 @@ import pulumi
 import pytest
 
 from infra.cloudwatch_agent import ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC
+from infra.iam import wildcard_violations
 from infra.training import (
+    IDLE_AGENT_UNIT,
+    IDLE_AGENT_WRAPPER,
     INSTANCE_TYPE_SETTING,
+    TRAINER_STATE_DIR,
+    TRAINER_STATE_FILE,
     VOLTA_AMI_NAME_PATTERN,
     TrainingInstance,
     TrainingInstanceArgs,
     accelerator_for,
 )
+from services.trainer import idle
 from stacks.offline import Declared, OfflineRun
 
 IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/tessera/trainer@sha256:" + "a" * 64
@@ -322,3 +328,66 @@ def test_role_statements_grant_the_box_only_its_own_parameter_and_alarm(
     assert statements["RearmIdleAlarm"]["Resource"] == alarm.outputs["arn"]
     namespaces = statements["PublishUtilization"]["Condition"]["StringEquals"]["cloudwatch:namespace"]
     assert ACCELERATOR_NAMESPACE in namespaces
+
+
+def test_infra_copies_of_the_idle_agent_unit_and_wrapper_match_the_agent() -> None:
+    # infra imports no services code, so it keeps copies; they must not drift from the agent's own.
+    assert IDLE_AGENT_UNIT == idle.SYSTEMD_UNIT
+    assert IDLE_AGENT_WRAPPER == idle.WRAPPER_SCRIPT
+    assert str(idle.DEFAULT_TRAINER_STATE) == TRAINER_STATE_FILE
+    assert TRAINER_STATE_FILE.startswith(TRAINER_STATE_DIR + "/")
+
+
+@pytest.mark.parametrize("instance_type", ["g5.2xlarge", "trn1.32xlarge"])
+def test_the_box_installs_and_enables_its_idle_agent_and_shares_the_state_file(
+    offline: Callable[..., OfflineRun], instance_type: str
+) -> None:
+    user_data = _instance(
+        _run(offline, instance_type=instance_type, idle_minutes=20, agent_idle_minutes=7)
+    ).inputs["userData"]
+    setup, files = _setup_files(user_data)
+    # The agent's wrapper and unit, as the agent defines them, with this box's region and idle period.
+    wrapper = idle.WRAPPER_SCRIPT.replace("@REGION@", "eu-west-1").replace("@IDLE_MINUTES@", "7")
+    assert files["/usr/local/bin/tessera-idle-agent"] == wrapper.rstrip("\n")
+    assert "install -D -m 0755 /dev/stdin /usr/local/bin/tessera-idle-agent <<" in setup
+    assert files["/etc/systemd/system/tessera-idle.service"] == idle.SYSTEMD_UNIT.rstrip("\n")
+    assert "tessera-idle.service" in setup_units(user_data).split()
+    # /run is a tmpfs: the state directory is made at every boot, writable by the trainer image's user.
+    made = "install -d -m 0755 -o 10001 -g 10001 /run/tessera"
+    assert made in setup.splitlines()
+    assert setup.index(made) < setup.index("systemctl --no-block enable --now")
+    # The trainer writes the state file where the agent reads it.
+    trainer = files["/usr/local/bin/tessera-trainer"]
+    assert "-v /run/tessera:/run/tessera " in trainer
+    assert f"-e TESSERA_TRAINER_STATE={idle.DEFAULT_TRAINER_STATE}" in trainer
+    assert "-v /run/tessera:/run/tessera:ro" in wrapper
+    # The wrapper runs the agent from the image the trainer start script resolved.
+    image_file = re.search(r"image=\$\(cat (\S+)\)", wrapper)
+    assert image_file is not None
+    assert f"printf '%s\\n' \"$image\" > {image_file.group(1)}" in trainer
+    assert trainer.index(image_file.group(1)) < trainer.index("exec docker run")
+
+
+def test_agent_idle_minutes_must_be_positive(offline: Callable[..., OfflineRun]) -> None:
+    with pytest.raises(ValueError, match="agent_idle_minutes"):
+        _run(offline, agent_idle_minutes=0)
+
+
+def test_the_box_may_stop_only_itself(offline: Callable[..., OfflineRun]) -> None:
+    def program() -> dict[str, Any]:
+        box = TrainingInstance("trainer", _args())
+        return {"statements": pulumi.Output.json_dumps(box.role_statements)}
+
+    run = offline(program, config={"aws:region": "eu-west-1"})
+    statements = json.loads(run.outputs["statements"])
+    stopping = [s for s in statements if any("StopInstances" in a for a in s["Action"])]
+    assert stopping == [
+        {
+            "Sid": "StopSelf",
+            "Effect": "Allow",
+            "Action": ["ec2:StopInstances"],
+            "Resource": _instance(run).outputs["arn"],
+        }
+    ]
+    assert ":instance/" in _instance(run).outputs["arn"]
+    assert wildcard_violations({"Statement": stopping}) == []
