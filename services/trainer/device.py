@@ -62,6 +62,24 @@ def hpu_available() -> bool:
         return False
 
 
+def local_device_count(prefer: str = "auto") -> int:
+    """How many devices of the kind ``prefer`` resolves to this machine holds (1 for the CPU).
+
+    The same choice as :func:`choose_device` (``auto``: HPU, then CUDA, then the CPU), without touching
+    the devices: the worker asks this before starting one training process per device.
+    """
+    if prefer not in KINDS:
+        raise UserError(f"device {prefer!r} is not one of {', '.join(KINDS)}")
+    if prefer in ("auto", "hpu") and hpu_available():
+        try:
+            return max(1, int(torch.hpu.device_count()))  # type: ignore[attr-defined]
+        except Exception:
+            return 1
+    if prefer in ("auto", "cuda") and torch.cuda.is_available():
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
 def choose_device(prefer: str = "auto", env: Mapping[str, str] | None = None) -> Device:
     """The device to train on: ``auto`` takes HPU, then CUDA, then the CPU; others insist on one kind.
 

@@ -6,6 +6,10 @@ deleted: delivering it again would fail the same way. A stop request (the instan
 checkpoint and hands the message back at once, so the next delivery resumes. Anything else propagates to
 the worker, which records it and leaves the message to be delivered again (dead-letter queue at last).
 
+A job on a machine with several accelerators (or with ``$TESSERA_TRAINER_PROCS`` > 1) trains in one process
+per device (:mod:`services.trainer.distributed_job`, under torchrun); rank 0 writes checkpoints, the model and
+the registry entry, and the handler records what it reports, with the same outcomes as above.
+
 Job rows live in ``training_jobs`` (``services/trainer/migrations``). The trainer's state file (the idle
 agent's: ``$TESSERA_TRAINER_STATE``, default ``/run/tessera/trainer-state.json``, see
 :mod:`services.trainer.idle`) says busy while a job runs, refreshed at least every minute, and not busy once
@@ -187,11 +191,13 @@ class Context:
     s3: Any = None
     should_stop: Callable[[], bool] | None = None
     workdir: Path | None = None
+    #: The database the training processes of a multi-device job connect to (rank 0 registers the model).
+    database_url: str | None = None
 
 
 def handle_job(ctx: Context, message: Message) -> Outcome:
     """Train the job a message carries; see the module docstring for what happens to failures."""
-    from services.trainer import checkpoint, loop
+    from services.trainer import checkpoint, distributed_job, loop
     from services.trainer.device import choose_device
     from services.trainer.storage import storage_for
     from services.trainer.tasks import make_task
@@ -209,6 +215,9 @@ def handle_job(ctx: Context, message: Message) -> Outcome:
     ctx.state.start(job.job_id)
     try:
         task = make_task(job.task)
+        processes = distributed_job.process_count(job.device)
+        if processes > 1:
+            return _run_processes(ctx, job, task, processes)
         device = choose_device(job.device)
         result = loop.run(
             task,
@@ -230,13 +239,43 @@ def handle_job(ctx: Context, message: Message) -> Outcome:
     finally:
         ctx.state.clear()
     registered = result.registered.ref if result.registered is not None else None
-    finish_job(ctx.conn, job.job_id, model_uri=result.model_uri, registered=registered, step=result.steps)
+    return _succeeded(ctx, job, steps=result.steps, model_uri=result.model_uri, registered=registered)
+
+
+def _succeeded(
+    ctx: Context, job: TrainingJob, *, steps: int, model_uri: str | None, registered: str | None
+) -> Outcome:
+    finish_job(ctx.conn, job.job_id, model_uri=model_uri, registered=registered, step=steps)
     return Outcome(
         delete=True,
         status="SUCCESS",
-        note=f"job {job.job_id}: {result.steps} steps, model {result.model_uri}"
+        note=f"job {job.job_id}: {steps} steps, model {model_uri}"
         + (f", registered {registered}" if registered else ""),
     )
+
+
+def _run_processes(ctx: Context, job: TrainingJob, task: Any, processes: int) -> Outcome:
+    """Train ``job`` with one process per local device (torchrun); the same outcomes as in-process."""
+    from services.trainer import distributed_job
+
+    cls = type(task)
+    try:
+        result = distributed_job.run_processes(
+            job.to_json(),
+            processes,
+            task_class=f"{cls.__module__}:{cls.__qualname__}",
+            database_url=ctx.database_url,
+            workdir=ctx.workdir,
+            should_stop=ctx.should_stop,
+            on_wait=lambda: ctx.state.beat(min_interval_s=10.0),
+        )
+    except distributed_job.JobFailedError as error:
+        fail_job(ctx.conn, job.job_id, str(error))
+        return Outcome(delete=True, status="FAILED", note=f"job {job.job_id} failed: {error}")
+    except distributed_job.JobStoppedError as stopped:
+        requeue_job(ctx.conn, job.job_id, str(stopped))
+        return Outcome(delete=False, release=True, status="QUEUED", note=str(stopped))
+    return _succeeded(ctx, job, steps=result.steps, model_uri=result.model_uri, registered=result.registered)
 
 
 def _raw(body: str) -> dict[str, Any] | None:

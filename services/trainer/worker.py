@@ -6,6 +6,10 @@ again (the job resumes from its checkpoint) and, after ``maxReceiveCount`` deliv
 dead-letter queue; the last delivery records the job FAILED. A stop request (SIGTERM: the instance is
 stopping) checkpoints the running job, hands its message back and returns.
 
+On a machine with several accelerators (or with ``$TESSERA_TRAINER_PROCS`` > 1) a job trains in one process
+per device under torchrun (:mod:`services.trainer.distributed_job`); the heartbeat and the state file go on
+from this process meanwhile, and a stop request reaches the training processes.
+
 Run it as ``tessera worker trainer``; it reads ``TESSERA_QUEUE_TRAINING_JOBS_URL`` and the database settings
 (``services.cloud.database``).
 """
@@ -107,6 +111,7 @@ class Worker:
             s3=self.s3,
             should_stop=self.stop_event.is_set,
             workdir=Path(self.settings.workdir) if self.settings.workdir else None,
+            database_url=self.database_url,
         )
         beat = self.heartbeat(message)
         self.handled += 1

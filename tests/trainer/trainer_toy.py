@@ -15,7 +15,7 @@ from torch import nn
 from services.errors import UserError
 from services.trainer.task import ExportCheck, TrainState
 
-DEFAULTS = {"seed": 0, "batches": 4, "batch_size": 8, "lr": 0.05, "broken_export": False}
+DEFAULTS = {"seed": 0, "batches": 4, "batch_size": 8, "lr": 0.05, "broken_export": False, "dropout": 0.3}
 
 
 class ToyTask:
@@ -39,7 +39,9 @@ class ToyTask:
 
     def build(self, params: Mapping[str, Any], device: torch.device) -> TrainState:
         torch.manual_seed(params["seed"])
-        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)).to(device)
+        model = nn.Sequential(
+            nn.Linear(4, 16), nn.ReLU(), nn.Dropout(params["dropout"]), nn.Linear(16, 3)
+        ).to(device)
         optimiser = torch.optim.SGD(model.parameters(), lr=params["lr"], momentum=0.9)
         return TrainState(
             models={"net": model}, optimizers={"net": optimiser}, extra={"noise": torch.zeros(3)}
