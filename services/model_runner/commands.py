@@ -292,7 +292,12 @@ def register(subparsers: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """These commands on their own (``python -m services.model_runner.commands ...``)."""
     parser = argparse.ArgumentParser(prog="tessera")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(commands)
+    worker = commands.add_parser("worker", help="serve the model runner's queues")
+    worker.add_argument("service", choices=["model-runner"], help="which service")
+    add_worker_options(worker)
+    worker.set_defaults(handler=run_worker)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

@@ -69,10 +69,12 @@ def test_submit_then_serve_with_the_worker_command(
 def test_submit_refuses_a_bad_request_before_sending(
     resources: Resources, runner_env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = commands_main(["submit", "a.tif", "--model", "ships", "--out", "s3://results/x", "--batch", "0"])
+    code = commands_main(
+        ["submit", "a.tif", "--model", "ships model", "--out", "s3://results/x", "--batch", "0"]
+    )
     assert code == 2
     err = capsys.readouterr().err
-    assert "$.model:" in err and "registry" in err and "$.batch_size:" in err
+    assert "$.model:" in err and "registry name" in err and "$.batch_size:" in err
     sqs = boto3.client("sqs")
     assert "Messages" not in sqs.receive_message(QueueUrl=runner_env["TESSERA_QUEUE_IMAGE_REQUESTS_URL"])
     assert resources.queue_urls["image-requests"] == runner_env["TESSERA_QUEUE_IMAGE_REQUESTS_URL"]
