@@ -68,6 +68,12 @@ def gdal_path(url: str) -> str:
     return url
 
 
+#: GDAL's block cache in MB, unless GDAL_CACHEMAX is set. Each block is decoded once, so a big cache (GDAL's
+#: default is 5% of RAM) only grows the worker: 1.9 GB against 0.6 GB on the 100k x 100k memory benchmark.
+GDAL_CACHE_MB = 64
+os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
+
+
 def gdal_s3_options(s3_endpoint: str | None) -> dict[str, str]:
     """GDAL settings for ``/vsis3`` reads; an endpoint (``http://host:port``) points them at a stand-in."""
     options = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}  # never list the bucket to find sidecar files
