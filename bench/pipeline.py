@@ -5,8 +5,9 @@ small smoke run; ``--sweep`` to compare reader threads / prefetch / ONNX Runtime
 
 End to end is what a worker does with every region of the image: :func:`detect_region` (block-aligned
 strip reads decoded on the reader's thread pool, cutting, scaling, batching, the model, shifting, the
-in-region merge), then the seam merge. Raw is the same :class:`OnnxDetector` (same session, same batch
-size) called on float32 batches already in memory (real tiles of the same image, decoded beforehand), as
+in-region merge), then the seam merge. Raw is the same :class:`OnnxDetector` (same sessions, same batch
+size, batches side by side through ``detect_many`` as in ``detect_region``) called on float32 batches
+already in memory (real tiles of the same image, decoded beforehand), as
 many calls as the pipeline makes.
 
 Other work on a shared machine disturbs wall-clock figures, so the two alternate region by region: for
@@ -107,8 +108,9 @@ def time_raw(detector: OnnxDetector, batches: list[np.ndarray], calls: int) -> T
     """The detector alone: ``calls`` full batches, cycling through the pre-decoded ones."""
     with harness.ThreadCpu() as cpu:
         started = time.perf_counter()
-        for i in range(calls):
-            detector.detect(batches[i % len(batches)])
+        # detect_many: on the CPU, batches run side by side on the sessions, as in detect_region.
+        for _ in detector.detect_many(batches[i % len(batches)] for i in range(calls)):
+            pass
         seconds = time.perf_counter() - started
     return Timed(calls * detector.batch_size, seconds, calls, cpu.by_group())
 
@@ -239,6 +241,7 @@ def no_spin_detector(batch_size: int) -> OnnxDetector:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # OnnxDetector has no knob for this; swap its session for the measurement (same model, same options).
     detector._session = ort.InferenceSession(str(harness.MODEL), options, providers=["CPUExecutionProvider"])
+    detector._sessions = [detector._session]  # one session with the default threads, as the row says
     return detector
 
 
@@ -286,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         regions = [pipeline.region_tiles(grid, r, source.width, source.height, None) for r in plan.regions]
         sample = predecode(source, [t for tiles in regions for t in tiles], detector, args.sample_batches)
         width, height, block = source.width, source.height, source.block_shape[1]
-    detector.detect(np.zeros(shape, np.float32))  # session warm-up (first-run allocations)
+    # Warm every session up (first-run allocations): one batch each.
+    detector.detect(np.zeros((shape[0] * detector.sessions, *shape[1:]), np.float32))
     options = {"threads": args.threads, "prefetch": args.prefetch}
     m = measure(scene.path, detector, plan, regions, sample, **options, repeat=args.repeat)
     reading = time_reader(scene.path, detector, regions, **options)
@@ -301,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"model           {detector.name}, {detector.provider}, batch {detector.batch_size}, "
-        f"ORT intra-op threads {args.intra_op_threads or 'default'}; reader threads {args.threads}, "
+        f"ORT intra-op threads {args.intra_op_threads or (1 if detector.sessions > 1 else 'default')} "
+        f"x {detector.sessions} session(s); "
+        f"reader threads {args.threads}, "
         f"prefetch {args.prefetch}"
     )
     print(harness.machine_line())
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 d = OnnxDetector(
                     harness.MODEL, providers="cpu", batch_size=args.batch, intra_op_threads=int(ort_setting)
                 )
-            d.detect(np.zeros(shape, np.float32))
+            d.detect(np.zeros((shape[0] * d.sessions, *shape[1:]), np.float32))
             s = measure(
                 scene.path, d, plan, regions, sample, threads=threads, prefetch=prefetch, repeat=args.repeat
             )

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -70,7 +71,11 @@ class JobPlan:
 
 @dataclass(frozen=True)
 class RegionOutcome:
-    """One region's detections (image pixels, merged within the region) and what it took."""
+    """One region's detections (image pixels, merged within the region) and what it took.
+
+    ``model_seconds``: wall seconds the region waited on the model (with batches run side by side on
+    several CPU sessions, the time the model added, not the sum of the batches' own run times).
+    """
 
     detections: Detections
     tiles: int
@@ -86,7 +91,7 @@ class RegionOutcome:
 
     @property
     def model_latency_ms(self) -> float:
-        """Mean milliseconds per model batch."""
+        """Mean milliseconds of ``model_seconds`` per model batch."""
         return 1000.0 * self.model_seconds / self.batches if self.batches else 0.0
 
 
@@ -210,21 +215,52 @@ def detect_region(
     started = time.perf_counter()
     scaling = scaling or input_scaling(detector)
     parts: list[Detections] = []
-    model_seconds, batches, skipped = 0.0, 0, 0
+    batches, skipped = 0, 0
+    reading = 0.0  # seconds spent drawing batches from the reader, inside the waits on the model
     shape = (detector.tile_height, detector.tile_width)
-    for batch in iter_tile_batches(source, tiles, batch_size, scaling, tile_shape=shape):
-        skipped += batch.skipped
-        if batch.tiles:
+    # The tiles of the batches handed to the model, oldest first, with the skipped tiles counted up to them.
+    in_flight: deque[tuple[list[Window], int]] = deque()
+
+    def feed() -> Generator[np.ndarray, None, None]:
+        nonlocal skipped, reading
+        tick = time.perf_counter()
+        for batch in iter_tile_batches(source, tiles, batch_size, scaling, tile_shape=shape):
+            skipped += batch.skipped
+            if batch.tiles:
+                in_flight.append((batch.tiles, batch.skipped))
+                reading += time.perf_counter() - tick
+                yield batch.pixels
+                tick = time.perf_counter()
+            elif in_flight:  # only skipped tiles left: report them with the last batch
+                tiles_of, before = in_flight.pop()
+                in_flight.append((tiles_of, before + batch.skipped))
+            elif on_tiles is not None:
+                on_tiles(batch.skipped)
+        reading += time.perf_counter() - tick
+
+    waited = 0.0
+    fed = feed()
+    results = detect_batches(detector, fed)
+    try:
+        while True:
             tick = time.perf_counter()
-            found = detector.detect(batch.pixels)
-            model_seconds += time.perf_counter() - tick
+            found = next(results, None)
+            waited += time.perf_counter() - tick
+            if found is None:
+                break
+            batch_tiles, batch_skipped = in_flight.popleft()
             batches += 1
-            for tile, seen in zip(batch.tiles, found, strict=True):
+            for tile, seen in zip(batch_tiles, found, strict=True):
                 kept = _whole_boxes(seen, tile, source, merge.edge_margin)
                 if len(kept):
                     parts.append(kept.shifted(tile.col_off, tile.row_off))
-        if on_tiles is not None:
-            on_tiles(len(batch.tiles) + batch.skipped)
+            if on_tiles is not None:
+                on_tiles(len(batch_tiles) + batch_skipped)
+    finally:
+        # On an error, wait for the batches in flight, then stop the reader's threads.
+        results.close()
+        fed.close()
+    model_seconds = max(0.0, waited - reading)
     merged = merge_detections(
         Detections.concat(parts), iou_threshold=merge.iou, ios_threshold=merge.ios, algorithm=merge.algorithm
     )
@@ -236,6 +272,18 @@ def detect_region(
         model_seconds=model_seconds,
         batches=batches,
     )
+
+
+def detect_batches(
+    detector: Detector, batches: Iterable[np.ndarray]
+) -> Generator[list[Detections], None, None]:
+    """Each batch's detections, in order: side by side on an :class:`OnnxDetector`'s CPU sessions
+    (:meth:`OnnxDetector.detect_many`), one batch after another on any other detector."""
+    if isinstance(detector, OnnxDetector):
+        yield from detector.detect_many(batches)
+        return
+    for batch in batches:
+        yield detector.detect(batch)
 
 
 def _whole_boxes(seen: Detections, tile: Window, source: RasterSource, margin: float | None) -> Detections:

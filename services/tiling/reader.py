@@ -285,11 +285,35 @@ def _cut(
             ]
 
 
-def _all_nodata(raw: np.ndarray, nodata: float | None) -> bool:
+def native_nodata(nodata: float | None, dtype: np.dtype | str) -> Any:
+    """``nodata`` as a scalar of ``dtype`` when it is exactly representable there, else ``nodata`` itself.
+
+    Comparing an integer array with a Python float promotes the whole array to float64; a scalar of the
+    array's own dtype compares in place. The comparison's result is the same either way when the value is
+    exact; a value that is not (e.g. 0.5 or -1 for uint8) stays a float, so it matches no pixel, as before.
+    """
+    if nodata is None or np.isnan(nodata):
+        return nodata
+    kind = np.dtype(dtype)
+    if kind.kind in "uif":
+        if kind.kind in "ui":
+            info = np.iinfo(kind)
+            if not (info.min <= nodata <= info.max and float(nodata).is_integer()):
+                return nodata
+        value = kind.type(nodata)
+        if float(value) == nodata:
+            return value
+    return nodata
+
+
+def _all_nodata(raw: np.ndarray, nodata: Any) -> bool:
     if nodata is None:
         return False
     if np.isnan(nodata):
         return bool(np.isnan(raw).all())
+    # Most tiles hold data: one pixel settles them without a pass over the whole tile.
+    if raw.size and raw.flat[0] != nodata:
+        return False
     return bool((raw == nodata).all())
 
 
@@ -357,6 +381,7 @@ def iter_tile_batches(
 
             strips: dict[int, list[tuple[Window, np.ndarray]]] = {}
             fill = source.nodata if source.nodata is not None else 0
+            nodata = native_nodata(source.nodata, source.dtype)
             batch: list[Window] = []
             pixels = np.zeros((batch_size, len(feed), shape_h, shape_w), dtype=np.float32)
             skipped = 0
@@ -370,7 +395,7 @@ def iter_tile_batches(
                     top_up()
                 raw = np.full((len(read_bands), tile.height, tile.width), fill, dtype=source.dtype)
                 _cut(tile, strips, band_rows, raw)
-                if _all_nodata(raw, source.nodata):
+                if _all_nodata(raw, nodata):
                     skipped += 1
                 else:
                     if len(batch) == batch_size:
@@ -379,7 +404,7 @@ def iter_tile_batches(
                         batch, skipped = [], 0
                         pixels = np.zeros((batch_size, len(feed), shape_h, shape_w), dtype=np.float32)
                     slot = pixels[len(batch), :, : tile.height, : tile.width]
-                    scaling.apply(raw[channel_of], nodata=source.nodata, out=slot)
+                    scaling.apply(raw[channel_of], nodata=nodata, out=slot)
                     batch.append(tile)
                 # Later tiles start at or below the next tile's top row: bands above it are done.
                 if index + 1 < len(ordered):

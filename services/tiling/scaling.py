@@ -145,11 +145,24 @@ class InputScaling:
             out *= np.float32(self.output_scale)
         if clip:
             np.clip(out, 0.0, self.output_scale, out=out)
-        if nodata is not None and not np.isnan(nodata):
+        if nodata is not None and not np.isnan(nodata) and not self._nodata_scales_to_zero(raw.dtype, nodata):
             out[raw == nodata] = 0.0
         if raw.dtype.kind == "f":
             out[np.isnan(raw)] = 0.0  # NaN survives clip; the model must never see it
         return out
+
+    def _nodata_scales_to_zero(self, dtype: np.dtype, nodata: float) -> bool:
+        """Whether integer pixels equal to ``nodata`` come out of the scaling as 0 already (uint8 nodata 0):
+        then the nodata mask, a pass over the tile, changes nothing."""
+        if dtype.kind not in "ui":
+            return False
+        info = np.iinfo(dtype)
+        if not info.min <= nodata <= info.max:
+            return False
+        probe = np.array([nodata]).astype(dtype)
+        if probe[0] != nodata:  # not a value of this dtype: the mask is left to decide, as before
+            return False
+        return bool(self.apply(probe)[0] == 0.0)
 
 
 def parse_value_range(text: str) -> tuple[float, float]:

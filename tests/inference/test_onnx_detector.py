@@ -230,3 +230,21 @@ def test_bad_arguments(contract_path: Path) -> None:
         OnnxDetector(contract_path, providers="tpu")
     with pytest.raises(UserError, match="batch_size"):
         OnnxDetector(contract_path, batch_size=0)
+
+
+def test_cpu_sessions_run_batches_side_by_side_in_input_order(contract_path: Path) -> None:
+    det = OnnxDetector(contract_path, providers="cpu", batch_size=2, score_threshold=0.1, sessions=3)
+    assert det.sessions == 3
+    assert all(s.get_session_options().intra_op_num_threads == 1 for s in det._sessions)
+    means = [0.9, 0.3, 0.0, 0.6, 1.0, 0.45, 0.75]
+    tiles = tiles_of_means(means)
+    batches = [tiles[i : i + 2] for i in range(0, len(means), 2)]  # the last one short
+    found = [d for batch in det.detect_many(iter(batches)) for d in batch]
+    assert len(found) == len(means)
+    for d, mean in zip(found, means, strict=True):
+        assert_tile(d, mean, 0.1)
+    for d, mean in zip(det.detect(tiles), means, strict=True):
+        assert_tile(d, mean, 0.1)
+    det.close()
+    # An explicit intra-op thread count keeps one session.
+    assert OnnxDetector(contract_path, providers="cpu", intra_op_threads=2).sessions == 1

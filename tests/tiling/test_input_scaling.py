@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from services.errors import UserError
+from services.tiling.reader import _all_nodata, native_nodata
 from services.tiling.scaling import InputScaling, parse_value_range
 
 
@@ -90,3 +91,23 @@ def test_band_mismatches_are_user_errors() -> None:
         InputScaling(channels=3).band_indexes(4, (1, 2))
     with pytest.raises(UserError, match="high > low"):
         InputScaling(value_range=(10, 10))
+
+
+def test_nodata_in_the_native_dtype_matches_what_the_float_comparison_did() -> None:
+    assert native_nodata(0.0, "uint8") == 0 and isinstance(native_nodata(0.0, "uint8"), np.uint8)
+    assert isinstance(native_nodata(-1.0, "uint8"), float)  # not a uint8 value: matches no pixel
+    assert isinstance(native_nodata(7.5, "uint16"), float)
+    raw = np.zeros((3, 4, 5), np.uint8)
+    assert _all_nodata(raw, native_nodata(0.0, "uint8"))
+    raw[2, 3, 4] = 1
+    assert not _all_nodata(raw, native_nodata(0.0, "uint8"))
+    assert not _all_nodata(raw, native_nodata(-1.0, "uint8"))
+    raw[0, 0, 0] = 9  # the first pixel alone settles it
+    assert not _all_nodata(raw, native_nodata(0.0, "uint8"))
+    pixels = np.array([[0, 5, 255], [3, 0, 7]], np.uint16)
+    for scaling in (InputScaling(), InputScaling(value_range=(2.0, 9.0)), InputScaling(output_scale=255.0)):
+        for nodata in (0.0, 3.0, -1.0):
+            expected = scaling.apply(pixels)
+            expected[pixels == nodata] = 0.0
+            got = scaling.apply(pixels, nodata=native_nodata(nodata, pixels.dtype))
+            np.testing.assert_array_equal(got, expected)
