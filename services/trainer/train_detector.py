@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,6 +31,7 @@ from rich.progress import (
 
 from services.scenes.scoring import Score, score_detections
 from services.scenes.synthetic import DEFAULT_CLASSES, generate_scene, layout_scene, render_window
+from services.trainer.curves import draw_curves
 from services.trainer.detector_net import CenterNetDetector, detection_loss, encode_targets, parameter_count
 from services.trainer.export import export_detector, export_mismatch
 
@@ -286,50 +286,9 @@ def _description(settings: TrainSettings) -> str:
 
 def draw_loss_curve(trained: TrainedDetector, path: str | Path, size: tuple[int, int] = (900, 500)) -> Path:
     """A PNG of the training losses (log scale; total and its parts, smoothed over 20 steps)."""
-    width, height = size
-    left, right, top, bottom = 70, 20, 30, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
     parts = np.array(trained.loss_parts, np.float64).reshape(-1, 3)
-    series = {
-        "total": (np.array(trained.losses, np.float64), (20, 20, 20)),
-        "heat": (parts[:, 0], (200, 60, 40)),
-        "offset": (parts[:, 1], (40, 110, 200)),
-        "size": (parts[:, 2], (40, 160, 80)),
-    }
-    smoothed = {name: (_smooth(values), colour) for name, (values, colour) in series.items() if len(values)}
-    everything = np.concatenate([v for v, _ in smoothed.values()]) if smoothed else np.ones(1)
-    positive = everything[everything > 0]
-    low = math.floor(math.log10(positive.min())) if len(positive) else -1
-    high = math.ceil(math.log10(positive.max())) if len(positive) else 1
-    high = max(high, low + 1)
-    steps = max(len(trained.losses), 2)
-
-    def to_xy(i: int, value: float) -> tuple[float, float]:
-        x = left + (width - left - right) * i / (steps - 1)
-        y = top + (height - top - bottom) * (high - math.log10(max(value, 10.0**low))) / (high - low)
-        return x, y
-
-    draw.rectangle((left, top, width - right, height - bottom), outline=(120, 120, 120))
-    for decade in range(low, high + 1):
-        _, y = to_xy(0, 10.0**decade)
-        draw.line((left, y, width - right, y), fill=(225, 225, 225))
-        draw.text((8, y - 6), f"1e{decade}", fill=(60, 60, 60))
-    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x, _ = to_xy(round(fraction * (steps - 1)), 1.0)
-        # Label in steps done (1-based): the last point is after step `steps`.
-        draw.text((x - 10, height - bottom + 8), str(round(fraction * steps)), fill=(60, 60, 60))
-    draw.text((width // 2 - 20, height - 22), "step", fill=(60, 60, 60))
-    draw.text((left, 8), "demo detector training loss (log scale, 20-step mean)", fill=(20, 20, 20))
-    for k, (name, (values, colour)) in enumerate(smoothed.items()):
-        draw.line([to_xy(i, v) for i, v in enumerate(values)], fill=colour, width=2)
-        draw.text((width - right - 80, top + 8 + 14 * k), name, fill=colour)
-    path = Path(path)
-    image.save(path)
-    return path
-
-
-def _smooth(values: np.ndarray, window: int = 20) -> np.ndarray:
-    cumulative = np.concatenate([[0.0], np.cumsum(values)])
-    counts = np.minimum(np.arange(1, len(values) + 1), window)
-    return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
+    history = [
+        {"total": float(total), "heat": float(heat), "offset": float(offset), "size": float(size_loss)}
+        for total, (heat, offset, size_loss) in zip(trained.losses, parts, strict=True)
+    ]
+    return draw_curves(history, path, title="demo detector training loss", size=size)
