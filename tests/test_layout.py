@@ -60,3 +60,38 @@ def test_the_front_door_reaches_both_halves_only_lazily() -> None:
 def test_no_plain_onnxruntime_beside_the_gpu_build() -> None:
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert '"onnxruntime>' not in text and '"onnxruntime=' not in text and '"onnxruntime"' not in text
+
+
+#: The service packages; everything else under services/ is a shared library (or the CLI front door).
+SERVICE_PACKAGES = {"model_runner", "trainer", "autostop"}
+
+
+def imported_service_packages(path: Path) -> set[str]:
+    """The ``services.X`` packages a module imports (``X`` only)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            if node.module == "services":
+                names.update(f"services.{alias.name}" for alias in node.names)
+    return {n.split(".")[1] for n in names if n.startswith("services.") and n.count(".") >= 1}
+
+
+def test_a_service_package_imports_shared_libraries_never_another_service() -> None:
+    present = {p.name for p in (ROOT / "services").iterdir() if (p / "__init__.py").exists()}
+    assert present >= SERVICE_PACKAGES
+    offenders = []
+    for package in sorted(SERVICE_PACKAGES):
+        for path in (ROOT / "services" / package).rglob("*.py"):
+            others = imported_service_packages(path) & (SERVICE_PACKAGES - {package})
+            if others:
+                offenders.append(f"{path.relative_to(ROOT)} imports {sorted(others)}")
+    assert offenders == []
+    # Shared libraries serve every service, so they import none.
+    for path in (ROOT / "services").rglob("*.py"):
+        top = path.relative_to(ROOT / "services").parts[0]
+        if top not in SERVICE_PACKAGES and path != FRONT_DOOR:
+            assert not imported_service_packages(path) & SERVICE_PACKAGES, path

@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from services.errors import UserError
+from services.jobs.commands import log_to_stderr, serve_until_stopped, user_errors, worker_overrides
 
 PROVIDERS = ("auto", "cpu", "cuda")
-
-
-def _user_errors(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except UserError as error:
-            print(f"tessera {name}: {error}", file=sys.stderr)
-            return 2
-
-    return handler
 
 
 def _pair(values: Sequence[int] | None) -> list[int] | None:
@@ -192,41 +180,17 @@ def add_worker_options(worker: argparse.ArgumentParser) -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Serve the image and region queues (``tessera worker model-runner``)."""
-    return _user_errors("worker", _worker)(args)
+    return user_errors("worker", _worker)(args)
 
 
 def _worker(args: argparse.Namespace) -> int:
     from services.model_runner.worker import Worker, WorkerSettings
 
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    log_to_stderr()
+    worker = Worker(WorkerSettings.from_env(providers=args.providers, **worker_overrides(args)))
+    return serve_until_stopped(
+        worker, on_signal="finishing the message in hand, then stopping", once=args.once
     )
-    # rasterio opens an AWS session per s3:// dataset; botocore would log each credential lookup.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    overrides: dict[str, Any] = {"providers": args.providers, "wait_s": args.wait}
-    if args.once:
-        overrides["max_messages"] = 1
-    elif args.max_messages is not None:
-        overrides["max_messages"] = args.max_messages
-    if args.worker_id:
-        overrides["worker_id"] = args.worker_id
-    worker = Worker(WorkerSettings.from_env(**overrides))
-
-    def stop(signum: int, frame: Any) -> None:
-        logging.getLogger(__name__).info("signal %d: finishing the message in hand, then stopping", signum)
-        worker.stop()
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        if args.once:
-            worker.poll()
-        else:
-            worker.serve()
-    finally:
-        worker.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -254,7 +218,7 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--providers", choices=PROVIDERS, default="auto", help="ONNX Runtime provider (default: auto)"
     )
-    run.set_defaults(handler=_user_errors("run", _run))
+    run.set_defaults(handler=user_errors("run", _run))
 
     submit = subparsers.add_parser("submit", help="put an image request on the model runner's queue")
     _add_request_options(
@@ -264,7 +228,7 @@ def register(subparsers: Any) -> None:
         "--queue-url", help="the image request queue (default: $TESSERA_QUEUE_IMAGE_REQUESTS_URL)"
     )
     submit.add_argument("--print-request", action="store_true", help="also print the request sent")
-    submit.set_defaults(handler=_user_errors("submit", _submit))
+    submit.set_defaults(handler=user_errors("submit", _submit))
 
     demo = subparsers.add_parser(
         "demo",
@@ -286,7 +250,7 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--seed", type=int, default=7, help="scene seed (default: 7)")
     demo.add_argument("--model", help="detector ONNX (default: services/models/tessera-demo-detector.onnx)")
     demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
-    demo.set_defaults(handler=_user_errors("demo", _demo))
+    demo.set_defaults(handler=user_errors("demo", _demo))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from services.errors import UserError
+from services.scenes.scoring import Score, score_detections
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tessera-demo-detector.onnx"
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -63,27 +64,14 @@ class DemoResult:
     tiles: int
     seconds: float
     detections: int
-    true_positives: int
-    false_positives: int
-    false_negatives: int
+    #: Detections matched to the scene's known objects (precision, recall).
+    score: Score
     regions_by_worker: dict[str, int]
     worker_tiles_per_second: dict[str, float]
     geojson: Path | None
     preview: Path | None
     provider: str = ""
     workers: int = 0
-
-    @property
-    def precision(self) -> float:
-        """Matched detections / detections."""
-        found = self.true_positives + self.false_positives
-        return self.true_positives / found if found else 1.0
-
-    @property
-    def recall(self) -> float:
-        """Matched known objects / known objects."""
-        known = self.true_positives + self.false_negatives
-        return self.true_positives / known if known else 1.0
 
     @property
     def tiles_per_second(self) -> float:
@@ -311,7 +299,6 @@ def _result(
 ) -> DemoResult:
     from services.cloud.database import connect
     from services.model_runner import jobs
-    from services.scenes.scoring import score_detections
 
     with connect(platform.database_url) as conn:
         job = jobs.get_job(conn, job_id)
@@ -329,9 +316,7 @@ def _result(
         tiles=job.tiles or 0,
         seconds=seconds,
         detections=job.detections or 0,
-        true_positives=0,
-        false_positives=0,
-        false_negatives=len(layout),
+        score=Score(true_positives=0, false_positives=0, false_negatives=len(layout)),
         regions_by_worker=dict(sorted(progress.regions_by_worker.items())),
         worker_tiles_per_second={w: float(r or 0.0) for w, r in rates},
         geojson=None,
@@ -345,10 +330,9 @@ def _result(
     geojson = settings.out_dir / "detections.geojson"
     s3.download_file(bucket, key, str(geojson))
     boxes, scores, labels = _features(geojson, layout.classes)
-    score = score_detections(boxes, scores, labels, layout.boxes, layout.labels, iou_threshold=IOU_MATCH)
-    result.true_positives = score.true_positives
-    result.false_positives = score.false_positives
-    result.false_negatives = score.false_negatives
+    result.score = score_detections(
+        boxes, scores, labels, layout.boxes, layout.labels, iou_threshold=IOU_MATCH
+    )
     result.geojson = geojson
     result.preview = draw_preview(
         scene_path,
@@ -475,11 +459,12 @@ def print_summary(result: DemoResult, console: Any) -> None:
     table.add_row("detections", str(result.detections))
     table.add_row(
         f"precision @ IoU {IOU_MATCH}",
-        f"{result.precision:.3f} ({result.true_positives} of {result.detections})",
+        f"{result.score.precision:.3f} ({result.score.true_positives} of {result.detections})",
     )
     table.add_row(
         f"recall @ IoU {IOU_MATCH}",
-        f"{result.recall:.3f} ({result.true_positives} of {result.true_positives + result.false_negatives})",
+        f"{result.score.recall:.3f} ({result.score.true_positives} of "
+        f"{result.score.true_positives + result.score.false_negatives})",
     )
     table.add_row(
         "regions per worker", ", ".join(f"{w}: {n}" for w, n in result.regions_by_worker.items()) or "none"

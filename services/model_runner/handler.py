@@ -28,6 +28,7 @@ from services.cloud import objects
 from services.cloud.queue import Message, send_messages
 from services.errors import UserError
 from services.inference.detector import Detector
+from services.jobs.documents import job_id_of, new_job_id
 from services.model_runner import jobs
 from services.model_runner.metrics import Metrics
 from services.model_runner.pipeline import (
@@ -41,7 +42,7 @@ from services.model_runner.pipeline import (
     settle_grid,
     write_outputs,
 )
-from services.model_runner.request import ImageRequest, new_job_id, parse_request, request_job_id
+from services.model_runner.request import ImageRequest, parse_request
 from services.registry import is_registry_ref, resolve_model_uri
 from services.tiling.reader import RasterSource
 from services.tiling.scaling import InputScaling
@@ -222,7 +223,7 @@ def handle_image_request(ctx: Context, message: Message) -> Outcome:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raw = None
         request_json = raw if isinstance(raw, dict) else None
-        job_id = request_job_id(message.body) or new_job_id()
+        job_id = job_id_of(message.body) or new_job_id()
         if not jobs.record_rejected(ctx.conn, job_id, str(error), request_json):
             # The id is another job's: record the refusal under a fresh id and leave that job alone.
             taken, job_id = job_id, new_job_id()
@@ -466,7 +467,7 @@ def on_unexpected(
         else:
             jobs.release_region(ctx.conn, region.job_id, region.index, ctx.worker, reason)
     elif last_attempt:
-        job_id = request_job_id(message.body)
+        job_id = job_id_of(message.body)
         if job_id is not None:
             jobs.fail_job(ctx.conn, job_id, f"gave up after {message.receive_count} attempts: {reason}")
             jobs.fail_open_regions(ctx.conn, job_id, "the job failed")

@@ -8,15 +8,12 @@ read. Names: ``TilesPerSecond`` (Count/Second), ``ModelLatency`` (Milliseconds p
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-NAMESPACE = "tessera"
+from services.jobs.emf import EmfWriter, emf_record
+
 UNITS = {
     "TilesPerSecond": "Count/Second",
     "ModelLatency": "Milliseconds",
@@ -33,33 +30,23 @@ class Metrics:
     def __init__(self, service: str | None = None, stack: str | None = None, stream: TextIO | None = None):
         self.service = service or os.environ.get("TESSERA_SERVICE", "model-runner")
         self.stack = stack or os.environ.get("TESSERA_STACK", "local")
-        self.stream = stream
-        self._lock = threading.Lock()
+        self._writer = EmfWriter(stream)
+
+    @property
+    def stream(self) -> TextIO | None:
+        """Where records go (None: stdout)."""
+        return self._writer.stream
 
     def record(self, values: Mapping[str, float], **properties: Any) -> dict[str, Any]:
         """Emit one record of ``values`` (names from :data:`UNITS`); ``properties`` ride along unindexed.
 
         Returns the record written.
         """
-        record: dict[str, Any] = {
-            "_aws": {
-                "Timestamp": int(time.time() * 1000),
-                "CloudWatchMetrics": [
-                    {
-                        "Namespace": NAMESPACE,
-                        "Dimensions": [["Service", "Stack"]],
-                        "Metrics": [{"Name": name, "Unit": UNITS.get(name, "None")} for name in values],
-                    }
-                ],
-            },
-            "Service": self.service,
-            "Stack": self.stack,
-            **properties,
-            **{name: float(value) for name, value in values.items()},
-        }
-        line = json.dumps(record, separators=(",", ":"))
-        with self._lock:
-            stream = self.stream or sys.stdout
-            stream.write(line + "\n")
-            stream.flush()
+        record = emf_record(
+            {"Service": self.service, "Stack": self.stack},
+            values,
+            lambda name: UNITS.get(name, "None"),
+            properties,
+        )
+        self._writer.write(record)
         return record

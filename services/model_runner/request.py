@@ -38,13 +38,11 @@ JSON path (``$.merge.iou: ...``).
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.errors import UserError
+from services.jobs.documents import S3_URL_PATTERN, DocumentChecker, is_int, kind, load_document
 from services.registry import is_registry_ref
 
 SCHEMA = "tessera.image-request/v1"
@@ -55,7 +53,6 @@ RESERVED_PROPERTIES = frozenset({"class", "score", "pixel_bbox", "model", "job"}
 DEFAULT_REGION = 8192
 MAX_BATCH = 256
 MAX_SIDE = 16384
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TOP = (
     "schema",
     "job_id",
@@ -163,76 +160,16 @@ class ImageRequest:
         return body
 
 
-def new_job_id() -> str:
-    """A fresh job id."""
-    return uuid.uuid4().hex
-
-
 def parse_request(data: str | bytes | Mapping[str, Any]) -> ImageRequest:
     """Validate an image request (JSON text or a decoded object); UserError lists every problem."""
-    if isinstance(data, str | bytes):
-        try:
-            data = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"the image request is not JSON: {exc}") from None
-    if not isinstance(data, Mapping):
-        raise UserError(f"$: the image request must be a JSON object, got {_kind(data)}")
-    check = _Checker()
-    return check.request(data)
+    return _Checker("the image request").request(load_document(data, "the image request"))
 
 
-def request_job_id(data: str | bytes | Mapping[str, Any]) -> str | None:
-    """The job id a possibly invalid request names, if it names a usable one (to record its failure)."""
-    if isinstance(data, str | bytes):
-        try:
-            data = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-    if isinstance(data, Mapping):
-        job_id = data.get("job_id")
-        if isinstance(job_id, str) and _JOB_ID.match(job_id):
-            return job_id
-    return None
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
-
-
-class _Checker:
-    """Collects every problem, then raises them together."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
+class _Checker(DocumentChecker):
+    """The image request's fields (see the module doc)."""
 
     def request(self, data: Mapping[str, Any]) -> ImageRequest:
-        for key in data:
-            if key not in _TOP:
-                self.problem(f"$.{key}", f"unknown field; the fields are {', '.join(_TOP)}")
-        schema = data.get("schema", SCHEMA)
-        if schema != SCHEMA:
-            self.problem("$.schema", f"unsupported schema {schema!r}; this model runner reads {SCHEMA!r}")
-        job_id = data.get("job_id")
-        if job_id is None:
-            job_id = new_job_id()
-        elif not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-            self.problem(
-                "$.job_id",
-                f"must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric; got {_kind(job_id)}",
-            )
+        job_id = self.header(data, fields=_TOP, schema=SCHEMA, reader="this model runner")
         image = self.image(data.get("image"))
         model = self.model(data.get("model"), "endpoint" in data)
         endpoint = self.endpoint(data["endpoint"]) if "endpoint" in data else None
@@ -248,15 +185,9 @@ class _Checker:
         outputs = self.outputs(data.get("outputs"))
         properties = self.properties(data.get("properties", {}))
         batch = data.get("batch_size", 8)
-        if not _is_int(batch) or not 1 <= batch <= MAX_BATCH:
-            self.problem("$.batch_size", f"must be a whole number 1..{MAX_BATCH}, got {_kind(batch)}")
-        if self.problems:
-            raise UserError(
-                "the image request has "
-                + (f"{len(self.problems)} problems" if len(self.problems) > 1 else "a problem")
-                + ":\n  "
-                + "\n  ".join(self.problems)
-            )
+        if not is_int(batch) or not 1 <= batch <= MAX_BATCH:
+            self.problem("$.batch_size", f"must be a whole number 1..{MAX_BATCH}, got {kind(batch)}")
+        self.done()
         return ImageRequest(
             job_id=job_id,
             image=image,
@@ -277,7 +208,7 @@ class _Checker:
             self.problem("$.image", "required: the path or s3://bucket/key URL of the raster")
             return ""
         if not isinstance(image, str) or not image.strip():
-            self.problem("$.image", f"must be a path or an s3:// URL, got {_kind(image)}")
+            self.problem("$.image", f"must be a path or an s3:// URL, got {kind(image)}")
             return ""
         scheme = image.split("://", 1)[0] if "://" in image else ""
         if scheme not in {"", "s3", "file"}:
@@ -297,7 +228,7 @@ class _Checker:
         if has_endpoint:
             self.problem("$.model", "give either model or endpoint, not both")
         if not isinstance(model, str) or not model.strip():
-            self.problem("$.model", f"must be a path, file:// or s3:// URI, got {_kind(model)}")
+            self.problem("$.model", f"must be a path, file:// or s3:// URI, got {kind(model)}")
             return None
         if "://" in model:
             scheme = model.split("://", 1)[0]
@@ -318,56 +249,52 @@ class _Checker:
     def endpoint(self, endpoint: Any) -> Endpoint | None:
         if not isinstance(endpoint, Mapping):
             self.problem(
-                "$.endpoint", f"must be an object {{url, tile_size, class_names}}, got {_kind(endpoint)}"
+                "$.endpoint", f"must be an object {{url, tile_size, class_names}}, got {kind(endpoint)}"
             )
             return None
-        for key in endpoint:
-            if key not in {"url", "tile_size", "class_names"}:
-                self.problem(f"$.endpoint.{key}", "unknown field; the fields are url, tile_size, class_names")
+        self.unknown_fields("$.endpoint", endpoint, ("url", "tile_size", "class_names"))
         url = endpoint.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            self.problem("$.endpoint.url", f"must be an http:// or https:// URL, got {_kind(url)}")
+            self.problem("$.endpoint.url", f"must be an http:// or https:// URL, got {kind(url)}")
         tile = self.size("$.endpoint.tile_size", endpoint.get("tile_size"), 1)
         names = endpoint.get("class_names", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            self.problem("$.endpoint.class_names", f"must be a list of strings, got {_kind(names)}")
+            self.problem("$.endpoint.class_names", f"must be a list of strings, got {kind(names)}")
             names = []
         if not isinstance(url, str) or tile is None:
             return None
         return Endpoint(url=url, tile_size=tile, class_names=tuple(names))
 
     def size(self, path: str, value: Any, least: int) -> tuple[int, int] | None:
-        pair = [value, value] if _is_int(value) else value
+        pair = [value, value] if is_int(value) else value
         if (
             not isinstance(pair, list)
             or len(pair) != 2
             or not all(
-                _is_int(v) and least <= v <= (MAX_SIDE if path != "$.region_size" else 10**7) for v in pair
+                is_int(v) and least <= v <= (MAX_SIDE if path != "$.region_size" else 10**7) for v in pair
             )
         ):
             top = MAX_SIDE if path != "$.region_size" else 10**7
             self.problem(
                 path,
-                f"must be [width, height] (or one number), whole numbers {least}..{top}; got {_kind(value)}",
+                f"must be [width, height] (or one number), whole numbers {least}..{top}; got {kind(value)}",
             )
             return None
         return int(pair[0]), int(pair[1])
 
     def roi(self, roi: Any) -> RegionOfInterest | None:
         if not isinstance(roi, Mapping):
-            self.problem("$.roi", f"must be an object {{geometry, crs}}, got {_kind(roi)}")
+            self.problem("$.roi", f"must be an object {{geometry, crs}}, got {kind(roi)}")
             return None
-        for key in roi:
-            if key not in {"geometry", "crs"}:
-                self.problem(f"$.roi.{key}", "unknown field; the fields are geometry, crs")
+        self.unknown_fields("$.roi", roi, ("geometry", "crs"))
         crs = roi.get("crs", "lonlat")
         if crs not in ROI_CRS:
-            self.problem("$.roi.crs", f"must be one of {', '.join(ROI_CRS)}, got {_kind(crs)}")
+            self.problem("$.roi.crs", f"must be one of {', '.join(ROI_CRS)}, got {kind(crs)}")
         geometry = roi.get("geometry")
         if isinstance(geometry, Mapping):
             geometry = json.dumps(geometry)
         if not isinstance(geometry, str) or not geometry.strip():
-            self.problem("$.roi.geometry", f"must be GeoJSON or WKT, got {_kind(geometry)}")
+            self.problem("$.roi.geometry", f"must be GeoJSON or WKT, got {kind(geometry)}")
             return None
         return RegionOfInterest(geometry=geometry, crs=str(crs))
 
@@ -375,24 +302,21 @@ class _Checker:
         if not isinstance(merge, Mapping):
             self.problem(
                 "$.merge",
-                "must be an object {algorithm, iou, ios, score_threshold, edge_margin}, "
-                f"got {_kind(merge)}",
+                f"must be an object {{algorithm, iou, ios, score_threshold, edge_margin}}, got {kind(merge)}",
             )
             return MergeSettings()
         known = ("algorithm", "iou", "ios", "score_threshold", "edge_margin")
-        for key in merge:
-            if key not in known:
-                self.problem(f"$.merge.{key}", f"unknown field; the fields are {', '.join(known)}")
+        self.unknown_fields("$.merge", merge, known)
         algorithm = merge.get("algorithm", "nms+ios")
         if algorithm not in MERGE_ALGORITHMS:
             self.problem(
-                "$.merge.algorithm", f"must be one of {', '.join(MERGE_ALGORITHMS)}, got {_kind(algorithm)}"
+                "$.merge.algorithm", f"must be one of {', '.join(MERGE_ALGORITHMS)}, got {kind(algorithm)}"
             )
         values = {}
         for key in ("iou", "ios", "score_threshold"):
             value = merge.get(key, getattr(MergeSettings, key))
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-                self.problem(f"$.merge.{key}", f"must be a number 0..1, got {_kind(value)}")
+                self.problem(f"$.merge.{key}", f"must be a number 0..1, got {kind(value)}")
                 value = getattr(MergeSettings, key)
             values[key] = float(value)
         margin = merge.get("edge_margin", MergeSettings.edge_margin)
@@ -400,7 +324,7 @@ class _Checker:
             not isinstance(margin, int | float) or isinstance(margin, bool) or not 0.0 <= margin <= 64.0
         ):
             self.problem(
-                "$.merge.edge_margin", f"must be a number of pixels 0..64 or null, got {_kind(margin)}"
+                "$.merge.edge_margin", f"must be a number of pixels 0..64 or null, got {kind(margin)}"
             )
             margin = MergeSettings.edge_margin
         return MergeSettings(
@@ -414,19 +338,15 @@ class _Checker:
             self.problem("$.outputs", 'required: {"s3": "s3://bucket/prefix"} and/or {"path": "out.geojson"}')
             return Outputs()
         if not isinstance(outputs, Mapping):
-            self.problem("$.outputs", f"must be an object {{s3, path}}, got {_kind(outputs)}")
+            self.problem("$.outputs", f"must be an object {{s3, path}}, got {kind(outputs)}")
             return Outputs()
-        for key in outputs:
-            if key not in {"s3", "path"}:
-                self.problem(f"$.outputs.{key}", "unknown field; the fields are s3, path")
+        self.unknown_fields("$.outputs", outputs, ("s3", "path"))
         s3, path = outputs.get("s3"), outputs.get("path")
-        if s3 is not None and (
-            not isinstance(s3, str) or not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?$", s3)
-        ):
-            self.problem("$.outputs.s3", f"must be s3://BUCKET or s3://BUCKET/PREFIX, got {_kind(s3)}")
+        if s3 is not None and (not isinstance(s3, str) or not S3_URL_PATTERN.match(s3)):
+            self.problem("$.outputs.s3", f"must be s3://BUCKET or s3://BUCKET/PREFIX, got {kind(s3)}")
             s3 = None
         if path is not None and (not isinstance(path, str) or not path.strip()):
-            self.problem("$.outputs.path", f"must be a file path, got {_kind(path)}")
+            self.problem("$.outputs.path", f"must be a file path, got {kind(path)}")
             path = None
         if s3 is None and path is None and not any(k in outputs for k in ("s3", "path")):
             self.problem("$.outputs", "give s3 (s3://bucket/prefix) and/or path (a local .geojson file)")
@@ -435,14 +355,10 @@ class _Checker:
     def properties(self, properties: Any) -> dict[str, Any]:
         if not isinstance(properties, Mapping):
             self.problem(
-                "$.properties", f"must be an object of extra feature properties, got {_kind(properties)}"
+                "$.properties", f"must be an object of extra feature properties, got {kind(properties)}"
             )
             return {}
         clash = sorted(set(properties) & RESERVED_PROPERTIES)
         for key in clash:
             self.problem(f"$.properties.{key}", "is written by the model runner; choose another name")
         return dict(properties)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

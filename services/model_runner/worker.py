@@ -12,29 +12,23 @@ environment the platform gives the container (see ``services/cloud/embedded.py``
 from __future__ import annotations
 
 import logging
-import math
 import os
-import socket
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import psycopg
 
 from services.cloud import database, objects
 from services.cloud.queue import (
     Heartbeat,
     Message,
     QueueSettings,
-    delete_message,
     queue_settings,
     receive_messages,
-    set_visibility,
     sqs_client,
 )
 from services.errors import UserError
+from services.jobs.queue_worker import QueueWorker, last_delivery, reconnected, settle
 from services.model_runner import handler
 from services.model_runner.metrics import Metrics
 
@@ -42,8 +36,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_QUEUE_ENV = "TESSERA_QUEUE_IMAGE_REQUESTS_URL"
 REGION_QUEUE_ENV = "TESSERA_QUEUE_REGION_REQUESTS_URL"
-#: SQS refuses visibility timeouts above 12 hours.
-MAX_VISIBILITY_S = 43_200
 
 
 @dataclass(frozen=True)
@@ -74,17 +66,12 @@ class WorkerSettings:
         )
 
 
-def default_worker_id() -> str:
-    """``host:pid``: unique among live workers, and says where to look when a region misbehaves."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class Worker:
+class Worker(QueueWorker):
     """Serves the region and image queues until stopped (or ``max_messages`` are handled)."""
 
     def __init__(self, settings: WorkerSettings, *, metrics: Metrics | None = None) -> None:
+        super().__init__(settings.worker_id, settings.max_messages)
         self.settings = settings
-        self.worker_id = settings.worker_id or default_worker_id()
         self.metrics = metrics or Metrics()
         self.sqs = sqs_client()
         self.s3 = objects.s3_client()
@@ -98,8 +85,6 @@ class Worker:
         # The heartbeat thread extends leases on its own connection, never inside the main thread's work.
         self.lease_conn = database.connect(self.database_url)
         self.detectors = handler.DetectorCache(settings.providers, s3_client=self.s3)
-        self.handled = 0
-        self.stop_event = threading.Event()
 
     def context(self) -> handler.Context:
         """What the handlers get; the lease is half the region queue's visibility timeout."""
@@ -150,7 +135,7 @@ class Worker:
                 else:
                     outcome = handler.handle_image_request(ctx, message)
         except Exception as error:
-            last = queue.max_receive_count is not None and message.receive_count >= queue.max_receive_count
+            last = last_delivery(message, queue)
             log.exception(
                 "%s message %s failed unexpectedly (delivery %d%s); it will be delivered again",
                 kind,
@@ -167,32 +152,11 @@ class Worker:
             return
         self.handled += 1
         log.info("%s message %s: %s", kind, message.message_id, outcome.note)
-        if outcome.delete:
-            delete_message(message, self.sqs)
-        elif outcome.defer_s is not None:
-            set_visibility(message, min(MAX_VISIBILITY_S, max(1, math.ceil(outcome.defer_s))), self.sqs)
+        settle(message, self.sqs, delete=outcome.delete, defer_s=outcome.defer_s)
 
-    def serve(self) -> int:
-        """Handle messages until :meth:`stop` (or ``max_messages``); returns how many were handled."""
-        log.info(
-            "worker %s serving %s then %s",
-            self.worker_id,
-            self.settings.region_queue_url,
-            self.settings.image_queue_url or "(no image queue)",
-        )
-        while not self.stop_event.is_set():
-            if self.settings.max_messages is not None and self.handled >= self.settings.max_messages:
-                break
-            try:
-                self.poll()
-            except psycopg.OperationalError:
-                log.exception("database unreachable; retrying")
-                self.stop_event.wait(1.0)
-        return self.handled
-
-    def stop(self) -> None:
-        """Finish the message in hand, then return from :meth:`serve`."""
-        self.stop_event.set()
+    def describe(self) -> str:
+        """The queues, in the order they are served."""
+        return f"{self.settings.region_queue_url} then {self.settings.image_queue_url or '(no image queue)'}"
 
     def close(self) -> None:
         """Close the database connections."""
@@ -200,10 +164,8 @@ class Worker:
             conn.close()
 
     def _reconnect_if_needed(self) -> None:
-        if self.conn.closed or self.conn.broken:
-            self.conn = database.connect(self.database_url)
-        if self.lease_conn.closed or self.lease_conn.broken:
-            self.lease_conn = database.connect(self.database_url)
+        self.conn = reconnected(self.conn, self.database_url)
+        self.lease_conn = reconnected(self.lease_conn, self.database_url)
 
 
 def main() -> int:

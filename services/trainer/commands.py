@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from services.errors import UserError
+from services.jobs.commands import log_to_stderr, serve_until_stopped, user_errors, worker_overrides
 
 #: The tasks ``tessera train`` offers (the table in services.trainer.tasks, without importing torch).
 TASK_NAMES = ("classifier", "dcgan", "detector", "sky-position")
-
-
-def _user_errors(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except UserError as error:
-            print(f"tessera {name}: {error}", file=sys.stderr)
-            return 2
-
-    return handler
 
 
 def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
@@ -174,35 +162,18 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Serve the training-jobs queue (``tessera worker trainer``); SIGTERM checkpoints the job in hand."""
+    return user_errors("worker", _worker)(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
     from services.trainer.worker import Worker, WorkerSettings
 
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    overrides: dict[str, Any] = {"wait_s": getattr(args, "wait", 5)}
-    if getattr(args, "once", False):
-        overrides["max_messages"] = 1
-    elif getattr(args, "max_messages", None) is not None:
-        overrides["max_messages"] = args.max_messages
-    if getattr(args, "worker_id", None):
-        overrides["worker_id"] = args.worker_id
+    log_to_stderr()
+    overrides = worker_overrides(args)
     if getattr(args, "state_file", None):
         overrides["state_path"] = args.state_file
     worker = Worker(WorkerSettings.from_env(**overrides))
-
-    def stop(signum: int, frame: Any) -> None:
-        logging.getLogger(__name__).info("signal %d: checkpointing the job in hand, then stopping", signum)
-        worker.stop()
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        worker.serve()
-    finally:
-        worker.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    return serve_until_stopped(worker, on_signal="checkpointing the job in hand, then stopping")
 
 
 def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = None) -> None:
@@ -217,7 +188,7 @@ def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = No
         task = kinds.add_parser(name, help=f"train the {name} task in this process")
         task.set_defaults(task=name)
         _add_job_options(task, out_help="the job's output: a directory or s3://bucket/prefix")
-        task.set_defaults(handler=_user_errors("train", _train))
+        task.set_defaults(handler=user_errors("train", _train))
     submit = kinds.add_parser(
         "submit", help="queue a training job and start the training instance if stopped"
     )
@@ -232,7 +203,7 @@ def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = No
     submit.add_argument(
         "--stack", help="start only the training instance of this (compute) stack, by its tessera:stack tag"
     )
-    submit.set_defaults(handler=_user_errors("train submit", _submit))
+    submit.set_defaults(handler=user_errors("train submit", _submit))
     if worker_parser is not None:
         add_worker_options(worker_parser)
 
@@ -245,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="serve the training-jobs queue")
     worker.add_argument("service", choices=["trainer"], help="which service")
     add_worker_options(worker)
-    worker.set_defaults(handler=_user_errors("worker", run_worker))
+    worker.set_defaults(handler=run_worker)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

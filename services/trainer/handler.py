@@ -33,8 +33,9 @@ from psycopg.types.json import Jsonb
 
 from services.cloud.queue import Message
 from services.errors import UserError
+from services.jobs.documents import job_id_of
 from services.trainer import idle
-from services.trainer.job import TrainingJob, job_id_of, parse_job
+from services.trainer.job import TrainingJob, parse_job
 
 log = logging.getLogger(__name__)
 

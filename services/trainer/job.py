@@ -24,23 +24,24 @@ values raise one :class:`~services.errors.UserError` listing every problem with 
 
 from __future__ import annotations
 
-import json
-import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.errors import UserError
+from services.jobs.documents import (
+    NAME_PATTERN,
+    S3_URL_PATTERN,
+    DocumentChecker,
+    is_int,
+    kind,
+    load_document,
+)
 
 SCHEMA = "tessera.training-job/v1"
 DEVICES = ("auto", "cpu", "cuda", "hpu")
 #: Checkpoints every this many optimiser steps unless the job says otherwise.
 DEFAULT_CHECKPOINT_EVERY = 500
 MAX_STEPS = 100_000_000
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?$")
 _TOP = (
     "schema",
     "job_id",
@@ -92,91 +93,28 @@ class TrainingJob:
         return body
 
 
-def new_job_id() -> str:
-    """A fresh job id."""
-    return uuid.uuid4().hex
-
-
 def parse_job(data: str | bytes | Mapping[str, Any]) -> TrainingJob:
     """Validate a training job (JSON text or a decoded object); UserError lists every problem."""
-    if isinstance(data, str | bytes):
-        try:
-            data = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"the training job is not JSON: {exc}") from None
-    if not isinstance(data, Mapping):
-        raise UserError(f"$: the training job must be a JSON object, got {_kind(data)}")
-    return _Checker().job(data)
+    return _Checker("the training job").job(load_document(data, "the training job"))
 
 
-def job_id_of(data: str | bytes | Mapping[str, Any]) -> str | None:
-    """The job id a possibly invalid job names, if it names a usable one (to record its failure)."""
-    if isinstance(data, str | bytes):
-        try:
-            data = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-    if isinstance(data, Mapping):
-        job_id = data.get("job_id")
-        if isinstance(job_id, str) and _JOB_ID.match(job_id):
-            return job_id
-    return None
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class _Checker:
-    """Collects every problem, then raises them together."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
+class _Checker(DocumentChecker):
+    """The training job's fields (see the module doc)."""
 
     def job(self, data: Mapping[str, Any]) -> TrainingJob:
-        for key in data:
-            if key not in _TOP:
-                self.problem(f"$.{key}", f"unknown field; the fields are {', '.join(_TOP)}")
-        schema = data.get("schema", SCHEMA)
-        if schema != SCHEMA:
-            self.problem("$.schema", f"unsupported schema {schema!r}; this trainer reads {SCHEMA!r}")
-        job_id = data.get("job_id")
-        if job_id is None:
-            job_id = new_job_id()
-        elif not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-            self.problem(
-                "$.job_id",
-                f"must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric; got {_kind(job_id)}",
-            )
+        job_id = self.header(data, fields=_TOP, schema=SCHEMA, reader="this trainer")
         task = data.get("task")
         if task is None:
             self.problem("$.task", "required: the task to train (e.g. detector, dcgan, classifier)")
-        elif not isinstance(task, str) or not _NAME.match(task):
-            self.problem("$.task", f"must be a task name, got {_kind(task)}")
+        elif not isinstance(task, str) or not NAME_PATTERN.match(task):
+            self.problem("$.task", f"must be a task name, got {kind(task)}")
         dataset = self.location("$.dataset", data.get("dataset"), "the dataset: an s3:// prefix or a path")
         output = self.location(
             "$.output", data.get("output"), "where results go: s3://bucket/prefix or a local directory"
         )
         params = data.get("params", {})
         if not isinstance(params, Mapping):
-            self.problem("$.params", f"must be an object of the task's hyper-parameters, got {_kind(params)}")
+            self.problem("$.params", f"must be an object of the task's hyper-parameters, got {kind(params)}")
             params = {}
         epochs, steps = data.get("epochs"), data.get("steps")
         if epochs is None and steps is None:
@@ -184,22 +122,16 @@ class _Checker:
         if epochs is not None and steps is not None:
             self.problem("$.steps", "give epochs or steps, not both")
         for path, value in (("$.epochs", epochs), ("$.steps", steps)):
-            if value is not None and (not _is_int(value) or not 1 <= value <= MAX_STEPS):
-                self.problem(path, f"must be a whole number 1..{MAX_STEPS}, got {_kind(value)}")
+            if value is not None and (not is_int(value) or not 1 <= value <= MAX_STEPS):
+                self.problem(path, f"must be a whole number 1..{MAX_STEPS}, got {kind(value)}")
         every = data.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
-        if not _is_int(every) or not 1 <= every <= MAX_STEPS:
-            self.problem("$.checkpoint_every", f"must be a whole number of steps >= 1, got {_kind(every)}")
+        if not is_int(every) or not 1 <= every <= MAX_STEPS:
+            self.problem("$.checkpoint_every", f"must be a whole number of steps >= 1, got {kind(every)}")
         register_name = self.register(data.get("register"))
         device = data.get("device", "auto")
         if device not in DEVICES:
-            self.problem("$.device", f"must be one of {', '.join(DEVICES)}, got {_kind(device)}")
-        if self.problems:
-            raise UserError(
-                "the training job has "
-                + (f"{len(self.problems)} problems" if len(self.problems) > 1 else "a problem")
-                + ":\n  "
-                + "\n  ".join(self.problems)
-            )
+            self.problem("$.device", f"must be one of {', '.join(DEVICES)}, got {kind(device)}")
+        self.done()
         return TrainingJob(
             job_id=str(job_id),
             task=str(task),
@@ -218,12 +150,12 @@ class _Checker:
             self.problem(path, f"required: {what}")
             return ""
         if not isinstance(value, str) or not value.strip():
-            self.problem(path, f"must be {what}, got {_kind(value)}")
+            self.problem(path, f"must be {what}, got {kind(value)}")
             return ""
         if "://" in value:
             if not value.startswith("s3://"):
                 self.problem(path, f"{value!r}: only s3:// URLs and local paths are read")
-            elif not _S3.match(value):
+            elif not S3_URL_PATTERN.match(value):
                 self.problem(path, f"{value!r}: write s3://BUCKET/PREFIX")
         return value
 
@@ -231,16 +163,7 @@ class _Checker:
         if register is None:
             return None
         if not isinstance(register, Mapping):
-            self.problem("$.register", f'must be an object {{"name": MODEL_NAME}}, got {_kind(register)}')
+            self.problem("$.register", f'must be an object {{"name": MODEL_NAME}}, got {kind(register)}')
             return None
-        for key in register:
-            if key != "name":
-                self.problem(f"$.register.{key}", "unknown field; the only field is name")
-        name = register.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
-            self.problem(
-                "$.register.name",
-                f"must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric; got {_kind(name)}",
-            )
-            return None
-        return name
+        self.unknown_fields("$.register", register, ("name",))
+        return self.name("$.register.name", register.get("name"))

@@ -10,15 +10,12 @@ each other loss the task reports (``loss_d``, ``loss_g``, ``loss_heat``), ``imag
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-NAMESPACE = "tessera"
+from services.jobs.emf import EmfWriter, emf_record
+
 SERVICE = "trainer"
 THROUGHPUT = "images_per_second"
 EPOCH = "epoch"
@@ -52,9 +49,13 @@ class TrainingMetrics:
     ) -> None:
         self.task = task
         self.stack = stack or os.environ.get("TESSERA_STACK", "local")
-        self.stream = stream
         self.enabled = enabled
-        self._lock = threading.Lock()
+        self._writer = EmfWriter(stream)
+
+    @property
+    def stream(self) -> TextIO | None:
+        """Where records go (None: stdout)."""
+        return self._writer.stream
 
     def record(
         self,
@@ -75,26 +76,7 @@ class TrainingMetrics:
             values[THROUGHPUT] = float(images_per_second)
         if epoch is not None:
             values[EPOCH] = float(epoch)
-        record: dict[str, Any] = {
-            "_aws": {
-                "Timestamp": int(time.time() * 1000),
-                "CloudWatchMetrics": [
-                    {
-                        "Namespace": NAMESPACE,
-                        "Dimensions": [["Service", "Task", "Stack"]],
-                        "Metrics": [{"Name": name, "Unit": unit(name)} for name in values],
-                    }
-                ],
-            },
-            "Service": SERVICE,
-            "Task": self.task,
-            "Stack": self.stack,
-            **properties,
-            **values,
-        }
-        line = json.dumps(record, separators=(",", ":"))
-        with self._lock:
-            stream = self.stream or sys.stdout
-            stream.write(line + "\n")
-            stream.flush()
+        dimensions = {"Service": SERVICE, "Task": self.task, "Stack": self.stack}
+        record = emf_record(dimensions, values, unit, properties)
+        self._writer.write(record)
         return record

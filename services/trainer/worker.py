@@ -18,29 +18,24 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import psycopg
 
 from services.cloud import database, objects
 from services.cloud.queue import (
     Heartbeat,
     Message,
     QueueSettings,
-    delete_message,
     queue_settings,
     receive_messages,
-    set_visibility,
     sqs_client,
 )
 from services.errors import UserError
+from services.jobs.documents import job_id_of
+from services.jobs.queue_worker import QueueWorker, last_delivery, reconnected, settle
 from services.trainer import handler
-from services.trainer.job import job_id_of
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +69,12 @@ class WorkerSettings:
         return cls(queue_url=queue, **overrides)
 
 
-class Worker:
+class Worker(QueueWorker):
     """Serves the training-jobs queue until stopped (or ``max_messages`` are handled)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
+        super().__init__(settings.worker_id, settings.max_messages)
         self.settings = settings
-        self.worker_id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.sqs = sqs_client()
         self.s3 = objects.s3_client()
         self.queue: QueueSettings = queue_settings(settings.queue_url, self.sqs)
@@ -87,14 +82,11 @@ class Worker:
         self.conn = database.connect(self.database_url)
         database.apply_migrations(self.conn)
         self.state = handler.TrainerStateFile(settings.state_path)
-        self.handled = 0
         self.outcomes: list[handler.Outcome] = []
-        self.stop_event = threading.Event()
 
     def poll(self, wait_s: int | None = None) -> bool:
         """Receive and handle at most one job; False when the queue was empty."""
-        if self.conn.closed or self.conn.broken:
-            self.conn = database.connect(self.database_url)
+        self.conn = reconnected(self.conn, self.database_url)
         wait = self.settings.wait_s if wait_s is None else wait_s
         messages = receive_messages(self.settings.queue_url, max_messages=1, wait_s=wait, client=self.sqs)
         if not messages:
@@ -119,10 +111,7 @@ class Worker:
             with beat:
                 outcome = handler.handle_job(ctx, message)
         except Exception as error:
-            last = (
-                self.queue.max_receive_count is not None
-                and message.receive_count >= self.queue.max_receive_count
-            )
+            last = last_delivery(message, self.queue)
             log.exception(
                 "training job message %s failed unexpectedly (delivery %d); %s",
                 message.message_id,
@@ -133,10 +122,7 @@ class Worker:
             return
         self.outcomes.append(outcome)
         log.info("training job message %s: %s", message.message_id, outcome.note)
-        if outcome.delete:
-            delete_message(message, self.sqs)
-        elif outcome.release:
-            set_visibility(message, 0, self.sqs)
+        settle(message, self.sqs, delete=outcome.delete, defer_s=0 if outcome.release else None)
 
     def heartbeat(self, message: Message) -> Heartbeat:
         """The heartbeat a job runs under: it keeps ``message`` hidden and refreshes the trainer state file,
@@ -156,8 +142,7 @@ class Worker:
             return
         reason = f"{type(error).__name__}: {error}"
         try:
-            if self.conn.closed or self.conn.broken:
-                self.conn = database.connect(self.database_url)
+            self.conn = reconnected(self.conn, self.database_url)
             if last_attempt:
                 handler.fail_job(
                     self.conn, job_id, f"gave up after {message.receive_count} deliveries: {reason}"
@@ -167,18 +152,9 @@ class Worker:
         except Exception:
             log.exception("recording the failure of job %s failed too", job_id)
 
-    def serve(self) -> int:
-        """Handle jobs until :meth:`stop` (or ``max_messages``); returns how many messages were handled."""
-        log.info("trainer worker %s serving %s", self.worker_id, self.settings.queue_url)
-        while not self.stop_event.is_set():
-            if self.settings.max_messages is not None and self.handled >= self.settings.max_messages:
-                break
-            try:
-                self.poll()
-            except psycopg.OperationalError:
-                log.exception("database unreachable; retrying")
-                self.stop_event.wait(1.0)
-        return self.handled
+    def describe(self) -> str:
+        """The training-jobs queue."""
+        return self.settings.queue_url
 
     def stop(self) -> None:
         """Checkpoint the job in hand (if any), hand its message back, and return from :meth:`serve`."""

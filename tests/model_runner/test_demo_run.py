@@ -47,10 +47,10 @@ def test_the_demo_runs_with_two_workers_and_scores_the_detections(tmp_path: Path
     assert sum(result.regions_by_worker.values()) == 9
     assert result.provider == "CPUExecutionProvider"
     features = json.loads((out / "detections.geojson").read_text())["features"]
-    assert len(features) == result.detections == result.true_positives + result.false_positives
+    assert len(features) == result.detections == result.score.true_positives + result.score.false_positives
     assert {f["properties"]["class"] for f in features} <= {"vehicle", "building", "tank"}
     # The shipped detector finds most objects and little else (its held-out figures are in its README).
-    assert result.recall > 0.95 and result.precision > 0.95, (result.precision, result.recall)
+    assert result.score.recall > 0.95 and result.score.precision > 0.95, result.score
     with Image.open(out / "preview.png") as preview:
         assert preview.size == (1600, 1600)
     for name in ("worker-1", "worker-2"):

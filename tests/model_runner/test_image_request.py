@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from services.errors import UserError
-from services.model_runner.request import SCHEMA, Endpoint, parse_request, request_job_id
+from services.jobs.documents import job_id_of
+from services.model_runner.request import SCHEMA, Endpoint, parse_request
 
 GOOD: dict[str, Any] = {
     "schema": SCHEMA,
@@ -163,6 +164,6 @@ def test_not_json_and_not_an_object() -> None:
 
 
 def test_the_job_id_of_a_bad_request_is_still_found() -> None:
-    assert request_job_id(json.dumps({"job_id": "j-1", "image": 3})) == "j-1"
-    assert request_job_id("{broken") is None
-    assert request_job_id(json.dumps({"job_id": "../x"})) is None
+    assert job_id_of(json.dumps({"job_id": "j-1", "image": 3})) == "j-1"
+    assert job_id_of("{broken") is None
+    assert job_id_of(json.dumps({"job_id": "../x"})) is None

@@ -1,0 +1,75 @@
+"""What the services' command handlers share: UserError -> one line and status 2, and running a queue
+worker in the foreground until it is done or a signal asks it to stop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from services.errors import UserError
+from services.jobs.queue_worker import QueueWorker
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def user_errors(name: str, run: Handler) -> Handler:
+    """``run``, with a UserError printed as ``tessera NAME: message`` on stderr and exit status 2."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except UserError as error:
+            print(f"tessera {name}: {error}", file=sys.stderr)
+            return 2
+
+    return handler
+
+
+def worker_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Worker settings from the options every ``tessera worker`` has: ``--once``, ``--max-messages``,
+    ``--wait`` and ``--worker-id`` (those a parser lacks are left to the settings' defaults)."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "wait", None) is not None:
+        overrides["wait_s"] = args.wait
+    if getattr(args, "once", False):
+        overrides["max_messages"] = 1
+    elif getattr(args, "max_messages", None) is not None:
+        overrides["max_messages"] = args.max_messages
+    if getattr(args, "worker_id", None):
+        overrides["worker_id"] = args.worker_id
+    return overrides
+
+
+def log_to_stderr() -> None:
+    """INFO log lines with time and logger on stderr (stdout carries the EMF metrics)."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # rasterio opens an AWS session per s3:// dataset; botocore would log each credential lookup.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def serve_until_stopped(worker: QueueWorker, *, on_signal: str, once: bool = False) -> int:
+    """Serve (or, with ``once``, poll once) until done; SIGTERM or SIGINT calls ``worker.stop()`` (logged
+    with ``on_signal``: what the worker does next). The worker is closed and the signal handlers restored
+    afterwards. Returns 0."""
+
+    def stop(signum: int, frame: Any) -> None:
+        logging.getLogger(__name__).info("signal %d: %s", signum, on_signal)
+        worker.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if once:
+            worker.poll()
+        else:
+            worker.serve()
+    finally:
+        worker.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,99 @@
+"""The shared worker loop and message settling, against moto's SQS server."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import boto3
+import psycopg
+import pytest
+
+from services.cloud.queue import Message, QueueSettings, receive_messages, send_message
+from services.jobs.queue_worker import MAX_VISIBILITY_S, QueueWorker, last_delivery, settle
+
+
+def make_queue(endpoint: str, name: str) -> tuple[Any, str]:
+    sqs = boto3.client("sqs", endpoint_url=endpoint)
+    url = sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "30"})["QueueUrl"]
+    return sqs, url
+
+
+def visible(sqs: Any, url: str) -> int:
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+    return int(attributes["Attributes"]["ApproximateNumberOfMessages"])
+
+
+def test_settle_deletes_hands_back_or_leaves_a_message(aws: str) -> None:
+    sqs, url = make_queue(aws, f"settle-{time.time_ns()}")
+    for n in range(3):
+        send_message(url, {"n": n}, sqs)
+    first, second, third = (receive_messages(url, client=sqs)[0] for _ in range(3))
+    assert visible(sqs, url) == 0
+
+    settle(first, sqs, delete=True)
+    settle(second, sqs, delete=False, defer_s=0)  # handed back at once
+    settle(third, sqs, delete=False)  # left: reappears when its visibility lapses
+    (again,) = receive_messages(url, client=sqs)
+    assert again.body == second.body and again.receive_count == 2
+    assert receive_messages(url, client=sqs) == []
+
+
+def test_settle_clamps_a_deferral_to_what_sqs_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+
+    class Recorder:
+        def change_message_visibility(self, **kwargs: Any) -> None:
+            calls.append(kwargs)
+
+    message = Message("q", "m", "r", "{}", 1, 0.0)
+    settle(message, Recorder(), delete=False, defer_s=0.2)
+    settle(message, Recorder(), delete=False, defer_s=10.5)
+    settle(message, Recorder(), delete=False, defer_s=10 * MAX_VISIBILITY_S)
+    assert [c["VisibilityTimeout"] for c in calls] == [1, 11, MAX_VISIBILITY_S]
+
+
+def test_last_delivery_follows_the_redrive_policy() -> None:
+    def message(count: int) -> Message:
+        return Message("q", "m", "r", "{}", count, 0.0)
+
+    assert not last_delivery(message(1), QueueSettings(30, 3))
+    assert last_delivery(message(3), QueueSettings(30, 3))
+    assert not last_delivery(message(99), QueueSettings(30, None))
+
+
+class Scripted(QueueWorker):
+    """Polls from a script: True handles a message, an exception is raised as is."""
+
+    def __init__(self, script: list[Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.script = script
+        self.polls = 0
+
+    def poll(self, wait_s: int | None = None) -> bool:
+        self.polls += 1
+        step = self.script.pop(0) if self.script else False
+        if isinstance(step, BaseException):
+            raise step
+        if step:
+            self.handled += 1
+        if not self.script:
+            self.stop()
+        return bool(step)
+
+
+def test_serve_stops_after_max_messages() -> None:
+    worker = Scripted([True, False, True, True, True], max_messages=2)
+    assert worker.serve() == 2
+    assert worker.polls == 3 and worker.worker_id  # host:pid by default
+
+
+def test_serve_rides_out_an_unreachable_database_and_stops_when_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.jobs.queue_worker.DATABASE_RETRY_S", 0.01)
+    worker = Scripted([psycopg.OperationalError("gone"), True, psycopg.OperationalError("again"), True])
+    assert worker.serve() == 2 and worker.polls == 4
+
+
+def test_other_errors_are_not_swallowed_by_the_loop() -> None:
+    with pytest.raises(ZeroDivisionError):
+        Scripted([ZeroDivisionError("bug")]).serve()
