@@ -25,13 +25,20 @@ from pulumi_aws.autoscaling import (
     PolicyTargetTrackingConfigurationCustomizedMetricSpecificationMetricMetricStatMetricDimensionArgs as _TrackedDimension,  # noqa: E501
 )
 
+from infra.instances import (
+    AL2023_AMI_PARAMETER,
+    USER_DATA_LIMIT_BYTES,
+    amazon_linux_ami,
+    imdsv2_metadata_options,
+    newest_amazon_ami,
+)
+
 # The Deep Learning Base AMI carries the NVIDIA driver, Docker and the NVIDIA container toolkit.
 GPU_AMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Amazon Linux 2023) *"
-CPU_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+CPU_AMI_PARAMETER = AL2023_AMI_PARAMETER  # CPU workers run plain Amazon Linux 2023
 ROOT_DEVICE = "/dev/xvda"  # the root device of both Amazon Linux 2023 AMIs
 AGENT_CONFIG_PATH = "/opt/aws/amazon-cloudwatch-agent/etc/amazon-cloudwatch-agent.json"
 AGENT_CTL = "/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl"
-USER_DATA_LIMIT = 16 * 1024  # EC2 refuses larger user data (before base64)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ECR_HOST = re.compile(r"^\d{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
 
@@ -161,10 +168,10 @@ def worker_user_data(
     run.append('"$IMAGE"' + "".join(f" {q(arg)}" for arg in command))
     lines.append(" \\\n  ".join(run))
     script = "\n".join(lines) + "\n"
-    if len(script.encode()) > USER_DATA_LIMIT:
+    if len(script.encode()) > USER_DATA_LIMIT_BYTES:
         raise ValueError(
-            f"{service}: the boot script is {len(script.encode())} bytes, over EC2's {USER_DATA_LIMIT}; "
-            "shorten the environment or the CloudWatch agent configuration"
+            f"{service}: the boot script is {len(script.encode())} bytes, over EC2's "
+            f"{USER_DATA_LIMIT_BYTES}; shorten the environment or the CloudWatch agent configuration"
         )
     return script
 
@@ -180,25 +187,15 @@ class WorkerFleet(pulumi.ComponentResource):
     def __init__(self, name: str, args: WorkerFleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("tessera:infra:WorkerFleet", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        invoke = pulumi.InvokeOptions(parent=self)
         tags = {"Name": f"tessera-{args.service}", "tessera:service": args.service, **args.extra_tags}
 
         ami: Input[str]
         if args.ami_id is not None:
             ami = args.ami_id
         elif args.gpu:
-            ami = aws.ec2.get_ami_output(
-                owners=["amazon"],
-                most_recent=True,
-                filters=[
-                    aws.ec2.GetAmiFilterArgs(name="name", values=[GPU_AMI_NAME]),
-                    aws.ec2.GetAmiFilterArgs(name="architecture", values=["x86_64"]),
-                    aws.ec2.GetAmiFilterArgs(name="state", values=["available"]),
-                ],
-                opts=invoke,
-            ).id
+            ami = newest_amazon_ami(GPU_AMI_NAME, self)
         else:
-            ami = aws.ssm.get_parameter_output(name=CPU_AMI_PARAMETER, opts=invoke).value
+            ami = amazon_linux_ami(self)
 
         command = list(args.command) if args.command is not None else ["worker", args.service]
         env_keys = list(args.environment)
@@ -234,9 +231,7 @@ class WorkerFleet(pulumi.ComponentResource):
                 name=args.instance_profile_name
             ),
             # Hop limit 2: the container reaches the instance metadata service through Docker's bridge.
-            metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
-                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=2
-            ),
+            metadata_options=imdsv2_metadata_options(hop_limit=2),
             block_device_mappings=[
                 aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
                     device_name=ROOT_DEVICE,

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from infra.instances import (
+    allow_egress_anywhere,
+    amazon_linux_ami,
+    encrypted_root_volume,
+    imdsv2_metadata_options,
+)
+
 ALLOWED_CIDRS_SETTING = "tessera:jumpHostAllowedCidrs"
 """The stack setting listing who may reach the jump host; named in validation errors."""
 
 PUBLIC_KEY_SETTING = "tessera:jumpHostPublicKey"
 """The stack setting holding the operator's OpenSSH public key; named in validation errors."""
-
-AL2023_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
-"""Public SSM parameter with the newest Amazon Linux 2023 AMI."""
 
 SSH_USER = "ec2-user"
 
@@ -185,21 +189,14 @@ class JumpHost(pulumi.ComponentResource):
             )
         # Open egress: the host forwards to private hosts (whose own groups decide who gets in) and fetches
         # updates over HTTPS.
-        aws.vpc.SecurityGroupEgressRule(
+        allow_egress_anywhere(
             f"{name}-egress",
-            security_group_id=self.security_group.id,
-            ip_protocol="-1",
-            cidr_ipv4="0.0.0.0/0",
+            self.security_group.id,
             description="forwarded connections and updates",
             opts=child,
         )
 
-        ami: pulumi.Input[str] = (
-            args.ami_id
-            or aws.ssm.get_parameter_output(
-                name=AL2023_AMI_PARAMETER, opts=pulumi.InvokeOutputOptions(parent=self)
-            ).value
-        )
+        ami: pulumi.Input[str] = args.ami_id or amazon_linux_ami(self)
 
         self.instance = aws.ec2.Instance(
             f"{name}-instance",
@@ -210,18 +207,8 @@ class JumpHost(pulumi.ComponentResource):
             key_name=self.key_pair.key_name,
             # The Elastic IP is its public address; no second, changing one.
             associate_public_ip_address=False,
-            metadata_options={
-                "http_tokens": "required",
-                "http_endpoint": "enabled",
-                "http_put_response_hop_limit": 1,
-            },
-            root_block_device={
-                "volume_type": "gp3",
-                "volume_size": args.root_volume_gb,
-                "encrypted": True,
-                "kms_key_id": args.kms_key_arn,
-                "delete_on_termination": True,
-            },
+            metadata_options=imdsv2_metadata_options(),
+            root_block_device=encrypted_root_volume(args.root_volume_gb, args.kms_key_arn),
             user_data=USER_DATA,
             # The hardening lives in user data, which runs on first boot only: a change needs a new host.
             user_data_replace_on_change=True,

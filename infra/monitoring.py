@@ -25,7 +25,14 @@ from pathlib import Path
 import pulumi
 import pulumi_aws as aws
 
-from infra.jump_host import AL2023_AMI_PARAMETER
+from infra.instances import (
+    USER_DATA_LIMIT_BYTES,
+    allow_egress_anywhere,
+    allow_tcp_from_group,
+    amazon_linux_ami,
+    encrypted_root_volume,
+    imdsv2_metadata_options,
+)
 
 GRAFANA_DIR = Path(__file__).parent / "grafana"
 """The Grafana files shipped with the package: ``provisioning/`` and ``dashboards/``."""
@@ -34,8 +41,6 @@ DEFAULT_DASHBOARDS_DIR = GRAFANA_DIR / "dashboards"
 PROVISIONING_DIR = GRAFANA_DIR / "provisioning"
 
 GRAFANA_PORT = 3000
-USER_DATA_LIMIT_BYTES = 16 * 1024
-"""EC2's limit on user data, counted before base64 encoding."""
 
 DASHBOARDS_PATH_ON_HOST = "/var/lib/grafana/dashboards/tessera"
 """Where the dashboard provider (``provisioning/dashboards/tessera.yaml``) reads dashboards from."""
@@ -218,24 +223,19 @@ class Monitoring(pulumi.ComponentResource):
             opts=child,
         )
         for rule, port, what in (("grafana", GRAFANA_PORT, "Grafana"), ("ssh", 22, "SSH")):
-            aws.vpc.SecurityGroupIngressRule(
+            allow_tcp_from_group(
                 f"{name}-{rule}-from-jump",
-                security_group_id=self.security_group.id,
-                ip_protocol="tcp",
-                from_port=port,
-                to_port=port,
-                referenced_security_group_id=args.jump_host_security_group_id,
+                self.security_group.id,
+                port=port,
+                source_security_group_id=args.jump_host_security_group_id,
                 description=f"{what} from the jump host (SSH tunnel)",
                 opts=child,
             )
         # HTTPS only: the AWS APIs (CloudWatch, Secrets Manager), the OS and Grafana package repositories.
-        aws.vpc.SecurityGroupEgressRule(
+        allow_egress_anywhere(
             f"{name}-https-out",
-            security_group_id=self.security_group.id,
-            ip_protocol="tcp",
-            from_port=443,
-            to_port=443,
-            cidr_ipv4="0.0.0.0/0",
+            self.security_group.id,
+            tcp_port=443,
             description="AWS APIs and package repositories",
             opts=child,
         )
@@ -249,12 +249,7 @@ class Monitoring(pulumi.ComponentResource):
             opts=child,
         )
 
-        ami: pulumi.Input[str] = (
-            args.ami_id
-            or aws.ssm.get_parameter_output(
-                name=AL2023_AMI_PARAMETER, opts=pulumi.InvokeOutputOptions(parent=self)
-            ).value
-        )
+        ami: pulumi.Input[str] = args.ami_id or amazon_linux_ami(self)
 
         user_data_base64 = self.admin_secret.arn.apply(
             lambda arn: encode_user_data(
@@ -276,18 +271,8 @@ class Monitoring(pulumi.ComponentResource):
             iam_instance_profile=args.instance_profile_name,
             key_name=args.key_name,
             associate_public_ip_address=False,
-            metadata_options={
-                "http_tokens": "required",
-                "http_endpoint": "enabled",
-                "http_put_response_hop_limit": 1,
-            },
-            root_block_device={
-                "volume_type": "gp3",
-                "volume_size": args.root_volume_gb,
-                "encrypted": True,
-                "kms_key_id": args.kms_key_arn,
-                "delete_on_termination": True,
-            },
+            metadata_options=imdsv2_metadata_options(),
+            root_block_device=encrypted_root_volume(args.root_volume_gb, args.kms_key_arn),
             user_data_base64=user_data_base64,
             # User data runs at first boot only: new dashboards or a new version need a new instance.
             user_data_replace_on_change=True,

@@ -36,6 +36,13 @@ from infra.cloudwatch_agent import (
     NVIDIA_UTILIZATION_METRIC,
     agent_config_json,
 )
+from infra.instances import (
+    allow_egress_anywhere,
+    allow_tcp_from_group,
+    encrypted_root_volume,
+    imdsv2_metadata_options,
+    newest_amazon_ami,
+)
 
 Accelerator = Literal["nvidia", "gaudi", "neuron"]
 
@@ -203,16 +210,7 @@ class TrainingInstance(pulumi.ComponentResource):
             ami = args.ami_id
         else:
             pattern = VOLTA_AMI_NAME_PATTERN if family in VOLTA_FAMILIES else AMI_NAME_PATTERNS[accelerator]
-            ami = aws.ec2.get_ami_output(
-                owners=["amazon"],
-                most_recent=True,
-                filters=[
-                    {"name": "name", "values": [pattern]},
-                    {"name": "architecture", "values": ["x86_64"]},
-                    {"name": "state", "values": ["available"]},
-                ],
-                opts=pulumi.InvokeOutputOptions(parent=self),
-            ).id
+            ami = newest_amazon_ami(pattern, self)
 
         availability_zone: pulumi.Input[str] = (
             args.availability_zone
@@ -229,22 +227,18 @@ class TrainingInstance(pulumi.ComponentResource):
             opts=child,
         )
         # Egress is open: the trainer pulls images (ECR), reads and writes S3, talks to SQS and PostgreSQL.
-        aws.vpc.SecurityGroupEgressRule(
+        allow_egress_anywhere(
             f"{name}-egress",
-            security_group_id=self.security_group.id,
-            ip_protocol="-1",
-            cidr_ipv4="0.0.0.0/0",
+            self.security_group.id,
             description="outbound to AWS APIs, the registry and the database",
             opts=child,
         )
         if args.ssh_source_security_group_id is not None:
-            aws.vpc.SecurityGroupIngressRule(
+            allow_tcp_from_group(
                 f"{name}-ssh-from-jump",
-                security_group_id=self.security_group.id,
-                ip_protocol="tcp",
-                from_port=22,
-                to_port=22,
-                referenced_security_group_id=args.ssh_source_security_group_id,
+                self.security_group.id,
+                port=22,
+                source_security_group_id=args.ssh_source_security_group_id,
                 description="SSH from the jump host",
                 opts=child,
             )
@@ -316,18 +310,8 @@ class TrainingInstance(pulumi.ComponentResource):
             instance_initiated_shutdown_behavior="stop",
             monitoring=True,
             # Hop limit 2: the trainer runs in a container (one network hop further) and needs the role.
-            metadata_options={
-                "http_tokens": "required",
-                "http_endpoint": "enabled",
-                "http_put_response_hop_limit": 2,
-            },
-            root_block_device={
-                "volume_type": "gp3",
-                "volume_size": args.root_volume_gb,
-                "encrypted": True,
-                "kms_key_id": args.kms_key_arn,
-                "delete_on_termination": True,
-            },
+            metadata_options=imdsv2_metadata_options(hop_limit=2),
+            root_block_device=encrypted_root_volume(args.root_volume_gb, args.kms_key_arn),
             user_data=user_data,
             user_data_replace_on_change=False,
             # Functional tags (not the provider's default tags): the platform finds training boxes by them

@@ -1,0 +1,117 @@
+"""What every tessera EC2 instance shares: where its AMI comes from, IMDSv2, an encrypted root volume, the
+size limit on its user data, and the security-group rules that fence it in.
+
+The components (jump host, Grafana, training instances, worker fleets) call these plain functions, so that
+a rule such as "session tokens are required" is written once and reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import pulumi
+import pulumi_aws as aws
+
+AL2023_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+"""Public SSM parameter with the newest Amazon Linux 2023 AMI (x86_64)."""
+
+USER_DATA_LIMIT_BYTES = 16 * 1024
+"""EC2's limit on user data, counted before base64 encoding."""
+
+
+def amazon_linux_ami(parent: pulumi.Resource) -> pulumi.Output[str]:
+    """The id of the newest Amazon Linux 2023 AMI, read from its public SSM parameter.
+
+    A newer AMI shows up by itself on the next ``pulumi up``; pin an id in the component's args to hold one.
+    """
+    return aws.ssm.get_parameter_output(
+        name=AL2023_AMI_PARAMETER, opts=pulumi.InvokeOutputOptions(parent=parent)
+    ).value
+
+
+def newest_amazon_ami(name_pattern: str, parent: pulumi.Resource) -> pulumi.Output[str]:
+    """The id of the newest available x86_64 AMI published by Amazon whose name matches ``name_pattern``.
+
+    Only Amazon's own AMIs are considered, so a look-alike published by someone else can never be picked.
+    """
+    return aws.ec2.get_ami_output(
+        owners=["amazon"],
+        most_recent=True,
+        filters=[
+            {"name": "name", "values": [name_pattern]},
+            {"name": "architecture", "values": ["x86_64"]},
+            {"name": "state", "values": ["available"]},
+        ],
+        opts=pulumi.InvokeOutputOptions(parent=parent),
+    ).id
+
+
+def imdsv2_metadata_options(hop_limit: int = 1) -> aws.ec2.InstanceMetadataOptionsArgsDict:
+    """Instance metadata with session tokens required (IMDSv2 only).
+
+    ``hop_limit`` 1 keeps the credentials on the host; 2 lets a container (one network hop further, through
+    Docker's bridge) reach the instance role.
+    """
+    return {
+        "http_tokens": "required",
+        "http_endpoint": "enabled",
+        "http_put_response_hop_limit": hop_limit,
+    }
+
+
+def encrypted_root_volume(
+    size_gb: int, kms_key_arn: pulumi.Input[str] | None
+) -> aws.ec2.InstanceRootBlockDeviceArgsDict:
+    """An encrypted gp3 root volume of ``size_gb``, deleted with its instance.
+
+    ``kms_key_arn`` None encrypts with the account's default EBS key.
+    """
+    return {
+        "volume_type": "gp3",
+        "volume_size": size_gb,
+        "encrypted": True,
+        "kms_key_id": kms_key_arn,
+        "delete_on_termination": True,
+    }
+
+
+def allow_tcp_from_group(
+    resource_name: str,
+    security_group_id: pulumi.Input[str],
+    *,
+    port: int,
+    source_security_group_id: pulumi.Input[str],
+    description: str,
+    opts: pulumi.ResourceOptions,
+) -> aws.vpc.SecurityGroupIngressRule:
+    """Admit tcp ``port`` into a security group from the members of another group only (no CIDR)."""
+    return aws.vpc.SecurityGroupIngressRule(
+        resource_name,
+        security_group_id=security_group_id,
+        ip_protocol="tcp",
+        from_port=port,
+        to_port=port,
+        referenced_security_group_id=source_security_group_id,
+        description=description,
+        opts=opts,
+    )
+
+
+def allow_egress_anywhere(
+    resource_name: str,
+    security_group_id: pulumi.Input[str],
+    *,
+    description: str,
+    opts: pulumi.ResourceOptions,
+    tcp_port: int | None = None,
+) -> aws.vpc.SecurityGroupEgressRule:
+    """Let a security group's members reach any IPv4 address: on every protocol and port, or on ``tcp_port``
+    alone when it is given."""
+    return aws.vpc.SecurityGroupEgressRule(
+        resource_name,
+        security_group_id=security_group_id,
+        ip_protocol="-1" if tcp_port is None else "tcp",
+        from_port=tcp_port,
+        to_port=tcp_port,
+        cidr_ipv4="0.0.0.0/0",
+        description=description,
+        opts=opts,
+    )
