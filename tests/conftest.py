@@ -85,3 +85,36 @@ def resources(aws: str) -> Resources:
         max_receive_count=2,
         visibility_s={"image-requests": 4, "region-requests": 3},
     )
+
+
+#: What a test under :func:`mocked_aws` has in its environment: moto's dummy credentials and region.
+MOCKED_AWS_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def mocked_aws_session() -> Any:
+    """A boto3 session with moto's dummy credentials in us-east-1, made once: its clients share loaded service
+    models (a fresh session costs ~0.3 s). Its clients reach moto only inside :func:`mocked_aws`."""
+    import boto3
+    import moto  # noqa: F401 (first: a session made before moto is imported never reaches moto's mock)
+
+    return boto3.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+
+
+@pytest.fixture
+def mocked_aws(monkeypatch: pytest.MonkeyPatch, mocked_aws_session: Any) -> Iterator[Any]:
+    """Moto's in-process mock of every AWS service for this test (no server, unlike ``aws``): dummy
+    credentials in us-east-1 in the environment, no endpoint override; yields the shared boto3 session."""
+    from moto import mock_aws
+
+    for key, value in MOCKED_AWS_ENVIRONMENT.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        yield mocked_aws_session

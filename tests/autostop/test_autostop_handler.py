@@ -4,41 +4,26 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from services.autostop import handler as autostop
 from services.autostop.handler import Metric, Settings, check_instances
 
-REGION = "us-east-1"
 AMI = "ami-0123456789abcdef0"
 AUTO_STOP = {"tessera:auto-stop": "true"}
 NVIDIA = ("CWAgent", "nvidia_smi_utilization_gpu")
 GAUDI = ("tessera/Accelerators", "AcceleratorUtilization")
 
 
-@pytest.fixture(scope="module")
-def session() -> boto3.Session:
-    return boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
-
-
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch, session: boto3.Session) -> Iterator[tuple[Any, Any]]:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        yield session.client("ec2"), session.client("cloudwatch")
+def aws(mocked_aws: boto3.Session) -> tuple[Any, Any]:
+    """Moto's EC2 and CloudWatch."""
+    return mocked_aws.client("ec2"), mocked_aws.client("cloudwatch")
 
 
 def _launch(ec2: Any, tags: dict[str, str]) -> tuple[str, datetime]:

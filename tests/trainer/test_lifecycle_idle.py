@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from services.trainer import idle
 from services.trainer.idle import (
@@ -29,19 +27,6 @@ from services.trainer.idle import (
 REGION = "us-east-1"
 MINUTE = 60.0
 T0 = 1_800_000_000.0  # a fixed "now" for the fake clock
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        yield
 
 
 class FakeClock:
@@ -239,7 +224,8 @@ def test_session_manager_sessions_are_logins_too(tmp_path: Path) -> None:
 # --- AWS: the queue, the instance id, the stop --------------------------------------------------------------
 
 
-def test_queue_depth_counts_waiting_and_in_flight_jobs(aws: None) -> None:
+@pytest.mark.usefixtures("mocked_aws")
+def test_queue_depth_counts_waiting_and_in_flight_jobs() -> None:
     sqs = boto3.client("sqs", region_name=REGION)
     url = sqs.create_queue(QueueName="training-jobs")["QueueUrl"]
     assert idle.queue_depth(url, sqs) == 0
@@ -263,7 +249,8 @@ def _state(ec2: Any, instance_id: str) -> str:
     )
 
 
-def test_stop_self_stops_its_own_instance_through_the_api(aws: None) -> None:
+@pytest.mark.usefixtures("mocked_aws")
+def test_stop_self_stops_its_own_instance_through_the_api() -> None:
     ec2 = boto3.client("ec2", region_name=REGION)
     own, other = _running_instance(ec2), _running_instance(ec2)
     how = idle.stop_self(
@@ -341,7 +328,8 @@ def test_instance_id_comes_from_imdsv2_with_a_session_token() -> None:
 # --- configuration ------------------------------------------------------------------------------------------
 
 
-def test_configuration_from_the_environment(aws: None, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("mocked_aws")
+def test_configuration_from_the_environment(tmp_path: Path) -> None:
     assert idle.idle_minutes_from({}) == 5
     assert idle.idle_minutes_from({"TESSERA_IDLE_MINUTES": "12.5"}) == 12.5
     for bad in ("0", "-3", "soon"):

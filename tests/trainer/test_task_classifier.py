@@ -3,10 +3,9 @@ resumption, held-out accuracy, ONNX export checked with ONNX Runtime, and the er
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tiny_loop
 import torch
 from astropy.io import fits  # type: ignore[import-untyped]
 from PIL import Image
+from tiny_loop import CPU, resumed_and_straight
 
 from services.errors import UserError
 from services.trainer.data.frames import read_frame, robust_scale
@@ -24,7 +25,8 @@ from services.trainer.nets.vgg import VggClassifier, conv_count, norm_groups
 from services.trainer.task import TrainState
 from services.trainer.tasks.classifier import ClassifierTask
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {
     "input_size": 32,
     "width": 1 / 16,
@@ -33,15 +35,6 @@ TINY = {
     "lr": 1e-3,
     "val_fraction": 0.25,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny networks run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sky_frame(rng: np.random.Generator, cloudy: bool) -> np.ndarray:
@@ -85,29 +78,10 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train(
     task: ClassifierTask, state: TrainState, data: Any, params: Mapping[str, Any], epochs: range
 ) -> list[float]:
-    """The smallest loop the Task protocol allows; returns the loss of every step."""
-    losses = []
-    for epoch in epochs:
-        for batch in task.batches(data, params, epoch, CPU):
-            step = task.train_step(state, batch)
-            assert set(step) == {"loss", "accuracy"}
-            losses.append(step["loss"])
-    return losses
-
-
-def checkpoint(state: TrainState) -> dict[str, Any]:
-    """What a checkpoint would hold, through torch.save/torch.load."""
-    buffer = io.BytesIO()
-    torch.save(
-        {
-            "model": state.models["classifier"].state_dict(),
-            "optimizer": state.optimizers["classifier"].state_dict(),
-            "extra": state.extra,
-        },
-        buffer,
-    )
-    buffer.seek(0)
-    return torch.load(buffer)
+    """The tiny loop; returns the loss of every step, every step having reported its loss and accuracy."""
+    steps = tiny_loop.train(task, state, data, params, epochs)
+    assert all(set(step) == {"loss", "accuracy"} for step in steps)
+    return [step["loss"] for step in steps]
 
 
 def test_robust_scale() -> None:
@@ -240,15 +214,8 @@ def test_resumed_job_follows_the_same_trajectory(frames: Path) -> None:
     task = ClassifierTask()
     params = task.params(TINY)
     data = task.load(frames, params)
-    straight = train(task, task.build(params, CPU), data, params, range(3))
-    first = task.build(params, CPU)
-    before = train(task, first, data, params, range(1))
-    saved = checkpoint(first)
-    resumed = task.build(params, CPU)
-    resumed.models["classifier"].load_state_dict(saved["model"])
-    resumed.optimizers["classifier"].load_state_dict(saved["optimizer"])
-    resumed.extra = saved["extra"]
-    assert before + train(task, resumed, data, params, range(1, 3)) == straight
+    resumed, straight = resumed_and_straight(train, task, data, params, stop=1, end=3)
+    assert resumed == straight
 
 
 def test_export_matches_torch(frames: Path, tmp_path: Path) -> None:

@@ -3,9 +3,8 @@ sample grid, ONNX export checked with ONNX Runtime, and the errors a user can ca
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +12,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tiny_loop
 import torch
 from PIL import Image
+from tiny_loop import CPU, restore, resumed_and_straight, round_trip
 
 from services.errors import UserError
 from services.trainer.nets.dcgan import Discriminator, Generator
-from services.trainer.task import TrainState
 from services.trainer.tasks.dcgan import DcganTask
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {"image_size": 64, "batch_size": 4, "nz": 8, "ngf": 4, "ndf": 4, "samples": 4, "eval_images": 6}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny networks run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -51,40 +43,8 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def train(
-    task: DcganTask, state: TrainState, data: Any, params: Mapping[str, Any], epochs: range
-) -> list[dict[str, float]]:
-    """The smallest loop the Task protocol allows: every batch of every epoch, one step each."""
-    losses = []
-    for epoch in epochs:
-        for batch in task.batches(data, params, epoch, CPU):
-            assert isinstance(batch, tuple) and batch[0].shape[1:] == (3, 64, 64)  # images first
-            losses.append(task.train_step(state, batch))
-        state.epoch = epoch + 1
-    return losses
-
-
-def round_trip(state: TrainState) -> dict[str, Any]:
-    """What a checkpoint would hold, through torch.save/torch.load."""
-    buffer = io.BytesIO()
-    torch.save(
-        {
-            "models": {k: m.state_dict() for k, m in state.models.items()},
-            "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
-            "extra": state.extra,
-        },
-        buffer,
-    )
-    buffer.seek(0)
-    return torch.load(buffer)
-
-
-def restore(state: TrainState, saved: dict[str, Any]) -> None:
-    for key, model in state.models.items():
-        model.load_state_dict(saved["models"][key])
-    for key, optimizer in state.optimizers.items():
-        optimizer.load_state_dict(saved["optimizers"][key])
-    state.extra = saved["extra"]
+# The tiny loop, on batches whose first tensor is 64 x 64 colour images; returns what every step reported.
+train = partial(tiny_loop.train, batch_shape=(3, 64, 64))
 
 
 def test_params_defaults_and_overrides() -> None:
@@ -164,15 +124,8 @@ def test_resumed_job_follows_the_same_trajectory(pictures: Path) -> None:
     task = DcganTask()
     params = task.params(TINY)
     data = task.load(pictures, params)
-    straight = train(task, task.build(params, CPU), data, params, range(3))
-
-    interrupted = task.build(params, CPU)
-    before = train(task, interrupted, data, params, range(1))
-    saved = round_trip(interrupted)
-    resumed = task.build(params, CPU)
-    restore(resumed, saved)
-    after = train(task, resumed, data, params, range(1, 3))
-    assert before + after == straight
+    resumed, straight = resumed_and_straight(train, task, data, params, stop=1, end=3)
+    assert resumed == straight
 
 
 def test_fixed_noise_survives_a_checkpoint(pictures: Path, tmp_path: Path) -> None:

@@ -4,10 +4,9 @@ the great-circle loss on known city pairs, training, resumption, evaluation and 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tiny_loop
 import torch
 from PIL import Image
+from tiny_loop import CPU, resumed_and_straight
 
 from services.errors import UserError
 from services.trainer.data.sky_manifest import parse_time, read_manifest, time_features
@@ -25,19 +26,11 @@ from services.trainer.nets.sky import EARTH_RADIUS_KM, SkyPositionNet, great_cir
 from services.trainer.task import TrainState
 from services.trainer.tasks.sky_position import SkyPositionTask
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {"image_size": 64, "width": 4, "hidden": 32, "batch_size": 8, "lr": 3e-3, "val_fraction": 0.25}
 LONDON, PARIS = (51.5074, -0.1278), (48.8566, 2.3522)
 NEW_YORK, LOS_ANGELES = (40.7128, -74.0060), (34.0522, -118.2437)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny networks run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +63,9 @@ def skies(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train(
     task: SkyPositionTask, state: TrainState, data: Any, params: Mapping[str, Any], epochs: range
 ) -> list[float]:
-    """The smallest loop the Task protocol allows; returns the loss of every step."""
-    losses = []
-    for epoch in epochs:
-        for batch in task.batches(data, params, epoch, CPU):
-            assert isinstance(batch, tuple) and batch[0].shape[1:] == (1, 64, 64)
-            losses.append(task.train_step(state, batch)["loss"])
-    return losses
+    """The tiny loop, on batches of 64 x 64 grey images; returns the loss of every step."""
+    steps = tiny_loop.train(task, state, data, params, epochs, batch_shape=(1, 64, 64))
+    return [step["loss"] for step in steps]
 
 
 def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -217,19 +206,8 @@ def test_resumed_job_follows_the_same_trajectory(skies: Path) -> None:
     task = SkyPositionTask()
     params = task.params(TINY)
     data = task.load(skies, params)
-    straight = train(task, task.build(params, CPU), data, params, range(4))
-    first = task.build(params, CPU)
-    before = train(task, first, data, params, range(2))
-    buffer = io.BytesIO()
-    torch.save(
-        {"model": first.models["sky"].state_dict(), "optimizer": first.optimizers["sky"].state_dict()}, buffer
-    )
-    buffer.seek(0)
-    saved = torch.load(buffer)
-    resumed = task.build(params, CPU)
-    resumed.models["sky"].load_state_dict(saved["model"])
-    resumed.optimizers["sky"].load_state_dict(saved["optimizer"])
-    assert before + train(task, resumed, data, params, range(2, 4)) == straight
+    resumed, straight = resumed_and_straight(train, task, data, params, stop=2, end=4)
+    assert resumed == straight
 
 
 def test_export_matches_torch(skies: Path, tmp_path: Path) -> None:

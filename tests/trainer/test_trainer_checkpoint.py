@@ -14,7 +14,7 @@ from services.trainer import checkpoint
 from services.trainer.checkpoint import CheckpointError, Progress
 from services.trainer.device import Device
 from services.trainer.job import TrainingJob, parse_job
-from services.trainer.loop import run
+from services.trainer.loop import RunResult, run
 from services.trainer.storage import LocalStorage
 
 CPU = Device("cpu", torch.device("cpu"))
@@ -35,6 +35,17 @@ def _crash_at(step: int):  # type: ignore[no-untyped-def]
             raise CrashError(f"simulated crash after step {done}")
 
     return on_step
+
+
+def _crash_and_resume(tmp_path: Path, crash_after: int, **extra: object) -> tuple[RunResult, RunResult]:
+    """The job run straight through (in ``a``), and run again (in ``b``), crashing after step ``crash_after``
+    and then resumed from its own checkpoints."""
+    whole = run(ToyTask(), _job(tmp_path / "a", **extra), CPU, LocalStorage(tmp_path / "a"))
+    out = tmp_path / "b"
+    job = _job(out, **extra)
+    with pytest.raises(CrashError):
+        run(ToyTask(), job, CPU, LocalStorage(out), on_step=_crash_at(crash_after))
+    return whole, run(ToyTask(), job, CPU, LocalStorage(out))
 
 
 def test_checkpoint_holds_models_optimisers_progress_extras_and_rng(tmp_path: Path) -> None:
@@ -98,14 +109,7 @@ def test_a_slim_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_resume_mid_epoch_follows_the_uninterrupted_trajectory(tmp_path: Path) -> None:
-    whole = run(
-        ToyTask(), _job(tmp_path / "a", steps=10, checkpoint_every=3), CPU, LocalStorage(tmp_path / "a")
-    )
-    out = tmp_path / "b"
-    job = _job(out, steps=10, checkpoint_every=3)
-    with pytest.raises(CrashError):
-        run(ToyTask(), job, CPU, LocalStorage(out), on_step=_crash_at(8))
-    resumed = run(ToyTask(), job, CPU, LocalStorage(out))
+    whole, resumed = _crash_and_resume(tmp_path, 8, steps=10, checkpoint_every=3)
     assert resumed.resumed_from_step == 6  # the last checkpoint before the crash
     assert [h["step"] for h in resumed.history] == list(range(1, 11))
     assert resumed.history == whole.history  # same losses, bit for bit, on CPU
@@ -113,14 +117,7 @@ def test_resume_mid_epoch_follows_the_uninterrupted_trajectory(tmp_path: Path) -
 
 
 def test_resume_after_an_epoch_never_repeats_it(tmp_path: Path) -> None:
-    whole = run(
-        ToyTask(), _job(tmp_path / "a", epochs=3, checkpoint_every=4), CPU, LocalStorage(tmp_path / "a")
-    )
-    out = tmp_path / "b"
-    job = _job(out, epochs=3, checkpoint_every=4)
-    with pytest.raises(CrashError):
-        run(ToyTask(), job, CPU, LocalStorage(out), on_step=_crash_at(6))
-    resumed = run(ToyTask(), job, CPU, LocalStorage(out))
+    whole, resumed = _crash_and_resume(tmp_path, 6, epochs=3, checkpoint_every=4)
     assert resumed.resumed_from_step == 4
     assert [int(h["epoch"]) for h in resumed.history] == [0] * 4 + [1] * 4 + [2] * 4
     assert resumed.history == whole.history
