@@ -231,16 +231,16 @@ def measure(
     return Measured(raw, piped, time.perf_counter() - started, len(merged))
 
 
-def no_spin_detector(batch_size: int) -> OnnxDetector:
+def no_spin_detector(model: Path, batch_size: int) -> OnnxDetector:
     """The detector with ONNX Runtime's intra-op threads told not to spin while they wait for work."""
     import onnxruntime as ort
 
-    detector = OnnxDetector(harness.MODEL, providers="cpu", batch_size=batch_size)
+    detector = OnnxDetector(model, providers="cpu", batch_size=batch_size)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # OnnxDetector has no knob for this; swap its session for the measurement (same model, same options).
-    detector._session = ort.InferenceSession(str(harness.MODEL), options, providers=["CPUExecutionProvider"])
+    detector._session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     detector._sessions = [detector._session]  # one session with the default threads, as the row says
     return detector
 
@@ -260,6 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=16384, help="image width and height in px (16384)")
     p.add_argument("--compress", choices=("deflate", "jpeg"), default="deflate")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=harness.MODEL,
+        help="any detector-contract ONNX model (default: the shipped demo detector)",
+    )
+    p.add_argument(
+        "--detector-width",
+        type=int,
+        metavar="N",
+        help="instead of --model: the project's detector with N channels (shipped: 32), trained and cached "
+        "on first use; 64 costs ~3.5x the CPU per tile",
+    )
     p.add_argument("--batch", type=int, default=8, help="tiles per model call (8, the request default)")
     p.add_argument("--overlap", type=int, default=None, help="px (default: an eighth of the tile)")
     p.add_argument("--region", type=int, default=DEFAULT_REGION, help=f"region size px ({DEFAULT_REGION})")
@@ -275,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size, args.region, args.sample_batches, args.repeat = 1536, 1024, 2, 1
 
+    if args.detector_width:
+        args.model = harness.wider_detector(args.data_dir, args.detector_width)
     scene = harness.scene_file(args.data_dir, args.size, args.size, compress=args.compress)
     detector = OnnxDetector(
-        harness.MODEL, providers="cpu", batch_size=args.batch, intra_op_threads=args.intra_op_threads
+        args.model, providers="cpu", batch_size=args.batch, intra_op_threads=args.intra_op_threads
     )
     overlap = args.overlap if args.overlap is not None else detector.tile_width // 8
     grid = pipeline.Grid(
@@ -360,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'setting':24}{head}")
         for label, threads, prefetch, ort_setting in SWEEP:
             if ort_setting == "no-spin":
-                d = no_spin_detector(args.batch)
+                d = no_spin_detector(args.model, args.batch)
             elif ort_setting == "default":
                 d = detector
             else:
                 d = OnnxDetector(
-                    harness.MODEL, providers="cpu", batch_size=args.batch, intra_op_threads=int(ort_setting)
+                    args.model, providers="cpu", batch_size=args.batch, intra_op_threads=int(ort_setting)
                 )
             d.detect(np.zeros((shape[0] * d.sessions, *shape[1:]), np.float32))
             s = measure(
