@@ -21,7 +21,6 @@ alone (no model).
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import sys
@@ -119,19 +118,18 @@ def time_region(
     path: Path, detector: OnnxDetector, tiles: list[Window], *, threads: int, prefetch: int
 ) -> tuple[Timed, Detections]:
     """One region through :func:`detect_region`, the image opened afresh (GDAL's block cache empty)."""
-    # detect_region calls the reader with its defaults; the sweep varies them from here.
-    pipeline.iter_tile_batches = functools.partial(
-        reader.iter_tile_batches, threads=threads, prefetch=prefetch
-    )
-    try:
-        with harness.ThreadCpu() as cpu, RasterSource.open(str(path)) as source:
-            started = time.perf_counter()
-            outcome = pipeline.detect_region(
-                source, detector, tiles, batch_size=detector.batch_size, merge=MergeSettings()
-            )
-            seconds = time.perf_counter() - started
-    finally:
-        pipeline.iter_tile_batches = reader.iter_tile_batches
+    with harness.ThreadCpu() as cpu, RasterSource.open(str(path)) as source:
+        started = time.perf_counter()
+        outcome = pipeline.detect_region(
+            source,
+            detector,
+            tiles,
+            batch_size=detector.batch_size,
+            merge=MergeSettings(),
+            threads=threads,
+            prefetch=prefetch,
+        )
+        seconds = time.perf_counter() - started
     return Timed(outcome.tiles, seconds, outcome.batches, cpu.by_group()), outcome.detections
 
 
@@ -276,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="tiles per model call (8, the request default)")
     p.add_argument("--overlap", type=int, default=None, help="px (default: an eighth of the tile)")
     p.add_argument("--region", type=int, default=DEFAULT_REGION, help=f"region size px ({DEFAULT_REGION})")
-    p.add_argument("--threads", type=int, default=2, help="reader threads (the reader's default, 2)")
+    p.add_argument("--threads", type=int, help="reader threads (default: 2 beside a CPU model)")
+    p.add_argument(
+        "--providers",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="ONNX Runtime provider (default cpu; the goal is stated for the CPU)",
+    )
     p.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead (the reader's default, 2)")
     p.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime threads (default: cores)")
     p.add_argument("--repeat", type=int, default=3, help="passes over the image (3)")
@@ -292,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         args.model = harness.wider_detector(args.data_dir, args.detector_width)
     scene = harness.scene_file(args.data_dir, args.size, args.size, compress=args.compress)
     detector = OnnxDetector(
-        args.model, providers="cpu", batch_size=args.batch, intra_op_threads=args.intra_op_threads
+        args.model, providers=args.providers, batch_size=args.batch, intra_op_threads=args.intra_op_threads
     )
+    if args.threads is None:
+        args.threads = pipeline.reader_threads(detector)
     overlap = args.overlap if args.overlap is not None else detector.tile_width // 8
     grid = pipeline.Grid(
         detector.tile_width, detector.tile_height, overlap, overlap, args.region, args.region

@@ -85,7 +85,7 @@ def tessera_child(args: argparse.Namespace) -> None:
 
     imported = time.perf_counter()
     detector = OnnxDetector(
-        harness.MODEL, providers="cpu", batch_size=args.batch, score_threshold=SCORE_THRESHOLD
+        harness.MODEL, providers=args.providers, batch_size=args.batch, score_threshold=SCORE_THRESHOLD
     )
     grid = pipeline.Grid(
         detector.tile_width, detector.tile_height, args.overlap, args.overlap, DEFAULT_REGION, DEFAULT_REGION
@@ -135,7 +135,10 @@ def sahi_child(args: argparse.Namespace) -> None:
         def load_model(self) -> None:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self.set_model(ort.InferenceSession(self.model_path, options, providers=["CPUExecutionProvider"]))
+            providers = ["CPUExecutionProvider"]
+            if args.providers != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            self.set_model(ort.InferenceSession(self.model_path, options, providers=providers))
 
         def set_model(self, model: Any, **kwargs: Any) -> None:
             self.model = model
@@ -187,6 +190,7 @@ def sahi_child(args: argparse.Namespace) -> None:
             self._object_prediction_list_per_image = per_image
 
     imported = time.perf_counter()
+    # SAHI's own device setting is for torch models (none here); ONNX Runtime's providers are chosen above.
     model = OnnxSahiModel(model_path=str(harness.MODEL), confidence_threshold=SCORE_THRESHOLD, device="cpu")
     ratio = args.overlap / 512
     result = get_sliced_prediction(
@@ -256,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         "or 'default' for GDAL's own (5%% of RAM)",
     )
     p.add_argument("--repeat", type=int, default=1, help="runs of each side; the fastest is reported")
+    p.add_argument(
+        "--providers",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="ONNX Runtime provider of both sides (default cpu; cuda where a GPU is)",
+    )
     p.add_argument("--data-dir", type=Path, default=harness.DEFAULT_DATA_DIR)
     p.add_argument("--sahi-venv", type=Path, default=harness.DEFAULT_DATA_DIR / "sahi-venv")
     p.add_argument("--quick", action="store_true", help="smoke run: a 1024 px image")
@@ -275,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     scene = harness.scene_file(args.data_dir, args.size, args.size)
     sahi_python = ensure_sahi_venv(args.sahi_venv)
     common = ["--image", str(scene.path), "--batch", str(args.batch), "--overlap", str(args.overlap)]
+    common += ["--providers", args.providers]
     sahi_opts = ["--postprocess", args.postprocess, "--match-metric", args.match_metric]
     sahi_opts += ["--match-threshold", str(args.match_threshold)]
     runs: dict[str, harness.ChildRun] = {}

@@ -28,9 +28,10 @@ from services.cloud import objects
 from services.errors import UserError
 from services.geo.features import FeatureWriter
 from services.inference.detections import Detections
-from services.inference.detector import Detector, OnnxDetector
+from services.inference.detector import Detector, OnnxDetector, usable_cores
 from services.inference.endpoint import EndpointDetector
 from services.inference.merge import drop_edge_truncated, image_edges, merge_detections
+from services.inference.session import CPU
 from services.model_runner.request import ImageRequest, MergeSettings, Outputs
 from services.tiling.reader import RasterSource, iter_tile_batches
 from services.tiling.roi import RoiCoordinates, parse_roi, roi_pixel_polygon, tiles_in_roi
@@ -39,6 +40,12 @@ from services.tiling.windows import Window, region_windows, tiles_of_region
 
 #: Called with the number of tiles just finished (detected or skipped as nodata).
 TileProgress = Callable[[int], None]
+
+#: Strip-decoding threads beside a model that runs on this CPU: decoding takes the model's cores, and two
+#: threads hide the reads' latency (bench/README.md, "Pipeline efficiency": more change nothing).
+READER_THREADS_BESIDE_CPU_MODEL = 2
+#: The most strip-decoding threads when the model runs elsewhere (a GPU, an endpoint).
+MAX_READER_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,15 @@ def plan_job(grid: Grid, source: RasterSource, roi: BaseGeometry | None) -> JobP
     return JobPlan(grid, source.width, source.height, regions, counts)
 
 
+def reader_threads(detector: Detector) -> int:
+    """How many threads decode strips for ``detector``: :data:`READER_THREADS_BESIDE_CPU_MODEL` when the
+    model runs on this CPU; otherwise every core but the tile assembler's (2 to :data:`MAX_READER_THREADS`),
+    since decoding DEFLATE at ~1 ms per 512 px tile and core is what feeds a GPU."""
+    if isinstance(detector, OnnxDetector) and detector.provider == CPU:
+        return READER_THREADS_BESIDE_CPU_MODEL
+    return max(READER_THREADS_BESIDE_CPU_MODEL, min(MAX_READER_THREADS, usable_cores() - 1))
+
+
 def detect_region(
     source: RasterSource,
     detector: Detector,
@@ -206,11 +222,14 @@ def detect_region(
     merge: MergeSettings,
     scaling: InputScaling | None = None,
     on_tiles: TileProgress | None = None,
+    threads: int | None = None,
+    prefetch: int = 2,
 ) -> RegionOutcome:
     """Run the detector on a region's tiles and merge the duplicates among them.
 
     Per tile, boxes cut by an interior tile side are dropped (``merge.edge_margin``); the rest are shifted to
     image pixels and merged (``merge.algorithm``). Tiles that are all nodata are skipped (and counted).
+    ``threads`` decode strips (default: :func:`reader_threads`); ``prefetch`` batches are prepared ahead.
     """
     started = time.perf_counter()
     scaling = scaling or input_scaling(detector)
@@ -224,7 +243,15 @@ def detect_region(
     def feed() -> Generator[np.ndarray, None, None]:
         nonlocal skipped, reading
         tick = time.perf_counter()
-        for batch in iter_tile_batches(source, tiles, batch_size, scaling, tile_shape=shape):
+        for batch in iter_tile_batches(
+            source,
+            tiles,
+            batch_size,
+            scaling,
+            tile_shape=shape,
+            threads=threads or reader_threads(detector),
+            prefetch=prefetch,
+        ):
             skipped += batch.skipped
             if batch.tiles:
                 in_flight.append((batch.tiles, batch.skipped))
