@@ -7,7 +7,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.errors import UserError
@@ -73,3 +73,25 @@ def serve_until_stopped(worker: QueueWorker, *, on_signal: str, once: bool = Fal
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def service_main(
+    argv: Sequence[str] | None,
+    *,
+    register: Callable[[Any], None],
+    service: str,
+    worker_help: str,
+    add_worker_options: Callable[[argparse.ArgumentParser], None],
+    run_worker: Handler,
+) -> int:
+    """One service's commands on their own (``python -m services.<package>.commands ...``): what
+    ``register`` adds, and ``worker SERVICE``, parsed as the ``tessera`` front door parses them."""
+    parser = argparse.ArgumentParser(prog="tessera")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(commands)
+    worker = commands.add_parser("worker", help=worker_help)
+    worker.add_argument("service", choices=[service], help="which service")
+    add_worker_options(worker)
+    worker.set_defaults(handler=run_worker)
+    args = parser.parse_args(argv)
+    return int(args.handler(args))

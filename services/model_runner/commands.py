@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from services.errors import UserError
-from services.jobs.commands import log_to_stderr, serve_until_stopped, user_errors, worker_overrides
+from services.jobs.commands import (
+    log_to_stderr,
+    serve_until_stopped,
+    service_main,
+    user_errors,
+    worker_overrides,
+)
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -255,15 +261,14 @@ def register(subparsers: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """These commands on their own (``python -m services.model_runner.commands ...``)."""
-    parser = argparse.ArgumentParser(prog="tessera")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register(commands)
-    worker = commands.add_parser("worker", help="serve the model runner's queues")
-    worker.add_argument("service", choices=["model-runner"], help="which service")
-    add_worker_options(worker)
-    worker.set_defaults(handler=run_worker)
-    args = parser.parse_args(argv)
-    return int(args.handler(args))
+    return service_main(
+        argv,
+        register=register,
+        service="model-runner",
+        worker_help="serve the model runner's queues",
+        add_worker_options=add_worker_options,
+        run_worker=run_worker,
+    )
 
 
 if __name__ == "__main__":

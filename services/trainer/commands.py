@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.errors import UserError
-from services.jobs.commands import log_to_stderr, serve_until_stopped, user_errors, worker_overrides
+from services.jobs.commands import (
+    log_to_stderr,
+    serve_until_stopped,
+    service_main,
+    user_errors,
+    worker_overrides,
+)
 
 #: The tasks ``tessera train`` offers (the table in services.trainer.tasks, without importing torch).
 TASK_NAMES = ("classifier", "dcgan", "detector", "sky-position")
@@ -210,15 +216,14 @@ def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = No
 
 def main(argv: Sequence[str] | None = None) -> int:
     """These commands on their own (``python -m services.trainer.commands ...``)."""
-    parser = argparse.ArgumentParser(prog="tessera")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register(commands)
-    worker = commands.add_parser("worker", help="serve the training-jobs queue")
-    worker.add_argument("service", choices=["trainer"], help="which service")
-    add_worker_options(worker)
-    worker.set_defaults(handler=run_worker)
-    args = parser.parse_args(argv)
-    return int(args.handler(args))
+    return service_main(
+        argv,
+        register=register,
+        service="trainer",
+        worker_help="serve the training-jobs queue",
+        add_worker_options=add_worker_options,
+        run_worker=run_worker,
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_settle_deletes_hands_back_or_leaves_a_message(aws: str) -> None:
     assert receive_messages(url, client=sqs) == []
 
 
-def test_settle_clamps_a_deferral_to_what_sqs_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settle_clamps_a_deferral_to_what_sqs_accepts() -> None:
     calls: list[dict[str, Any]] = []
 
     class Recorder:
