@@ -33,6 +33,16 @@ ACCELERATOR_UTILIZATION_METRIC = "AcceleratorUtilization"
 TRAINER_NAMESPACE = "tessera"
 """Namespace of the trainer's own metrics (loss, throughput)."""
 
+AGENT_ROLE_STATEMENT: dict[str, Any] = {
+    # append_dimensions names ${aws:AutoScalingGroupName}, which the agent reads from the instance's tags;
+    # disk metrics name their volumes. Neither call has resource-level permissions.
+    "Sid": "CloudWatchAgentDescribe",
+    "Effect": "Allow",
+    "Action": ["ec2:DescribeTags", "ec2:DescribeVolumes"],
+    "Resource": "*",
+}
+"""What the role of any instance running this agent needs besides ``cloudwatch:PutMetricData``."""
+
 NVIDIA_GPU_MEASUREMENTS = (
     "utilization_gpu",
     "utilization_memory",

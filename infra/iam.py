@@ -45,6 +45,8 @@ UNSCOPABLE_ACTIONS = frozenset(
         "ecr:GetAuthorizationToken",
         "cloudwatch:PutMetricData",
         "cloudwatch:DescribeAlarmsForMetric",
+        # Grafana's CloudWatch data source finds dimension values by tag; the tagging API has no resources.
+        "tag:GetResources",
         *CLOUDWATCH_READ_ACTIONS,
     ]
 )

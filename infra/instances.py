@@ -7,6 +7,8 @@ a rule such as "session tokens are required" is written once and reads the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pulumi
 import pulumi_aws as aws
 
@@ -42,6 +44,58 @@ def newest_amazon_ami(name_pattern: str, parent: pulumi.Resource) -> pulumi.Outp
         ],
         opts=pulumi.InvokeOutputOptions(parent=parent),
     ).id
+
+
+class NotOfferedError(ValueError):
+    """No subnet of the stack is in a zone that offers the instance type; the message says what to change."""
+
+
+def subnet_offering(
+    instance_type: str,
+    subnet_ids: pulumi.Input[Sequence[str]],
+    *,
+    setting: str,
+    parent: pulumi.Resource,
+) -> pulumi.Output[str]:
+    """The first of ``subnet_ids`` whose availability zone offers ``instance_type``, asked of AWS.
+
+    Instance types are offered in some zones of a region only (and which zone a name means differs between
+    accounts), so a box pinned to the first subnet may never launch. When no subnet qualifies the deployment
+    stops with the zones that do offer the type and the ``setting`` to change.
+    """
+    invoke = pulumi.InvokeOutputOptions(parent=parent)
+    offered = aws.ec2.get_instance_type_offerings_output(
+        location_type="availability-zone",
+        filters=[{"name": "instance-type", "values": [instance_type]}],
+        opts=invoke,
+    ).locations
+    candidates = pulumi.Output.from_input(subnet_ids).apply(list)
+
+    def filters(values: list[list[str]]) -> list[aws.ec2.GetSubnetsFilterArgs]:
+        subnets, zones = values
+        # A filter needs a value: "none" matches no zone when AWS offers the type nowhere here.
+        return [
+            aws.ec2.GetSubnetsFilterArgs(name="subnet-id", values=subnets),
+            aws.ec2.GetSubnetsFilterArgs(name="availability-zone", values=list(zones or ()) or ["none"]),
+        ]
+
+    in_offering_zones = aws.ec2.get_subnets_output(
+        filters=pulumi.Output.all(candidates, offered).apply(filters), opts=invoke
+    ).ids
+
+    def pick(values: list[list[str]]) -> str:
+        subnets, qualifying, zones = values
+        for subnet in subnets:
+            if subnet in set(qualifying or ()):
+                return subnet
+        where = ", ".join(sorted(zones or ())) or "no zone of this region"
+        raise NotOfferedError(
+            f"{setting}: {instance_type} is not offered in the zones of the stack's private subnets "
+            f"({', '.join(subnets)}); AWS offers it in {where}. Choose an instance type offered there, or "
+            "raise tessera:azCount on the data stack so that its subnets reach a zone that offers it."
+        )
+
+    return pulumi.Output.all(candidates, in_offering_zones, offered).apply(pick)
 
 
 def imdsv2_metadata_options(hop_limit: int = 1) -> aws.ec2.InstanceMetadataOptionsArgsDict:

@@ -9,8 +9,8 @@ The admin password never passes through Pulumi: the component creates an empty S
 the instance generates a password at first boot and stores it there (``put-secret-value``). Its role
 therefore needs ``secretsmanager:PutSecretValue`` on :attr:`Monitoring.admin_secret_arn` (and
 ``kms:GenerateDataKey``/``kms:Encrypt`` on ``kms_key_arn`` when one is given), besides CloudWatch read access
-(``cloudwatch:GetMetricData``, ``ListMetrics``, ``DescribeAlarms*``, ``ec2:DescribeInstances``,
-``ec2:DescribeRegions``, ``tag:GetResources``). The stack grants them.
+(:func:`grafana_read_statements`: metrics, alarms and their history for annotations, and the EC2 and tagging
+look-ups its template variables make). The stack grants them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
@@ -164,6 +165,40 @@ def encode_user_data(script: str) -> str:
             f"{USER_DATA_LIMIT_BYTES} bytes; trim the dashboards"
         )
     return base64.b64encode(packed).decode("ascii")
+
+
+def grafana_read_statements(region: str, account_id: pulumi.Input[str]) -> list[dict[str, Any]]:
+    """What Grafana's CloudWatch data source calls besides the metric reads, as IAM policy statements.
+
+    The metrics-side part of AWS's ``AmazonGrafanaCloudWatchAccess`` policy (logs and cross-account
+    observability left out: no dashboard here uses them): alarms for annotations (``DescribeAlarmHistory``,
+    scoped to this account's alarms), and the look-ups behind dimension and region pickers.
+    """
+    return [
+        {
+            "Sid": "GrafanaAlarms",
+            "Effect": "Allow",
+            "Action": ["cloudwatch:DescribeAlarmsForMetric"],
+            "Resource": "*",
+        },
+        {
+            "Sid": "GrafanaAlarmHistory",
+            "Effect": "Allow",
+            "Action": ["cloudwatch:DescribeAlarmHistory"],
+            "Resource": pulumi.Output.concat("arn:aws:cloudwatch:", region, ":", account_id, ":alarm:*"),
+        },
+        {
+            "Sid": "GrafanaTemplateVariables",
+            "Effect": "Allow",
+            "Action": [
+                "ec2:DescribeInstances",
+                "ec2:DescribeTags",
+                "ec2:DescribeRegions",
+                "tag:GetResources",
+            ],
+            "Resource": "*",
+        },
+    ]
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,9 +96,17 @@ class TesseraMocks(pulumi_mocks.Mocks):
     ``stack_outputs`` answers ``StackReference`` reads (the compute layer reads the data layer's outputs).
     """
 
-    def __init__(self, region: str = DEFAULT_REGION, stack_outputs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        region: str = DEFAULT_REGION,
+        stack_outputs: Mapping[str, Any] | None = None,
+        offerings: Mapping[str, Sequence[str]] | None = None,
+    ):
         self.region = region
         self.stack_outputs = dict(stack_outputs or {})
+        #: Instance type -> the zone names that offer it; a type not named here is offered in every zone
+        #: (``tessera plan`` warns from stacks/capacity.toml instead of failing the offline run).
+        self.offerings = {k: list(v) for k, v in (offerings or {}).items()}
         self.declared: list[Declared] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
         #: Every string a provider function returned: values fetched at deploy time, not written in code.
@@ -136,8 +144,22 @@ class TesseraMocks(pulumi_mocks.Mocks):
             return {"value": f"ami-0{digest}00000000", "name": args.args.get("name"), "type": "String"}
         if token == "aws:ec2/getSubnet:getSubnet":
             subnet = str(args.args.get("id", "subnet"))
-            zone = f"{region}{'abc'[int(_suffix(subnet), 16) % 3]}"
+            zone = self.subnet_zone(subnet)
             return {"id": subnet, "availabilityZone": zone, "vpcId": "vpc-0", "cidrBlock": "10.0.9.0/24"}
+        if token == "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings":
+            wanted = _filter_values(args.args, "instance-type")
+            every = [f"{region}{z}" for z in "abcdef"]
+            zones = sorted({z for t in wanted for z in self.offerings.get(t, every)})
+            return {
+                "id": region,
+                "locations": zones,
+                "locationTypes": ["availability-zone"] * len(zones),
+                "instanceTypes": [wanted[0] if wanted else ""] * len(zones),
+            }
+        if token == "aws:ec2/getSubnets:getSubnets":
+            ids = _filter_values(args.args, "subnet-id")
+            wanted_zones = set(_filter_values(args.args, "availability-zone"))
+            return {"id": region, "ids": [s for s in ids if self.subnet_zone(s) in wanted_zones]}
         if token == "aws:ecr/getAuthorizationToken:getAuthorizationToken":
             return {
                 "userName": "AWS",
@@ -147,6 +169,15 @@ class TesseraMocks(pulumi_mocks.Mocks):
                 "id": region,
             }
         return {}
+
+    def subnet_zone(self, subnet_id: str) -> str:
+        """The zone of a subnet: as declared when this run declared it, else stable per id (``getSubnet``)."""
+        for r in self.declared:
+            if r.type == "aws:ec2/subnet:Subnet" and r.outputs.get("id") == subnet_id:
+                zone = r.inputs.get("availabilityZone")
+                if zone:
+                    return str(zone)
+        return f"{self.region}{'abc'[int(_suffix(subnet_id), 16) % 3]}"
 
     # --- resources ----------------------------------------------------------------------------------
     def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str | None, dict]:
@@ -260,6 +291,14 @@ class TesseraMocks(pulumi_mocks.Mocks):
         return {}
 
 
+def _filter_values(args: Mapping[str, Any], name: str) -> list[str]:
+    """The values of one ``filters`` entry of a provider function's arguments."""
+    for item in args.get("filters") or []:
+        if isinstance(item, Mapping) and item.get("name") == name:
+            return [str(v) for v in item.get("values") or []]
+    return []
+
+
 def _config_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -283,15 +322,17 @@ def run_offline(
     stack: str = "dev",
     project: str = "tessera",
     stack_outputs: Mapping[str, Any] | None = None,
+    offerings: Mapping[str, Sequence[str]] | None = None,
 ) -> OfflineRun:
     """Run ``program`` under fresh mocks with ``config`` (``namespace:key`` -> value); return its resources.
 
     ``program`` returns the stack outputs (a mapping of names to values or Outputs); they come back resolved.
-    Every call gets a new event loop and new mocks, so runs never leak into one another.
+    Every call gets a new event loop and new mocks, so runs never leak into one another. ``offerings``
+    (instance type -> zone names) restricts where the mocked AWS offers a type; others are offered everywhere.
     """
     config = dict(config or {})
     region = str(config.get("aws:region", DEFAULT_REGION))
-    mocks = TesseraMocks(region=region, stack_outputs=stack_outputs)
+    mocks = TesseraMocks(region=region, stack_outputs=stack_outputs, offerings=offerings)
     asyncio.set_event_loop(asyncio.new_event_loop())
     set_all_config({k: _config_value(v) for k, v in config.items()}, [])
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False)

@@ -8,12 +8,14 @@ plan answers it by planning the data stack first, when its config file is beside
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stacks.audit import Finding, audit
+from stacks.capacity import capacity_warnings
 from stacks.cost import CostEstimate, estimate
+from stacks.graph import graph_findings
 from stacks.offline import Declared, OfflineRun, load_stack_config, run_offline
 from stacks.settings import ConfigError, Settings, getter_from_mapping, read_settings
 
@@ -56,6 +58,8 @@ class Plan:
     run: OfflineRun
     cost: CostEstimate
     findings: list[Finding]
+    #: What may stop a real ``pulumi up`` that mocks cannot see: offerings per zone, vCPU quotas.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def layer(self) -> str:
@@ -90,6 +94,7 @@ def plan_stack(stack: str, project_dir: Path = REPO_ROOT, config: dict[str, Any]
     # Validate before running anything, so a bad value reads as one clear message.
     settings = read_settings(getter_from_mapping(config), stack, accelerator_families=ACCELERATOR_FAMILIES)
     stack_outputs: dict[str, Any] | None = None
+    data_run: OfflineRun | None = None
     if settings.layer == "compute" and config.get("tessera:dataStack"):
         data_stack = str(config["tessera:dataStack"]).rsplit("/", 1)[-1]
         if not config_path(data_stack, project_dir).exists():
@@ -97,9 +102,17 @@ def plan_stack(stack: str, project_dir: Path = REPO_ROOT, config: dict[str, Any]
                 f"tessera:dataStack names {config['tessera:dataStack']!r}, but {data_stack}'s config file "
                 f"Pulumi.{data_stack}.yaml is not here; the plan of a compute stack needs its data stack's"
             )
-        stack_outputs = plan_stack(data_stack, project_dir).run.outputs
+        data_run = plan_stack(data_stack, project_dir).run
+        stack_outputs = data_run.outputs
     run = run_offline(_program, config=config, stack=stack, stack_outputs=stack_outputs)
-    return Plan(stack=stack, settings=settings, run=run, cost=estimate(run), findings=audit(run, settings))
+    return Plan(
+        stack=stack,
+        settings=settings,
+        run=run,
+        cost=estimate(run),
+        findings=audit(run, settings) + graph_findings(run, data_run),
+        warnings=capacity_warnings(settings),
+    )
 
 
 def short_type(type_token: str) -> str:
@@ -179,6 +192,10 @@ def render(plan: Plan, width: int | None = None) -> str:
             console.print(f"  {finding}")
     else:
         console.print("Security and lifecycle checks: no findings.")
+    if plan.warnings:
+        console.print(f"Before `pulumi up` on a real account: {len(plan.warnings)} warning(s):")
+        for warning in plan.warnings:
+            console.print(f"  - {warning}")
     outputs = plan.run.outputs
     if "grafanaTunnelCommand" in outputs:
         console.print(f"Grafana, once up: {outputs['grafanaTunnelCommand']}  then open http://localhost:3000")

@@ -10,6 +10,7 @@ across two.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +20,15 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.autostop import AutoStop, AutoStopArgs
-from infra.cloudwatch_agent import agent_config_json
+from infra.cloudwatch_agent import AGENT_ROLE_STATEMENT, agent_config_json
 from infra.database import Database, DatabaseArgs
 from infra.encryption import Encryption, EncryptionArgs
 from infra.gpu_fleet import WorkerFleet, WorkerFleetArgs
 from infra.iam import BucketGrant, ServiceAccess, ServiceRole, ServiceRoleArgs
+from infra.instances import subnet_offering
 from infra.jump_host import JumpHost, JumpHostArgs
 from infra.logs import ServiceLogs, ServiceLogsArgs
-from infra.monitoring import Monitoring, MonitoringArgs
+from infra.monitoring import Monitoring, MonitoringArgs, grafana_read_statements
 from infra.network import Network, NetworkArgs
 from infra.queues import Queues, QueuesArgs
 from infra.registry import Registry, RegistryArgs
@@ -222,7 +224,7 @@ class ComputeLayer(pulumi.ComponentResource):
         self.roles = {
             spec.name: ServiceRole(
                 f"{name}-role-{spec.name}",
-                ServiceRoleArgs(service=spec.name, access=service_access(spec, data)),
+                ServiceRoleArgs(service=spec.name, access=_with_agent(spec, service_access(spec, data))),
                 child,
             )
             for spec in SERVICES
@@ -261,7 +263,13 @@ class ComputeLayer(pulumi.ComponentResource):
                 f"{name}-training",
                 TrainingInstanceArgs(
                     vpc_id=data.get("vpcId"),
-                    subnet_id=first_private,
+                    # Training types are offered in some zones only: the first private subnet in one that does.
+                    subnet_id=subnet_offering(
+                        s.training_instance_type,
+                        data.get("privateSubnetIds"),
+                        setting="tessera:trainingInstanceType",
+                        parent=self,
+                    ),
                     instance_profile_name=_profile(self.roles[trainer.name]),
                     image_ref=data.item("imageRefs", trainer.name),
                     region=s.region,
@@ -308,15 +316,12 @@ class ComputeLayer(pulumi.ComponentResource):
                     cloudwatch_read=True,
                     kms_key_arns=[data.get("kmsKeyArn")],
                     log_group_arns=[data.item("logGroupArns", GRAFANA)],
-                    extra_statements=[
-                        {
-                            # The training dashboard lists instances by their tessera:role tag.
-                            "Sid": "FindTrainingInstances",
-                            "Effect": "Allow",
-                            "Action": ["ec2:DescribeInstances", "ec2:DescribeTags"],
-                            "Resource": "*",
-                        }
-                    ],
+                    # Annotations from alarm history; dimension pickers (the training dashboard lists
+                    # instances by their tessera:role tag).
+                    extra_statements=grafana_read_statements(
+                        s.region,
+                        aws.get_caller_identity_output(opts=pulumi.InvokeOutputOptions(parent=self)).account_id,
+                    ),
                 ),
             ),
             child,
@@ -373,6 +378,13 @@ class ComputeLayer(pulumi.ComponentResource):
             self.outputs["trainingIdleAlarm"] = self.training.idle_alarm_name
             self.outputs["trainingAccelerator"] = self.training.accelerator
         self.register_outputs(self.outputs)
+
+
+def _with_agent(spec: ServiceSpec, access: ServiceAccess) -> ServiceAccess:
+    """A fleet's instances run the CloudWatch agent under the service's role: grant what the agent reads."""
+    if spec.runs_on != "fleet":
+        return access
+    return dataclasses.replace(access, extra_statements=[*access.extra_statements, AGENT_ROLE_STATEMENT])
 
 
 def _profile(role: ServiceRole) -> pulumi.Output[str]:
