@@ -29,6 +29,7 @@ WRITE_OBJECT_ACTIONS = ["s3:PutObject", "s3:AbortMultipartUpload"]
 SECRET_ACTIONS = ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"]
 KMS_ACTIONS = ["kms:Decrypt", "kms:GenerateDataKey"]
 ECR_PULL_ACTIONS = ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"]
+DATABASE_CONNECT_ACTIONS = ["rds-db:connect"]
 LOG_ACTIONS = ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"]
 CLOUDWATCH_READ_ACTIONS = [
     "cloudwatch:GetMetricData",
@@ -87,6 +88,9 @@ class ServiceAccess:
     """Bucket prefixes the service writes (PutObject, AbortMultipartUpload); writing grants no reading."""
     secret_arns: Sequence[Input[str]] = ()
     """Secrets Manager secrets the service reads."""
+    database_user_arns: Sequence[Input[str]] = ()
+    """Database users the service logs in as with an IAM token
+    (``arn:aws:rds-db:<region>:<account>:dbuser:<DbiResourceId>/<user>``)."""
     kms_key_arns: Sequence[Input[str]] = ()
     """KMS keys the service decrypts with and generates data keys from (SSE-KMS buckets, queues, secrets)."""
     ecr_repository_arns: Sequence[Input[str]] = ()
@@ -156,6 +160,10 @@ def access_statements(access: ServiceAccess) -> list[Input[dict[str, Any]]]:
         statements.append(_statement("WriteObjects", WRITE_OBJECT_ACTIONS, objects))
     if access.secret_arns:
         statements.append(_statement("ReadSecrets", SECRET_ACTIONS, access.secret_arns))
+    if access.database_user_arns:
+        statements.append(
+            _statement("ConnectAsDatabaseUser", DATABASE_CONNECT_ACTIONS, access.database_user_arns)
+        )
     if access.kms_key_arns:
         statements.append(_statement("UseKeys", KMS_ACTIONS, access.kms_key_arns))
     if access.ecr_repository_arns:
@@ -191,7 +199,8 @@ def _unscopable(action: str, statement: dict[str, Any]) -> bool:
 def wildcard_violations(policy: dict[str, Any]) -> list[str]:
     """Statements of an IAM policy that grant more than they name; an empty list means the policy is tight.
 
-    Flags Allow statements with Action ``"*"`` or ``"<service>:*"``, with NotAction or NotResource, and with
+    Flags Allow statements with Action ``"*"`` or ``"<service>:*"``, with NotAction or NotResource,
+    ``rds-db:connect`` on a wildcard database user, and with
     Resource ``"*"`` for any action outside the allow-list of actions AWS cannot scope
     (ecr:GetAuthorizationToken, cloudwatch:PutMetricData with a ``cloudwatch:namespace`` condition, the
     CloudWatch read actions, read-only ``ec2:Describe*``).
@@ -208,6 +217,11 @@ def wildcard_violations(policy: dict[str, Any]) -> list[str]:
         for action in actions:
             if action == "*" or action.endswith(":*"):
                 found.append(f"{label}: Action {action!r} grants every action")
+        if any(a.lower() in ("rds-db:connect", "rds-db:*") for a in actions):
+            # A wildcard in a dbuser ARN lets the role log in as any database user, the master included.
+            users = [str(r) for r in _as_list(statement.get("Resource")) if "*" in str(r)]
+            if users:
+                found.append(f"{label}: rds-db:connect as any user of {', '.join(users)}")
         if "*" in _as_list(statement.get("Resource")):
             broad = [a for a in actions if not _unscopable(a, statement)]
             if broad:

@@ -1,13 +1,21 @@
 """The services the platform runs, and exactly what each may touch.
 
-This table is the one place that says which queues, buckets (and key prefixes), secrets and log groups a
-service uses; the program derives each service's IAM role, container environment and fleet from it, so a
-permission cannot be granted without showing up here.
+This table is the one place that says which queues, buckets (and key prefixes), database schemas and log
+groups a service uses; the program derives each service's IAM role, container environment, fleet and
+database user from it, so a permission cannot be granted without showing up here.
+
+Database schemas are named after the service package whose ``migrations`` create their tables
+(``model_runner``, ``trainer``, ``registry``); the database bootstrap (``DATABASE_BOOTSTRAP``) applies the
+migrations into them and grants each service's user exactly what its :class:`DatabaseUse` lists.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
+
+_IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -16,6 +24,35 @@ class BucketUse:
 
     purpose: str
     prefix: str = ""
+
+
+@dataclass(frozen=True)
+class DatabaseUse:
+    """A service's own database user (IAM-authenticated) and the schemas it may use.
+
+    ``writes``: schemas whose tables it reads and writes (SELECT, INSERT, UPDATE, DELETE; sequences);
+    ``reads``: schemas whose tables it only reads. No user may create, alter or drop anything.
+    """
+
+    user: str
+    writes: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in (self.user, *self.writes, *self.reads):
+            if not _IDENTIFIER.match(name):
+                raise ValueError(f"database name {name!r}: use lowercase letters, digits and underscores")
+        if set(self.writes) & set(self.reads):
+            raise ValueError(f"{self.user}: a schema is listed in both writes and reads")
+
+    @property
+    def search_path(self) -> tuple[str, ...]:
+        """Where the user's unqualified table names resolve: its own schemas first, then what it reads."""
+        return (*self.writes, *self.reads)
+
+    def as_input(self) -> dict[str, Any]:
+        """The user as the database bootstrap reads it (its invocation's input)."""
+        return {"user": self.user, "writes": list(self.writes), "reads": list(self.reads)}
 
 
 @dataclass(frozen=True)
@@ -31,7 +68,8 @@ class ServiceSpec:
     sends: tuple[str, ...] = ()
     reads: tuple[BucketUse, ...] = ()
     writes: tuple[BucketUse, ...] = ()
-    database: bool = False
+    #: Its database user and schemas; None: no database access at all.
+    database: DatabaseUse | None = None
 
 
 SERVICES: tuple[ServiceSpec, ...] = (
@@ -43,7 +81,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
         sends=("region-requests",),
         reads=(BucketUse("imagery"), BucketUse("models")),
         writes=(BucketUse("results"),),
-        database=True,
+        # Its jobs and regions; model names resolve through the registry, which the trainer writes.
+        database=DatabaseUse("model_runner", writes=("model_runner",), reads=("registry",)),
     ),
     ServiceSpec(
         "trainer",
@@ -52,7 +91,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         consumes=("training-jobs",),
         reads=(BucketUse("datasets"), BucketUse("models")),
         writes=(BucketUse("models"), BucketUse("logs", "training/")),
-        database=True,
+        database=DatabaseUse("trainer", writes=("trainer", "registry")),
     ),
     ServiceSpec(
         "sky-generator",
@@ -68,7 +107,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
         consumes=("fits-frames",),
         reads=(BucketUse("imagery", "fits/"), BucketUse("models")),
         writes=(BucketUse("results", "fits/"),),
-        database=True,
+        # Not written yet: its own, empty schema and nothing else.
+        database=DatabaseUse("fits_classifier", writes=("fits_classifier",)),
     ),
     ServiceSpec(
         "sight-catalog",
@@ -77,11 +117,20 @@ SERVICES: tuple[ServiceSpec, ...] = (
         sends=("training-jobs",),
         reads=(BucketUse("datasets"), BucketUse("models")),
         writes=(BucketUse("datasets", "catalog/"),),
-        database=True,
+        database=DatabaseUse("sight_catalog", writes=("sight_catalog",)),
     ),
 )
 
 SERVICE_NAMES: tuple[str, ...] = tuple(s.name for s in SERVICES)
+
+#: The one-shot that alone reads the database master secret: it creates the users of ``SERVICES``, applies
+#: the migrations and grants (its image is ``images/db-bootstrap.Dockerfile``; it is not a service).
+DATABASE_BOOTSTRAP = "db-bootstrap"
+
+
+def database_users() -> list[dict[str, Any]]:
+    """Every service's database user and grants, as the bootstrap reads them."""
+    return [s.database.as_input() for s in SERVICES if s.database is not None]
 
 
 def service(name: str) -> ServiceSpec:

@@ -1,17 +1,24 @@
-"""Where the database is (environment, Secrets Manager) and migrations applied exactly once."""
+"""Where the database is (environment), how a platform service logs in (its own user, an IAM token per
+connection) and migrations applied exactly once (by the bootstrap, on the platform)."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
+from typing import Any
 
-import boto3
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from services.cloud.database import apply_migrations, connect, database_url, migrations
+from services.cloud.database import (
+    apply_migrations,
+    connect,
+    database_url,
+    migrate,
+    migrations,
+    uses_iam_authentication,
+)
 from services.errors import UserError
 
 
@@ -35,28 +42,76 @@ def test_url_from_the_environment_wins() -> None:
     )
 
 
-def test_url_from_host_and_the_rds_managed_secret(aws: str) -> None:
-    secrets = boto3.client("secretsmanager", endpoint_url=aws)
-    arn = secrets.create_secret(
-        Name="rds-master-test", SecretString=json.dumps({"username": "tessera", "password": "s3cr=t pass"})
-    )["ARN"]
-    url = database_url(
-        {
-            "TESSERA_DB_HOST": "db.example.internal",
-            "TESSERA_DB_PORT": "5433",
-            "TESSERA_DB_NAME": "tessera",
-            "TESSERA_DB_SECRET_ARN": arn,
-        },
-        secrets_client=secrets,
-    )
-    assert conninfo_to_dict(url) == {
-        "host": "db.example.internal",
+PLATFORM_ENV = {
+    "TESSERA_DB_HOST": "tessera-dev-db.c0ffee.us-east-1.rds.amazonaws.com",
+    "TESSERA_DB_PORT": "5433",
+    "TESSERA_DB_NAME": "tessera",
+    "TESSERA_DB_USER": "model_runner",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def test_on_the_platform_a_service_logs_in_as_its_own_user_without_a_password() -> None:
+    assert conninfo_to_dict(database_url(PLATFORM_ENV)) == {
+        "host": PLATFORM_ENV["TESSERA_DB_HOST"],
         "port": "5433",
         "dbname": "tessera",
-        "user": "tessera",
-        "password": "s3cr=t pass",
+        "user": "model_runner",
         "sslmode": "require",
     }
+    assert uses_iam_authentication(PLATFORM_ENV)
+    assert not uses_iam_authentication({"TESSERA_DB_URL": "postgresql://u@h/db"})
+
+
+def test_every_connection_gets_a_fresh_iam_token(mocked_aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def fake_connect(url: str, **kwargs: Any) -> str:
+        seen.append({"url": url, **kwargs})
+        return "connection"
+
+    monkeypatch.setattr(psycopg, "connect", fake_connect)
+    rds = mocked_aws.client("rds")
+    assert connect(env=PLATFORM_ENV, rds_client=rds) == "connection"
+    assert connect(env=PLATFORM_ENV, rds_client=rds) == "connection"
+    tokens = [call["password"] for call in seen]
+    for token in tokens:
+        assert token.startswith(
+            f"{PLATFORM_ENV['TESSERA_DB_HOST']}:5433/?Action=connect&DBUser=model_runner&"
+        )
+        assert "X-Amz-Signature=" in token
+    assert "password" not in conninfo_to_dict(seen[0]["url"])
+    assert conninfo_to_dict(seen[0]["url"])["sslmode"] == "require"
+    # A training process gets the platform's string as TESSERA_DB_URL: still a token of its own.
+    connect(env={**PLATFORM_ENV, "TESSERA_DB_URL": seen[0]["url"]}, rds_client=rds)
+    assert seen[-1]["password"].startswith(PLATFORM_ENV["TESSERA_DB_HOST"])
+    # Locally the URL is used as it is: no token.
+    connect(env={"TESSERA_DB_URL": "postgresql://u:p@h/db"})
+    connect(env={"TESSERA_DB_URL": "postgresql://postgres@/db?host=/tmp"})
+    assert "password" not in seen[-1] and "password" not in seen[-2]
+
+
+def test_a_platform_service_applies_no_migrations(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with connect(database_url) as conn:
+        monkeypatch.delenv("TESSERA_DB_URL", raising=False)
+        monkeypatch.setenv("TESSERA_DB_USER", "model_runner")
+        assert apply_migrations(conn) == []
+        assert conn.execute("SELECT to_regclass('public.schema_migrations')").fetchone() == (None,)
+        monkeypatch.delenv("TESSERA_DB_USER")
+        assert apply_migrations(conn)
+
+
+def test_migrations_can_go_into_a_schema_per_package(tmp_path: Path, database_url: str) -> None:
+    files = migrations(_migrations_tree(tmp_path))
+    with connect(database_url) as conn:
+        assert migrate(conn, files, schemas=True) == [m.name for m in files]
+        tables = set(
+            conn.execute(
+                "SELECT schemaname, tablename FROM pg_tables WHERE schemaname IN ('alpha', 'beta', 'public')"
+            )
+        )
+        assert tables == {("alpha", "things"), ("beta", "counter"), ("public", "schema_migrations")}
+        assert migrate(conn, files, schemas=True) == []
 
 
 def test_no_database_configured_says_what_to_set() -> None:

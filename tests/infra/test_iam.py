@@ -322,3 +322,33 @@ def test_broad_statements_are_flagged(statement: dict[str, Any], complaint: str)
 def test_a_single_statement_object_is_read_too() -> None:
     assert wildcard_violations({"Statement": _allow("Solo", "s3:*", BUCKET)})
     assert wildcard_violations({"Statement": []}) == []
+
+
+DB_USER = "arn:aws:rds-db:us-east-1:123456789012:dbuser:db-ABCDEFGHIJKL/model_runner"
+
+
+def test_a_database_user_is_granted_rds_db_connect_on_that_user_only(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    def program() -> dict[str, Any]:
+        access = ServiceAccess(database_user_arns=[DB_USER], kms_key_arns=[KEY])
+        ServiceRole("mr", ServiceRoleArgs(service="model-runner", access=access))
+        return {}
+
+    policy = _policy(offline(program), "mr-policy")
+    statement = _statement(policy, "ConnectAsDatabaseUser")
+    assert (statement["Action"], statement["Resource"]) == (["rds-db:connect"], [DB_USER])
+    assert not [a for a in _actions(policy) if a.startswith("secretsmanager:")]
+    assert wildcard_violations(policy) == []
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        "arn:aws:rds-db:us-east-1:123456789012:dbuser:db-ABCDEFGHIJKL/*",
+        "arn:aws:rds-db:us-east-1:123456789012:dbuser:*/model_runner",
+    ],
+)
+def test_connecting_as_any_database_user_is_flagged(resource: str) -> None:
+    found = wildcard_violations(_doc(_allow("AnyUser", ["rds-db:connect"], [resource])))
+    assert found and "rds-db:connect as any user" in found[0]
