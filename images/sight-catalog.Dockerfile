@@ -9,12 +9,16 @@ FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Only what the package build reads: setuptools packages infra*, stacks* and services*.
+# The locked dependencies first (images/locks/, made by images/lock.sh): every package pinned and hashed,
+# so a rebuild from any checkout installs the same files. Their layer stays cached while the code changes.
+COPY images/locks/services.txt requirements.txt
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.txt
+# Then tessera alone: only what the package build reads (setuptools packages infra*, stacks* and services*).
 COPY pyproject.toml README.md ./
 COPY infra/ infra/
 COPY stacks/ stacks/
 COPY services/ services/
-RUN /opt/venv/bin/pip install --no-cache-dir .
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # ---- runtime: the same Python, the venv, no sources -------------------------------------------------------
 FROM python:3.11.14-slim-bookworm

@@ -15,12 +15,16 @@ COPY --from=uv /uv /usr/local/bin/uv
 # Ubuntu 24.04 ships Python 3.12; uv installs a standalone CPython 3.11 (the uv version pins which one).
 RUN uv python install 3.11 && uv venv --seed --python 3.11 /opt/venv
 WORKDIR /src
-# Only what the package build reads: setuptools packages infra*, stacks* and services*.
+# The locked dependencies first (images/locks/, made by images/lock.sh): every package pinned and hashed,
+# so a rebuild from any checkout installs the same files. Their layer stays cached while the code changes.
+COPY images/locks/services.txt requirements.txt
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.txt
+# Then tessera alone: only what the package build reads (setuptools packages infra*, stacks* and services*).
 COPY pyproject.toml README.md ./
 COPY infra/ infra/
 COPY stacks/ stacks/
 COPY services/ services/
-RUN /opt/venv/bin/pip install --no-cache-dir .
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # ---- runtime: CUDA + cuDNN, Stellarium and Xvfb, the venv --------------------------------------------------
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04

@@ -3,6 +3,9 @@
 # checkpoints and exports ONNX to the model registry. Built by the Pulumi program (infra/registry.py) with the
 # repository root as context:
 #   docker build -f images/trainer.Dockerfile --platform linux/amd64 .
+# This is the trainer for NVIDIA Turing, Ampere and newer (g4dn, g5, g6, p4d, p5, ...): PyPI's torch, built for
+# CUDA 13. Volta (p3) trains from trainer-cuda12.Dockerfile, Gaudi (dl1) from trainer-gaudi.Dockerfile
+# (infra/trainer_images.py picks one per instance family).
 
 FROM ghcr.io/astral-sh/uv:0.13.0 AS uv
 
@@ -15,13 +18,17 @@ COPY --from=uv /uv /usr/local/bin/uv
 # Ubuntu 24.04 ships Python 3.12; uv installs a standalone CPython 3.11 (the uv version pins which one).
 RUN uv python install 3.11 && uv venv --seed --python 3.11 /opt/venv
 WORKDIR /src
-# Only what the package build reads: setuptools packages infra*, stacks* and services*.
+# The locked dependencies first (images/locks/, made by images/lock.sh): every package pinned and hashed,
+# so a rebuild from any checkout installs the same files. Their layer stays cached while the code changes.
+COPY images/locks/trainer-cuda13.txt requirements.txt
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.txt
+# Then tessera alone: only what the package build reads (setuptools packages infra*, stacks* and services*).
 COPY pyproject.toml README.md ./
 COPY infra/ infra/
 COPY stacks/ stacks/
 COPY services/ services/
-# The train extra brings torch (PyPI's Linux wheel is the CUDA build) and onnx.
-RUN /opt/venv/bin/pip install --no-cache-dir ".[train]"
+# The lock holds the train extra too: PyPI's torch 2.13 (CUDA 13), onnx.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # ---- runtime: CUDA + cuDNN, the venv, no sources, no build tools ------------------------------------------
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04

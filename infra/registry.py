@@ -1,8 +1,16 @@
 """ECR repositories for the service images, and the images themselves, built and pushed by `pulumi up`.
 
 Each service has one repository and one Dockerfile, ``images/<service>.Dockerfile``, built with the repository
-root as context. Images are tagged with a hash of what goes into them (the Dockerfile and every file it
-copies), so tags are immutable and an unchanged tree never pushes a new image.
+root as context. A service may have variants (the trainer: one image per accelerator), each from its own
+``images/<service>-<variant>.Dockerfile`` and pushed to the service's repository under a tag that starts with
+the variant's name. Images are tagged with a hash of what goes into them (the Dockerfile, its ignore file
+and every file it copies, the dependency lock included), so tags are immutable and an unchanged tree never
+pushes a new image.
+
+The build paths pulumi-docker gets are relative to the Pulumi project directory (the working directory of
+``pulumi up``): an absolute path would land in the stack's state, and a checkout at another path would then
+differ from it, rebuild, and try to push a tag the immutable repository already holds. An image can also be
+pinned to a digest built elsewhere (CI): it is then neither built nor pushed here.
 """
 
 from __future__ import annotations
@@ -10,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shlex
 import stat
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from glob import glob
 
 import pulumi
@@ -30,6 +39,8 @@ IGNORED_DIRS = frozenset(
 )
 IGNORED_SUFFIXES = (".pyc", ".pyo", ".egg-info")
 _SERVICE_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+#: ``registry/repository@sha256:<64 hex>``: an image by its content, which no one can move.
+DIGEST_REF = re.compile(r"^[a-z0-9][a-z0-9.-]*(?::[0-9]+)?/[a-z0-9][a-z0-9._/-]*@sha256:[0-9a-f]{64}$")
 
 
 @dataclass
@@ -39,7 +50,16 @@ class RegistryArgs:
     services: Sequence[str]
     """Service names; each gets a repository and is built from ``images/<service>.Dockerfile``."""
     context_dir: str
-    """The build context: the repository root (absolute, or relative to the Pulumi program's directory)."""
+    """Where this program reads the build inputs to hash them: the repository root (absolute, or relative to
+    the working directory). Never handed to pulumi-docker, so it never reaches the stack's state."""
+    build_context: str = "."
+    """The build context as pulumi-docker gets it, relative to the Pulumi project directory (the working
+    directory of ``pulumi up``); the Dockerfiles' paths are given relative to it too."""
+    variants: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Per service, the variants built beside its image: ``{"trainer": ["cuda12"]}`` builds
+    ``images/trainer-cuda12.Dockerfile`` into the trainer repository (image name ``trainer-cuda12``)."""
+    pinned_refs: Mapping[str, str] = field(default_factory=dict)
+    """Image name -> ``registry/repo@sha256:...`` built and pushed elsewhere (CI): used as is, not built."""
     kms_key_arn: Input[str] | None = None
     """KMS key that encrypts the repositories; None uses AES256 (ECR-managed keys)."""
     keep_images: int = 20
@@ -56,8 +76,21 @@ class RegistryArgs:
 
 
 def dockerfile_path(service: str) -> str:
-    """Where a service's Dockerfile lives, relative to the build context."""
+    """Where an image's Dockerfile lives, relative to the context (``trainer``, ``trainer-cuda12``)."""
     return f"{DOCKERFILE_DIR}/{service}.Dockerfile"
+
+
+def variant_image(service: str, variant: str) -> str:
+    """The image name of one variant of a service (``trainer``, ``cuda12`` -> ``trainer-cuda12``)."""
+    return f"{service}-{variant}"
+
+
+def image_names(args: RegistryArgs) -> list[str]:
+    """Every image the registry holds: each service's, then its variants'."""
+    names = list(args.services)
+    for service in args.services:
+        names.extend(variant_image(service, v) for v in args.variants.get(service, ()))
+    return names
 
 
 def dockerignore_path(service: str) -> str:
@@ -163,9 +196,10 @@ class Registry(pulumi.ComponentResource):
     repository_arns: dict[str, pulumi.Output[str]]
     repository_names: dict[str, pulumi.Output[str]]
     image_refs: dict[str, pulumi.Output[str]]
-    """What to run: the pushed image's digest reference, or ``<url>:<content tag>`` when not building."""
+    """Per image name (service or variant): what to run, the pushed image's digest reference, the pinned
+    digest, or ``<url>:<content tag>`` when not building."""
     image_tags: dict[str, str]
-    """The content tag of each service's image."""
+    """The content tag of each image (a variant's starts with the variant's name: ``cuda12-<hash>``)."""
 
     def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("tessera:infra:Registry", name, None, opts)
@@ -194,38 +228,15 @@ class Registry(pulumi.ComponentResource):
             aws.ecr.LifecyclePolicy(
                 f"{name}-{service}-lifecycle", repository=repo.name, policy=lifecycle, opts=child
             )
-            tag = content_tag(args.context_dir, service, args.platform)
-            image_name = Output.concat(repo.repository_url, ":", tag)
             self.repositories[service] = repo
             self.repository_urls[service] = repo.repository_url
             self.repository_arns[service] = repo.arn
             self.repository_names[service] = repo.name
-            self.image_tags[service] = tag
-            if not args.build:
-                self.image_refs[service] = image_name
-                continue
-            # The instance role never pushes; the deployer's credentials get a short-lived token here.
-            token = aws.ecr.get_authorization_token_output(
-                registry_id=repo.registry_id, opts=pulumi.InvokeOptions(parent=self)
-            )
-            image = docker.Image(
-                f"{name}-{service}-image",
-                build=docker.DockerBuildArgs(
-                    context=args.context_dir,
-                    dockerfile=os.path.join(args.context_dir, dockerfile_path(service)),
-                    platform=args.platform,
-                ),
-                image_name=image_name,
-                registry=docker.RegistryArgs(
-                    server=repo.repository_url,
-                    username=token.user_name,
-                    password=Output.secret(token.password),
-                ),
-                opts=child,
-            )
-            self.images[service] = image
-            # The digest, not the tag, so that a consumer's launch template changes with every new push.
-            self.image_refs[service] = image.repo_digest
+            images = [(service, "")] + [
+                (variant_image(service, v), v) for v in args.variants.get(service, ())
+            ]
+            for image_name, variant in images:
+                self._image(name, args=args, repo=repo, image=image_name, variant=variant, child=child)
         self.register_outputs(
             {
                 "repository_urls": self.repository_urls,
@@ -234,6 +245,52 @@ class Registry(pulumi.ComponentResource):
                 "image_tags": self.image_tags,
             }
         )
+
+    def _image(
+        self,
+        name: str,
+        *,
+        args: RegistryArgs,
+        repo: aws.ecr.Repository,
+        image: str,
+        variant: str,
+        child: pulumi.ResourceOptions,
+    ) -> None:
+        """Tag (and unless pinned or not building, build and push) one image into ``repo``."""
+        tag = content_tag(args.context_dir, image, args.platform)
+        if variant:
+            tag = f"{variant}-{tag}"
+        self.image_tags[image] = tag
+        if image in args.pinned_refs:
+            self.image_refs[image] = Output.from_input(args.pinned_refs[image])
+            return
+        image_name = Output.concat(repo.repository_url, ":", tag)
+        if not args.build:
+            self.image_refs[image] = image_name
+            return
+        # The instance role never pushes; the deployer's credentials get a short-lived token here.
+        token = aws.ecr.get_authorization_token_output(
+            registry_id=repo.registry_id, opts=pulumi.InvokeOptions(parent=self)
+        )
+        built = docker.Image(
+            f"{name}-{image}-image",
+            build=docker.DockerBuildArgs(
+                # Relative to the project directory: the same inputs from every checkout (see the module doc).
+                context=args.build_context,
+                dockerfile=posixpath.normpath(posixpath.join(args.build_context, dockerfile_path(image))),
+                platform=args.platform,
+            ),
+            image_name=image_name,
+            registry=docker.RegistryArgs(
+                server=repo.repository_url,
+                username=token.user_name,
+                password=Output.secret(token.password),
+            ),
+            opts=child,
+        )
+        self.images[image] = built
+        # The digest, not the tag, so that a consumer's launch template changes with every new push.
+        self.image_refs[image] = built.repo_digest
 
 
 def _check(args: RegistryArgs) -> None:
@@ -244,12 +301,38 @@ def _check(args: RegistryArgs) -> None:
         if service in seen:
             raise ValueError(f"service {service!r} is listed twice in RegistryArgs.services")
         seen.add(service)
-        path = os.path.join(args.context_dir, dockerfile_path(service))
+    for service, variants in args.variants.items():
+        if service not in seen:
+            raise ValueError(
+                f"RegistryArgs.variants names {service!r}, which is not in RegistryArgs.services"
+            )
+        for variant in variants:
+            if not _SERVICE_NAME.match(variant):
+                raise ValueError(
+                    f"variant {variant!r} of {service!r}: use lower-case letters, digits, hyphens"
+                )
+    names = image_names(args)
+    if len(set(names)) != len(names):
+        raise ValueError(f"image names collide: {', '.join(sorted(n for n in names if names.count(n) > 1))}")
+    for image in names:
+        path = os.path.join(args.context_dir, dockerfile_path(image))
         if not os.path.isfile(path):
             raise ValueError(
-                f"service {service!r} has no Dockerfile: write {dockerfile_path(service)} "
+                f"service {image!r} has no Dockerfile: write {dockerfile_path(image)} "
                 f"(looked for {os.path.abspath(path)})"
             )
+    for image, ref in args.pinned_refs.items():
+        if image not in names:
+            raise ValueError(f"pinned image {image!r} is not one of the images: {', '.join(names)}")
+        if not DIGEST_REF.match(ref):
+            raise ValueError(
+                f"pinned image {image!r}: {ref!r} is not a digest reference (registry/repo@sha256:...)"
+            )
+    if os.path.isabs(args.build_context) or args.build_context.startswith(".."):
+        raise ValueError(
+            f"build_context {args.build_context!r} must be relative to the Pulumi project directory and "
+            "inside it (an absolute path lands in the stack's state and differs between checkouts)"
+        )
     if args.keep_images < 1:
         raise ValueError(f"keep_images must be at least 1, got {args.keep_images}")
 

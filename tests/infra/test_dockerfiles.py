@@ -1,5 +1,6 @@
 """The service Dockerfiles, read statically (no Docker engine here): pinned bases, CUDA where the service
-needs a GPU, a non-root user, no baked-in secrets, the tessera CLI as entrypoint, only build inputs copied."""
+needs a GPU, a non-root user, no baked-in secrets, the tessera CLI as entrypoint, only build inputs copied,
+dependencies installed from a hashed lock. The trainer has one image per accelerator."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from infra.registry import (
     dockerfile_instructions,
     dockerignore_path,
 )
-from stacks.services import SERVICE_NAMES, SERVICES
+from infra.trainer_images import BUILT_VARIANTS, VARIANT_IMAGES
+from stacks.services import DATABASE_BOOTSTRAP, SERVICE_NAMES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
@@ -29,7 +31,22 @@ GPU_SERVICES = sorted(s.name for s in SERVICES if s.gpu)
 CPU_SERVICES = sorted(s.name for s in SERVICES if not s.gpu)
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|AWS_ACCESS_KEY|AWS_SECRET|API_KEY|PRIVATE_KEY", re.I)
 EXPECTED_CMD = {"sight-catalog": ["catalog", "serve"]}
-EXPECTED_INSTALL = {"trainer": ".[train]"}
+VARIANTS = {f"{s}-{v}": s for s, variants in BUILT_VARIANTS.items() for v in variants}
+#: Every image run by the tessera CLI: the services' and their variants' (the trainer per accelerator).
+IMAGE_NAMES = [*SERVICE_NAMES, *VARIANTS]
+#: The lock each image installs (images/locks/, made by images/lock.sh).
+EXPECTED_LOCK = {
+    **{name: "services.txt" for name in SERVICE_NAMES},
+    "trainer": "trainer-cuda13.txt",
+    "trainer-cuda12": "trainer-cuda12.txt",
+    "trainer-gaudi": "trainer-gaudi.txt",
+}
+CUDA_IMAGES = sorted({*GPU_SERVICES, *(i for i in VARIANTS if i != VARIANT_IMAGES["gaudi"])})
+
+
+def service_of(image: str) -> str:
+    """The service an image runs (a variant runs its service's command)."""
+    return VARIANTS.get(image, image)
 
 
 @dataclass
@@ -73,12 +90,13 @@ def assignments(rest: str) -> dict[str, str]:
 
 def test_every_service_has_exactly_one_dockerfile() -> None:
     present = {p.name.removesuffix(".Dockerfile") for p in IMAGES.glob("*.Dockerfile")}
-    assert present == set(SERVICE_NAMES)
-    # The registry accepts the real tree: every service it builds finds its Dockerfile.
-    RegistryArgs(services=SERVICE_NAMES, context_dir=str(ROOT))
+    # The database bootstrap is a Lambda image (not the tessera CLI): its own rules live with it.
+    assert present == {*IMAGE_NAMES, DATABASE_BOOTSTRAP}
+    # The registry accepts the real tree: every image it builds finds its Dockerfile.
+    RegistryArgs(services=SERVICE_NAMES, context_dir=str(ROOT), variants=BUILT_VARIANTS)
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", IMAGE_NAMES)
 def test_every_base_image_is_pinned(service: str) -> None:
     aliases: set[str] = set()
     for stage in stages(service):
@@ -95,9 +113,28 @@ def test_every_base_image_is_pinned(service: str) -> None:
         assert source in aliases or (":" in source and not source.endswith(":latest")), rest
 
 
-@pytest.mark.parametrize("service", GPU_SERVICES)
+@pytest.mark.parametrize("service", CUDA_IMAGES)
 def test_gpu_services_run_on_a_cuda_runtime(service: str) -> None:
     assert re.fullmatch(r"nvidia/cuda:1[23]\.\d+\.\d+-cudnn-runtime-ubuntu24\.04", final(service).base)
+
+
+def test_each_trainer_runs_on_the_cuda_its_torch_needs() -> None:
+    # PyPI's torch 2.13 is CUDA 13 (Turing and newer); the Volta image's torch 2.10 is CUDA 12.8.
+    assert final(VARIANT_IMAGES["cuda13"]).base.startswith("nvidia/cuda:13.")
+    assert final(VARIANT_IMAGES["cuda12"]).base.startswith("nvidia/cuda:12.")
+
+
+def test_the_gaudi_trainer_starts_from_a_synapseai_release_that_supports_gaudi_1() -> None:
+    # SynapseAI 1.21 is the last release for first-generation Gaudi (DL1); its torch carries the bridge.
+    base = final(VARIANT_IMAGES["gaudi"]).base
+    found = re.fullmatch(
+        r"vault\.habana\.ai/gaudi-docker/(1\.21\.\d+)/ubuntu24\.04/habanalabs/pytorch-installer-[\d.]+:([\d.]+)-\d+",
+        base,
+    )
+    assert found is not None, base
+    assert found.group(1) == found.group(2)  # the tag names the same release as the path
+    runs = " ".join(final(VARIANT_IMAGES["gaudi"]).args("RUN"))
+    assert "--system-site-packages" in runs  # the venv sees the image's torch and habana_frameworks
 
 
 @pytest.mark.parametrize("service", CPU_SERVICES)
@@ -105,7 +142,7 @@ def test_cpu_services_run_on_slim_python_311(service: str) -> None:
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", final(service).base)
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", IMAGE_NAMES)
 def test_the_container_runs_as_a_numeric_non_root_user(service: str) -> None:
     names = [name for name, _ in final(service).instructions]
     assert "USER" in names and "ENTRYPOINT" in names
@@ -117,7 +154,7 @@ def test_the_container_runs_as_a_numeric_non_root_user(service: str) -> None:
     assert all(u.split(":")[0] not in ("0", "root") for u in users)
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", IMAGE_NAMES)
 def test_no_secrets_are_baked_in(service: str) -> None:
     for stage in stages(service):
         for name in ("ENV", "ARG"):
@@ -129,34 +166,41 @@ def test_no_secrets_are_baked_in(service: str) -> None:
                     )
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", IMAGE_NAMES)
 def test_entrypoint_is_the_tessera_cli(service: str) -> None:
     stage = final(service)
     assert [json.loads(e) for e in stage.args("ENTRYPOINT")] == [["tessera"]]
-    assert [json.loads(c) for c in stage.args("CMD")] == [EXPECTED_CMD.get(service, ["worker", service])]
+    command = EXPECTED_CMD.get(service_of(service), ["worker", service_of(service)])
+    assert [json.loads(c) for c in stage.args("CMD")] == [command]
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
-def test_tessera_is_installed_without_a_pip_cache(service: str) -> None:
+@pytest.mark.parametrize("service", IMAGE_NAMES)
+def test_dependencies_come_from_the_hashed_lock_and_tessera_alone_from_the_tree(service: str) -> None:
+    # An unlocked install resolves differently next month: the same content tag, different bytes.
     installs = [r for s in stages(service) for r in s.args("RUN") if "pip install" in r]
-    assert len(installs) == 1, installs
-    words = shlex.split(installs[0].split("pip install", 1)[1])
-    assert "--no-cache-dir" in words
-    assert [w for w in words if not w.startswith("-")] == [EXPECTED_INSTALL.get(service, ".")]
+    assert len(installs) == 2, installs
+    locked, package = (shlex.split(i.split("pip install", 1)[1].split("&&")[0]) for i in installs)
+    assert "--no-cache-dir" in locked and "--require-hashes" in locked
+    requirements = locked[locked.index("-r") + 1]
+    copies = [shlex.split(r) for s in stages(service) for r in s.args("COPY") if not r.startswith("--from")]
+    assert [f"images/locks/{EXPECTED_LOCK[service]}", requirements] in copies
+    assert "--no-cache-dir" in package and "--no-deps" in package
+    assert [w for w in package if not w.startswith("-")] == ["."]
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", IMAGE_NAMES)
 def test_only_the_package_build_inputs_are_copied(service: str) -> None:
     # No "COPY . .": that would ship .git, .venv and anything else lying in the checkout.
     sources = set(copied_sources((IMAGES / f"{service}.Dockerfile").read_text(encoding="utf-8")))
-    assert sources == {"pyproject.toml", "README.md", "infra/", "stacks/", "services/"}
+    lock = f"images/locks/{EXPECTED_LOCK[service]}"
+    assert sources == {"pyproject.toml", "README.md", "infra/", "stacks/", "services/", lock}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
     assert {f"{p.rstrip('*')}/" for p in packages} <= sources  # everything setuptools packages is there
     assert project["project"]["readme"] in sources
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", IMAGE_NAMES)
 def test_the_build_context_is_exactly_what_the_dockerfile_copies(service: str) -> None:
     # Without its ignore file, any change in the checkout (.venv, tests) would rebuild the image, and the
     # rebuild would try to push a content tag the immutable repository already holds.
@@ -174,13 +218,13 @@ def test_the_build_context_is_exactly_what_the_dockerfile_copies(service: str) -
     assert {f"*{suffix}" for suffix in IGNORED_SUFFIXES} <= excluded
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", IMAGE_NAMES)
 def test_images_carry_oci_labels_and_a_healthcheck_decision(service: str) -> None:
     stage = final(service)
     labels: dict[str, str] = {}
     for rest in stage.args("LABEL"):
         labels.update(assignments(rest))
-    assert labels["org.opencontainers.image.title"] == f"tessera-{service}"
+    assert labels["org.opencontainers.image.title"] == f"tessera-{service_of(service)}"
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
     assert len(stage.args("HEALTHCHECK")) == 1
 
@@ -200,5 +244,5 @@ def test_the_sky_generator_installs_stellarium_and_xvfb() -> None:
 
 def test_real_images_get_distinct_tags() -> None:
     # Determinism is checked on a fixed tree in test_registry; this tree may change while tests run.
-    tags = {s: content_tag(str(ROOT), s) for s in SERVICE_NAMES}
+    tags = {s: content_tag(str(ROOT), s) for s in IMAGE_NAMES}
     assert len(set(tags.values())) == len(tags)

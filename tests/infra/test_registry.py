@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from infra.registry import Registry, RegistryArgs, content_tag, copied_sources
+from infra.trainer_images import BUILT_VARIANTS, TRAINER
 from stacks.offline import OfflineRun
 
 REPO = "aws:ecr/repository:Repository"
@@ -35,6 +36,7 @@ CMD ["worker", "{service}"]
 
 def _context(root: Path, services: Sequence[str] = SERVICES) -> Path:
     """A small build context laid out like the repository."""
+    root.mkdir(parents=True, exist_ok=True)
     (root / "pyproject.toml").write_text("[project]\nname = 'tessera'\n")
     (root / "README.md").write_text("# tessera\n")
     (root / "services" / "runner").mkdir(parents=True)
@@ -48,9 +50,11 @@ def _context(root: Path, services: Sequence[str] = SERVICES) -> Path:
     return root
 
 
-def _registry(offline: Callable[..., OfflineRun], context: Path, **args: Any) -> OfflineRun:
+def _registry(
+    offline: Callable[..., OfflineRun], context: Path, services: Sequence[str] = SERVICES, **args: Any
+) -> OfflineRun:
     def program() -> dict[str, Any]:
-        registry = Registry("ecr", RegistryArgs(services=SERVICES, context_dir=str(context), **args))
+        registry = Registry("ecr", RegistryArgs(services=services, context_dir=str(context), **args))
         return {
             "urls": registry.repository_urls,
             "arns": registry.repository_arns,
@@ -124,8 +128,10 @@ def test_one_image_per_service_built_for_amd64_and_tagged_by_content(
         image, repo = images[f"ecr-{service}-image"], repos[f"ecr-{service}"]
         build = image.inputs["build"]
         assert build["platform"] == "linux/amd64"
-        assert build["context"] == str(context)
-        assert os.path.samefile(build["dockerfile"], context / "images" / f"{service}.Dockerfile")
+        # Relative to the project directory (the cwd of `pulumi up`): no checkout path lands in the state.
+        assert build["context"] == "."
+        assert build["dockerfile"] == f"images/{service}.Dockerfile"
+        assert (context / build["dockerfile"]).is_file()
         tag = content_tag(str(context), service)
         assert run.outputs["tags"][service] == tag
         assert image.inputs["imageName"] == f"{repo.outputs['repositoryUrl']}:{tag}"
@@ -246,3 +252,88 @@ COPY --from=ghcr.io/astral-sh/uv:0.13.0 /uv /bin/uv
 RUN echo COPY nothing
 """
     assert copied_sources(text) == ["pyproject.toml", "README.md", "stacks/", "infra/"]
+
+
+DIGEST = "123456789012.dkr.ecr.us-east-1.amazonaws.com/ci/trainer@sha256:" + "ab" * 32
+
+
+def test_a_checkout_at_another_path_builds_the_same_images_and_pushes_nothing_new(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    # The same tree at two absolute paths (a CI runner, a laptop): same tags, and pulumi-docker sees the same
+    # inputs, so `pulumi up` from the second finds no change and pushes nothing the immutable repo holds.
+    here = _context(tmp_path / "home" / "me" / "tessera")
+    there = _context(tmp_path / "ci" / "runner" / "work" / "checkout")
+    runs = [_registry(offline, context) for context in (here, there)]
+    assert runs[0].outputs["tags"] == runs[1].outputs["tags"]
+    images = [{i.name: i.inputs for i in run.of_type(IMAGE)} for run in runs]
+    assert images[0] == images[1]
+    assert set(images[0]) == {"ecr-model-runner-image", "ecr-sight-catalog-image"}
+    for inputs in images[0].values():
+        text = json.dumps(inputs)
+        assert str(tmp_path) not in text
+        assert not any(value.startswith("/") for value in inputs["build"].values() if isinstance(value, str))
+
+
+def test_absolute_or_escaping_build_contexts_are_refused(tmp_path: Path) -> None:
+    context = _context(tmp_path)
+    for bad in (str(context), "../elsewhere"):
+        with pytest.raises(ValueError, match="relative to the Pulumi project directory"):
+            RegistryArgs(services=SERVICES, context_dir=str(context), build_context=bad)
+
+
+def test_variants_are_built_into_the_service_repository_under_their_own_tags(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    context = _context(tmp_path, services=(*SERVICES, "model-runner-cuda12"))
+    run = _registry(offline, context, variants={"model-runner": ["cuda12"]})
+    assert len(run.of_type(REPO)) == 2  # no repository of its own: the service's role can pull it
+    image = run.named(IMAGE, "ecr-model-runner-cuda12-image")
+    url = run.named(REPO, "ecr-model-runner").outputs["repositoryUrl"]
+    tag = run.outputs["tags"]["model-runner-cuda12"]
+    assert tag == "cuda12-" + content_tag(str(context), "model-runner-cuda12")
+    assert image.inputs["imageName"] == f"{url}:{tag}"
+    assert image.inputs["build"]["dockerfile"] == "images/model-runner-cuda12.Dockerfile"
+    assert run.outputs["refs"]["model-runner-cuda12"] == image.outputs["repoDigest"]
+    assert run.outputs["refs"]["model-runner-cuda12"] != run.outputs["refs"]["model-runner"]
+    with pytest.raises(ValueError, match=r"has no Dockerfile: write images/model-runner-gaudi\.Dockerfile"):
+        RegistryArgs(services=SERVICES, context_dir=str(context), variants={"model-runner": ["gaudi"]})
+
+
+def test_a_pinned_digest_is_run_as_is_and_never_built(
+    offline: Callable[..., OfflineRun], tmp_path: Path
+) -> None:
+    context = _context(tmp_path)
+    run = _registry(offline, context, pinned_refs={"model-runner": DIGEST})
+    assert run.outputs["refs"]["model-runner"] == DIGEST
+    assert [i.name for i in run.of_type(IMAGE)] == ["ecr-sight-catalog-image"]
+    for pins, message in (
+        ({"model-runner": DIGEST.replace("@sha256:" + "ab" * 32, ":v1")}, "not a digest reference"),
+        ({"no-such-image": DIGEST}, "not one of the images"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            RegistryArgs(services=SERVICES, context_dir=str(context), pinned_refs=pins)
+
+
+def test_the_real_trainers_tags_cover_their_dependency_locks(tmp_path: Path) -> None:
+    # Copy the real trainer Dockerfiles, their ignore files and locks: a new lock must give a new tag, or the
+    # rebuilt image would be pushed under a tag the immutable repository already holds.
+    root = Path(__file__).resolve().parents[2]
+    context = _context(tmp_path, services=())
+    (context / "stacks").mkdir()
+    images = [TRAINER, *(f"{TRAINER}-{v}" for v in BUILT_VARIANTS[TRAINER])]
+    shutil.copytree(root / "images" / "locks", context / "images" / "locks")
+    for image in images:
+        for suffix in (".Dockerfile", ".Dockerfile.dockerignore"):
+            shutil.copy(root / "images" / f"{image}{suffix}", context / "images" / f"{image}{suffix}")
+    before = {image: content_tag(str(context), image) for image in images}
+    assert len(set(before.values())) == len(images)
+    for image in images:
+        lock = next(
+            s
+            for s in copied_sources((context / "images" / f"{image}.Dockerfile").read_text())
+            if s.startswith("images/locks/")
+        )
+        with (context / lock).open("a") as fh:
+            fh.write("# relocked\n")
+        assert content_tag(str(context), image) != before[image], image
