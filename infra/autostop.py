@@ -5,8 +5,13 @@ agent or utilisation publisher has died (the box's idle alarm reads metrics that
 also what this function looks for). The function's code is the ``services/autostop`` directory, which the
 stack passes in as a path: infra never imports service code.
 
+An instance counts as busy when its accelerators work or when it sent the busy heartbeat (a job running, data
+staging, someone logged in: ``infra.training.BUSY_NAMESPACE``); silence on both counts as idle.
+
 Its role may describe instances and read metrics everywhere (AWS offers no narrower scope for those), but
-may stop only instances that carry ``tessera:auto-stop=true``, and write only to its own log group.
+may stop only instances that carry ``tessera:auto-stop=true``, and write only to its own log group. When
+the function fails, its error alarm notifies the alerts topic (:attr:`AutoStop.alerts_topic_arn`, encrypted
+with ``kms_key_arn``), which the stack outputs for an operator to subscribe to.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from infra.cloudwatch_agent import (
 )
 from infra.encryption import partition_of
 from infra.logs import check_retention
+from infra.training import BUSY_METRIC, BUSY_NAMESPACE
 
 AUTO_STOP_TAG = "tessera:auto-stop"
 """The tag (value ``"true"``) that puts an instance under the safety net; ``infra/training.py`` sets it."""
@@ -41,6 +47,7 @@ RUNTIME = "python3.12"
 IDLE_MINUTES_ENV = "TESSERA_AUTOSTOP_IDLE_MINUTES"
 THRESHOLD_ENV = "TESSERA_AUTOSTOP_THRESHOLD_PERCENT"
 METRICS_ENV = "TESSERA_AUTOSTOP_METRICS"
+BUSY_METRIC_ENV = "TESSERA_AUTOSTOP_BUSY_METRIC"
 
 DEFAULT_METRICS: tuple[tuple[str, str], ...] = (
     (AGENT_NAMESPACE, NVIDIA_UTILIZATION_METRIC),
@@ -66,6 +73,8 @@ class AutoStopArgs:
     """Utilisation (percent, busiest accelerator) below which an instance counts as idle."""
     metrics: Sequence[tuple[str, str]] = DEFAULT_METRICS
     """Utilisation metrics to read, as (namespace, metric name), each with an ``InstanceId`` dimension."""
+    busy_metric: tuple[str, str] = (BUSY_NAMESPACE, BUSY_METRIC)
+    """The busy heartbeat (namespace, metric name): 1 in the idle period spares an instance."""
     schedule_minutes: int = 5
     """How often the function runs."""
     log_group_name: Input[str] | None = None
@@ -76,9 +85,11 @@ class AutoStopArgs:
     log_retention_days: int = 30
     """How long its log events are kept, when the group is created here (a value CloudWatch Logs accepts)."""
     kms_key_arn: Input[str] | None = None
-    """KMS key for a group created here; its policy must let CloudWatch Logs use it."""
+    """KMS key for the alerts topic and for a log group created here; its policy must let CloudWatch Logs
+    (the group) and CloudWatch alarms (``cloudwatch.amazonaws.com``: the topic) use it. None: the topic is
+    unencrypted (alarms cannot publish to a topic under the AWS-managed SNS key)."""
     alarm_actions: Sequence[Input[str]] = field(default_factory=list)
-    """Where the "safety net failing" alarm notifies (SNS topic ARNs); empty: it only shows its state."""
+    """More SNS topic ARNs the "safety net failing" alarm notifies, besides the component's alerts topic."""
 
     def __post_init__(self) -> None:
         if self.idle_minutes < 1:
@@ -160,6 +171,7 @@ class AutoStop(pulumi.ComponentResource):
     log_group_name: pulumi.Output[str]
     schedule_rule_name: pulumi.Output[str]
     errors_alarm_name: pulumi.Output[str]
+    alerts_topic_arn: pulumi.Output[str]
 
     def __init__(self, name: str, args: AutoStopArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("tessera:infra:AutoStop", name, None, opts)
@@ -211,6 +223,7 @@ class AutoStop(pulumi.ComponentResource):
         )
 
         metrics = json.dumps([{"namespace": ns, "metric": metric} for ns, metric in args.metrics])
+        busy_namespace, busy_metric = args.busy_metric
         self.function = aws.lambda_.Function(
             f"{name}-fn",
             description="tessera safety net: stop instances tagged tessera:auto-stop whose accelerators idle",
@@ -226,6 +239,7 @@ class AutoStop(pulumi.ComponentResource):
                     IDLE_MINUTES_ENV: str(args.idle_minutes),
                     THRESHOLD_ENV: f"{args.gpu_idle_threshold_percent:g}",
                     METRICS_ENV: metrics,
+                    BUSY_METRIC_ENV: json.dumps({"namespace": busy_namespace, "metric": busy_metric}),
                 }
             ),
             logging_config=aws.lambda_.FunctionLoggingConfigArgs(log_format="Text", log_group=log_group_name),
@@ -253,7 +267,13 @@ class AutoStop(pulumi.ComponentResource):
             arn=self.function.arn,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.permission]),
         )
-        # A safety net that fails does so silently: alarm on errors for two runs in a row.
+        # A safety net that fails does so silently: alarm on errors for two runs in a row, and tell someone.
+        self.alerts_topic = aws.sns.Topic(
+            f"{name}-alerts",
+            display_name=f"tessera {name}: the auto-stop safety net is failing",
+            kms_master_key_id=args.kms_key_arn,
+            opts=child,
+        )
         self.errors_alarm = aws.cloudwatch.MetricAlarm(
             f"{name}-errors",
             alarm_description=f"tessera auto-stop function {name} is failing: idle instances are not stopped",
@@ -266,7 +286,9 @@ class AutoStop(pulumi.ComponentResource):
             threshold=1,
             comparison_operator="GreaterThanOrEqualToThreshold",
             treat_missing_data="notBreaching",
-            alarm_actions=list(args.alarm_actions),
+            alarm_actions=[self.alerts_topic.arn, *args.alarm_actions],
+            # ... and when it works again.
+            ok_actions=[self.alerts_topic.arn, *args.alarm_actions],
             opts=child,
         )
 
@@ -276,8 +298,10 @@ class AutoStop(pulumi.ComponentResource):
         self.log_group_name = Output.from_input(log_group_name)
         self.schedule_rule_name = self.schedule.name
         self.errors_alarm_name = self.errors_alarm.name
+        self.alerts_topic_arn = self.alerts_topic.arn
         self.register_outputs(
             {
+                "alerts_topic_arn": self.alerts_topic_arn,
                 "function_name": self.function_name,
                 "function_arn": self.function_arn,
                 "role_arn": self.role_arn,

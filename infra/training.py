@@ -4,15 +4,20 @@ The box is started by the platform when training work exists (it finds it by its
 trainer container at every boot, and stops itself: its idle agent (``services.trainer.idle``, run from the
 trainer image by ``tessera-idle.service``) stops it once no job is queued or running and no one is logged in
 for ``agent_idle_minutes``, and a CloudWatch alarm, the safety net, stops it once its accelerators have been
-idle for ``idle_minutes``. Its data volume is a separate EBS volume, so that a replaced instance finds the
-datasets and checkpoints of the one before it.
+idle for ``idle_minutes``. Busy is more than accelerator utilisation: the trainer publishes a heartbeat
+metric (:data:`BUSY_NAMESPACE` / :data:`BUSY_METRIC`, 1 every minute while a job runs, data staging included)
+and the idle agent publishes it while someone is logged in, so a CPU-bound phase or a debugging session is
+not taken for idleness; the alarm counts the box idle only when both signals say so, and silence on both
+still counts as idle. Its data volume is a separate EBS volume of scratch cache (staged datasets, cached
+checkpoints: both live in S3), so that a replaced instance finds the cache of the one before it; it is not
+snapshotted on destroy.
 
 What the instance's role needs (the stack grants it; :attr:`TrainingInstance.role_statements` lists the part
 specific to this component):
 ``ssm:GetParameter`` on :attr:`TrainingInstance.config_parameter_arn`; ECR pull for the trainer image;
-``cloudwatch:PutMetricData`` (the agent, and the Gaudi/Neuron publisher);
-``cloudwatch:DescribeAlarmsForMetric`` and ``cloudwatch:SetAlarmState`` on the idle alarm (the re-arm timer,
-see :func:`render_user_data`); ``ec2:StopInstances`` on the instance itself (the idle agent);
+``cloudwatch:PutMetricData`` (the agent, and the Gaudi/Neuron publisher; the busy heartbeat in
+:data:`BUSY_NAMESPACE` only); ``cloudwatch:SetAlarmState`` on the idle alarm (the re-arm timer, see
+:func:`render_user_data`); ``ec2:StopInstances`` on the instance itself (the idle agent);
 ``sqs:GetQueueAttributes`` on the training queue (the idle agent, granted with the trainer's consume rights);
 and ``logs:CreateLogStream`` / ``logs:PutLogEvents`` on ``log_group_name``
 when one is given.
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,6 +107,12 @@ TRAINER_STATE_FILE = f"{TRAINER_STATE_DIR}/trainer-state.json"
 TRAINER_IMAGE_FILE = "/etc/tessera/trainer.image"
 """The image the trainer start script resolved from SSM; the idle agent's wrapper runs the agent from it."""
 IDLE_AGENT_PATH = "/usr/local/bin/tessera-idle-agent"
+BUSY_NAMESPACE = "tessera/Training"
+"""The busy heartbeat's namespace (copy of ``services.trainer.idle.BUSY_NAMESPACE``, kept equal by a test)."""
+BUSY_METRIC = "Busy"
+"""1 while the trainer runs a job, data staging included, or anyone is logged in; dimension ``InstanceId``."""
+IDLE_ALARM_EXPRESSION = "MAX([FILL(utilization, 0), FILL(busy, 0) * 100])"
+"""The idle alarm's metric math: the busiest accelerator's utilisation, or 100 while the box reports busy."""
 IDLE_AGENT_UNIT_PATH = "/etc/systemd/system/tessera-idle.service"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -144,7 +155,7 @@ class TrainingInstanceArgs:
     root_volume_gb: int = 100
     """Root volume size (the DLAMIs need ~75 GB; container images live here too)."""
     data_volume_gb: int = 500
-    """Size of the separate data volume mounted at /data (datasets, checkpoints)."""
+    """Size of the scratch volume at /data: staged datasets and cached checkpoints (both live in S3)."""
     data_volume_iops: int = 3000
     """gp3 IOPS of the data volume (3000 is the free baseline)."""
     data_volume_throughput_mbps: int = 250
@@ -168,10 +179,15 @@ class TrainingInstanceArgs:
     """EC2 key pair for SSH through the jump host; None means no SSH key (use SSM Session Manager)."""
     ssh_source_security_group_id: pulumi.Input[str] | None = None
     """The jump host's security group: the only source allowed to reach tcp 22. None: no ingress at all."""
+    service_security_group_ids: Sequence[pulumi.Input[str]] = ()
+    """More groups the instance joins besides its own: the trainer's, which the database admits."""
     config_parameter_name: str | None = None
     """SSM parameter holding the image and environment; None derives ``/tessera/<stack>/<name>/config``."""
     protect_data_volume: bool = False
     """Protect the data volume from ``pulumi destroy`` (checkpoints and exports go to S3 regardless)."""
+    idle_alarm_name: str | None = None
+    """The idle alarm's name; None derives ``tessera-<stack>-<name>-idle`` (unique per account and region, as
+    alarm names must be). The box re-arms the alarm by this name."""
 
 
 class TrainingInstance(pulumi.ComponentResource):
@@ -244,7 +260,8 @@ class TrainingInstance(pulumi.ComponentResource):
             )
 
         # The data volume is its own resource so that it outlives the instance: a replaced instance attaches
-        # the same volume and finds its datasets and checkpoints.
+        # the same volume and finds its cache. It is scratch (datasets and checkpoints live in S3, the cache
+        # re-fills itself), so a destroy takes no snapshot: one would bill for a copy of a copy.
         self.data_volume = aws.ebs.Volume(
             f"{name}-data",
             availability_zone=availability_zone,
@@ -254,7 +271,7 @@ class TrainingInstance(pulumi.ComponentResource):
             throughput=args.data_volume_throughput_mbps,
             encrypted=True,
             kms_key_id=args.kms_key_arn,
-            final_snapshot=True,
+            final_snapshot=False,
             opts=pulumi.ResourceOptions(parent=self, protect=args.protect_data_volume),
         )
 
@@ -278,6 +295,11 @@ class TrainingInstance(pulumi.ComponentResource):
                 lambda group: agent_config_json(gpu=accelerator == "nvidia", log_group_name=group)
             )
 
+        # A fixed name: the box re-arms its alarm by name (DescribeAlarmsForMetric does not find metric-math
+        # alarms), and the alarm, which names the instance, cannot be an input of the instance's user data.
+        alarm_name = (
+            args.idle_alarm_name or f"tessera-{pulumi.get_stack()}-{name.removeprefix('tessera-')}-idle"
+        )
         user_data = pulumi.Output.all(
             volume_id=self.data_volume.id,
             log_group=args.log_group_name,
@@ -292,6 +314,7 @@ class TrainingInstance(pulumi.ComponentResource):
                 agent_config=v["agent_json"],
                 idle_minutes=args.idle_minutes,
                 agent_idle_minutes=args.agent_idle_minutes,
+                idle_alarm_name=alarm_name,
             )
         )
 
@@ -301,7 +324,8 @@ class TrainingInstance(pulumi.ComponentResource):
             instance_type=args.instance_type,
             subnet_id=args.subnet_id,
             availability_zone=availability_zone,
-            vpc_security_group_ids=[self.security_group.id],
+            # Its own group (SSH from the jump host) and the trainer's service groups (the database's peers).
+            vpc_security_group_ids=[self.security_group.id, *args.service_security_group_ids],
             iam_instance_profile=args.instance_profile_name,
             key_name=args.key_name,
             associate_public_ip_address=False,
@@ -344,30 +368,63 @@ class TrainingInstance(pulumi.ComponentResource):
             metric_namespace, metric_name = AGENT_NAMESPACE, NVIDIA_UTILIZATION_METRIC
         else:
             metric_namespace, metric_name = ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC
-        # Missing data counts as idle ("breaching"): with "notBreaching" a box whose agent or publisher died
-        # would never be stopped and would bill by the hour. The price: a box whose metrics have not started
-        # yet counts as idle, which is why idle_minutes must cover boot, and why the box re-arms the alarm
-        # `idle_minutes + 10` minutes after each boot (an alarm already in ALARM while stopped fires nothing).
+        periods = args.idle_minutes // 5
+        # Idle means: the busiest accelerator below the threshold AND no busy heartbeat (no job, no data
+        # staging, no login). With busy scaled to 100 (a percentage no threshold reaches), the larger of the
+        # two is below the threshold exactly when both say idle. FILL turns a silent series into zeros, so the
+        # other one still decides: a trainer on its CPU (no accelerator data) keeps the box up, an idle box
+        # with a dead heartbeat does not. Missing data counts as idle ("breaching"): with "notBreaching" a box
+        # whose agents all died would never be stopped and would bill by the hour. The price: a box whose
+        # metrics have not started yet counts as idle, which is why idle_minutes must cover boot, and why the
+        # box re-arms the alarm `idle_minutes + 10` minutes after each boot (an alarm already in ALARM while
+        # stopped fires nothing).
         self.idle_alarm = aws.cloudwatch.MetricAlarm(
             f"{name}-idle",
+            name=alarm_name,
             alarm_description=(
                 f"Stop training instance {name} when its busiest accelerator stays below "
-                f"{args.gpu_idle_threshold_percent}% for {args.idle_minutes} minutes "
-                "(missing data counts as idle)"
+                f"{args.gpu_idle_threshold_percent}% and it reports no job and no login ({BUSY_NAMESPACE} "
+                f"{BUSY_METRIC}) for {args.idle_minutes} minutes (missing data counts as idle)"
             ),
-            namespace=metric_namespace,
-            metric_name=metric_name,
-            dimensions={"InstanceId": self.instance.id},
-            # Maximum: one busy accelerator keeps a multi-GPU box alive.
-            statistic="Maximum",
-            period=300,
-            evaluation_periods=args.idle_minutes // 5,
-            datapoints_to_alarm=args.idle_minutes // 5,
+            metric_queries=[
+                aws.cloudwatch.MetricAlarmMetricQueryArgs(
+                    id="utilization",
+                    metric=aws.cloudwatch.MetricAlarmMetricQueryMetricArgs(
+                        namespace=metric_namespace,
+                        metric_name=metric_name,
+                        dimensions={"InstanceId": self.instance.id},
+                        # Maximum: one busy accelerator keeps a multi-GPU box alive.
+                        stat="Maximum",
+                        period=300,
+                    ),
+                    return_data=False,
+                ),
+                aws.cloudwatch.MetricAlarmMetricQueryArgs(
+                    id="busy",
+                    metric=aws.cloudwatch.MetricAlarmMetricQueryMetricArgs(
+                        namespace=BUSY_NAMESPACE,
+                        metric_name=BUSY_METRIC,
+                        dimensions={"InstanceId": self.instance.id},
+                        stat="Maximum",
+                        period=300,
+                    ),
+                    return_data=False,
+                ),
+                aws.cloudwatch.MetricAlarmMetricQueryArgs(
+                    id="activity",
+                    expression=IDLE_ALARM_EXPRESSION,
+                    label="busiest accelerator (%), or 100 while a job runs or someone is logged in",
+                    return_data=True,
+                ),
+            ],
+            evaluation_periods=periods,
+            datapoints_to_alarm=periods,
             threshold=args.gpu_idle_threshold_percent,
             comparison_operator="LessThanThreshold",
             treat_missing_data="breaching",
             alarm_actions=[f"arn:aws:automate:{args.region}:ec2:stop"],
-            opts=child,
+            # The name is fixed (the box re-arms the alarm by it): a replacement must free it first.
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
 
         self.instance_id = self.instance.id
@@ -387,13 +444,6 @@ class TrainingInstance(pulumi.ComponentResource):
                 "Effect": "Allow",
                 "Action": ["ssm:GetParameter"],
                 "Resource": self.config_parameter.arn,
-            },
-            {
-                # DescribeAlarmsForMetric has no resource-level permissions.
-                "Sid": "FindIdleAlarm",
-                "Effect": "Allow",
-                "Action": ["cloudwatch:DescribeAlarmsForMetric"],
-                "Resource": "*",
             },
             {
                 "Sid": "RearmIdleAlarm",
@@ -417,6 +467,15 @@ class TrainingInstance(pulumi.ComponentResource):
                 "Condition": {
                     "StringEquals": {"cloudwatch:namespace": sorted({AGENT_NAMESPACE, metric_namespace})}
                 },
+            },
+            {
+                # The trainer's and the idle agent's busy heartbeat, which the idle alarm and the safety net
+                # read: this namespace only, so the box cannot fake anyone else's metrics.
+                "Sid": "PublishBusyHeartbeat",
+                "Effect": "Allow",
+                "Action": ["cloudwatch:PutMetricData"],
+                "Resource": "*",
+                "Condition": {"StringEquals": {"cloudwatch:namespace": BUSY_NAMESPACE}},
             },
             {
                 # The agent resolves its append_dimensions (AutoScalingGroupName) and disk names with these.
@@ -477,7 +536,7 @@ docker pull "$image"
 printf '%s\n' "$image" > @IMAGE_FILE@   # the idle agent runs from the same image
 args=(--rm --name @CONTAINER@ --ipc=host --env-file /etc/tessera/trainer.env
       -e TESSERA_DATA_DIR=@DATA@ -e AWS_REGION="$region" -v @DATA@:@DATA@
-      -v @STATE_DIR@:@STATE_DIR@ -e TESSERA_TRAINER_STATE=@STATE_FILE@)
+      -e TESSERA_INSTANCE_ID="$instance_id" -v @STATE_DIR@:@STATE_DIR@ -e TESSERA_TRAINER_STATE=@STATE_FILE@)
 @DEVICE_ARGS@
 if [ -n "$log_group" ]; then
   args+=(--log-driver=awslogs --log-opt awslogs-region="$region" --log-opt awslogs-group="$log_group"
@@ -548,19 +607,11 @@ _REARM_SCRIPT = r"""
 #!/bin/bash
 # An alarm that went to ALARM while the box was stopped (missing data counts as idle) stays there after a
 # start, and an alarm fires its stop action only on entering ALARM. Once a full idle window of real data has
-# passed since boot, set it back to OK: if the box is still idle it re-enters ALARM at the next evaluation
-# and is stopped; had it been busy, the alarm would be OK already.
+# passed since boot, set it (to OK: a no-op when it is OK already): if the box is still idle it re-enters
+# ALARM at the next evaluation and is stopped; had it been busy, the alarm would be OK already.
 set -euo pipefail
-region=@REGION@
-@INSTANCE_ID@
-alarms=$(aws cloudwatch describe-alarms-for-metric --region "$region" --namespace '@ALARM_NAMESPACE@' \
-  --metric-name '@ALARM_METRIC@' --dimensions "Name=InstanceId,Value=$instance_id" \
-  --query 'MetricAlarms[?StateValue==`ALARM`].AlarmName' --output text)
-for alarm in $alarms; do
-  [ "$alarm" = None ] && continue
-  aws cloudwatch set-alarm-state --region "$region" --alarm-name "$alarm" --state-value OK \
-    --state-reason "re-armed @REARM_MINUTES@ minutes after boot"
-done
+aws cloudwatch set-alarm-state --region @REGION@ --alarm-name '@ALARM_NAME@' --state-value OK \
+  --state-reason "re-armed @REARM_MINUTES@ minutes after boot"
 """
 
 _ONESHOT_UNIT = """
@@ -667,6 +718,10 @@ uuid=$(blkid -s UUID -o value "$device")
 mkdir -p @DATA@
 grep -q "UUID=$uuid" /etc/fstab || echo "UUID=$uuid @DATA@ ext4 defaults,nofail 0 2" >> /etc/fstab
 mountpoint -q @DATA@ || mount @DATA@
+# A volume grown in place (trainingDataVolumeGb raised) gets its file system grown too; a no-op otherwise.
+resize2fs "$device" || echo "could not grow the file system on $device" >&2
+# The trainer (its image's user) stages datasets and caches checkpoints here (TESSERA_DATA_DIR).
+chown @TRAINER_UID@:@TRAINER_UID@ @DATA@
 
 # --- CloudWatch agent: memory, disk and (NVIDIA) the GPU metrics the idle alarm reads ---------------------
 agent_ctl=/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl
@@ -727,6 +782,7 @@ def render_user_data(
     agent_config: str,
     idle_minutes: int,
     agent_idle_minutes: int = 5,
+    idle_alarm_name: str = "tessera-training-idle",
 ) -> str:
     """The instance's user data: a bash script that installs an idempotent setup script run at every boot.
 
@@ -737,10 +793,6 @@ def render_user_data(
     ``agent_idle_minutes`` with no job, queue or login), for Gaudi/Neuron a timer publishing accelerator
     utilisation (there is no agent plugin for them), and a timer that re-arms the idle alarm after each boot.
     """
-    if accelerator == "nvidia":
-        alarm_namespace, alarm_metric = AGENT_NAMESPACE, NVIDIA_UTILIZATION_METRIC
-    else:
-        alarm_namespace, alarm_metric = ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC
     instance_id = _INSTANCE_ID.strip("\n")
     common = {
         "INSTANCE_ID": instance_id,
@@ -777,9 +829,7 @@ def render_user_data(
             _fill(
                 _REARM_SCRIPT,
                 REGION=region,
-                INSTANCE_ID=instance_id,
-                ALARM_NAMESPACE=alarm_namespace,
-                ALARM_METRIC=alarm_metric,
+                ALARM_NAME=idle_alarm_name,
                 REARM_MINUTES=idle_minutes + 10,
             ),
         ),

@@ -2,15 +2,19 @@
 
 Runs every few minutes (an EventBridge schedule), independently of the instances themselves, so it catches
 a box whose own idle agent, CloudWatch agent or utilisation publisher has died. An instance is stopped when
-it carries ``tessera:auto-stop=true``, has been up for at least the idle period, and the busiest of its
-accelerators stayed below the threshold over the whole idle period. No utilisation data at all over that
-period counts as idle: a healthy box publishes every minute, so silence means something broke, and a
-broken box bills just the same.
+it carries ``tessera:auto-stop=true``, has been up for at least the idle period, the busiest of its
+accelerators stayed below the threshold over the whole idle period, and it sent no busy heartbeat in that
+period (``tessera/Training`` ``Busy``: the trainer sends it every minute while a job runs, data staging and
+CPU-bound phases included, and the box's idle agent while someone is logged in). No data at all over that
+period counts as idle: a healthy box publishes every minute, so silence means something broke, and a broken
+box bills just the same.
 
 Settings come from the environment (set by ``infra/autostop.py``):
 ``TESSERA_AUTOSTOP_IDLE_MINUTES`` (default 15), ``TESSERA_AUTOSTOP_THRESHOLD_PERCENT`` (default 5) and
 ``TESSERA_AUTOSTOP_METRICS``, a JSON list of ``{"namespace": ..., "metric": ...}`` utilisation metrics that
-carry an ``InstanceId`` dimension (default: the CloudWatch agent's NVIDIA metric and the Gaudi/Neuron one).
+carry an ``InstanceId`` dimension (default: the CloudWatch agent's NVIDIA metric and the Gaudi/Neuron one),
+and ``TESSERA_AUTOSTOP_BUSY_METRIC``, the busy heartbeat as one ``{"namespace": ..., "metric": ...}``
+(default ``tessera/Training`` ``Busy``; any value of 1 or more in the period means busy).
 
 Standard library and boto3 only: Lambda's Python runtime provides boto3, and this directory is deployed
 on its own.
@@ -35,6 +39,7 @@ AUTO_STOP_VALUE = "true"
 IDLE_MINUTES_ENV = "TESSERA_AUTOSTOP_IDLE_MINUTES"
 THRESHOLD_ENV = "TESSERA_AUTOSTOP_THRESHOLD_PERCENT"
 METRICS_ENV = "TESSERA_AUTOSTOP_METRICS"
+BUSY_METRIC_ENV = "TESSERA_AUTOSTOP_BUSY_METRIC"
 DEFAULT_IDLE_MINUTES = 15.0
 DEFAULT_THRESHOLD_PERCENT = 5.0
 PERIOD_S = 60
@@ -55,6 +60,8 @@ DEFAULT_METRICS = (
     Metric("CWAgent", "nvidia_smi_utilization_gpu"),
     Metric("tessera/Accelerators", "AcceleratorUtilization"),
 )
+DEFAULT_BUSY_METRIC = Metric("tessera/Training", "Busy")
+"""The busy heartbeat: 1 while a job runs or someone is logged in (``services.trainer.idle``)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Settings:
     idle_minutes: float = DEFAULT_IDLE_MINUTES
     threshold_percent: float = DEFAULT_THRESHOLD_PERCENT
     metrics: tuple[Metric, ...] = DEFAULT_METRICS
+    busy_metric: Metric = DEFAULT_BUSY_METRIC
 
     def __post_init__(self) -> None:
         if not self.idle_minutes > 0:
@@ -100,10 +108,21 @@ class Settings:
                 raise ValueError(
                     f'{METRICS_ENV} must be a JSON list of {{"namespace": ..., "metric": ...}}: {exc}'
                 ) from None
+        busy_metric = DEFAULT_BUSY_METRIC
+        raw_busy = environ.get(BUSY_METRIC_ENV, "").strip()
+        if raw_busy:
+            try:
+                named = json.loads(raw_busy)
+                busy_metric = Metric(str(named["namespace"]), str(named["metric"]))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(
+                    f'{BUSY_METRIC_ENV} must be one JSON {{"namespace": ..., "metric": ...}}: {exc}'
+                ) from None
         return Settings(
             idle_minutes=number(IDLE_MINUTES_ENV, DEFAULT_IDLE_MINUTES),
             threshold_percent=number(THRESHOLD_ENV, DEFAULT_THRESHOLD_PERCENT),
             metrics=metrics,
+            busy_metric=busy_metric,
         )
 
 
@@ -128,7 +147,8 @@ def peak_utilisation(
     start: datetime,
     end: datetime,
 ) -> dict[str, float | None]:
-    """The highest utilisation each instance reported between ``start`` and ``end`` over all ``metrics``.
+    """The highest value each instance reported between ``start`` and ``end`` over all ``metrics``
+    (utilisation, or the busy heartbeat).
 
     None for an instance with no datapoint at all.
     """
@@ -187,8 +207,13 @@ def decide(
     peaks: Mapping[str, float | None],
     settings: Settings,
     now: datetime,
+    busy: Mapping[str, float | None] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """Which instances to stop, and why each of the others is spared."""
+    """Which instances to stop, and why each of the others is spared.
+
+    ``peaks`` is each instance's highest utilisation over the idle period, ``busy`` its highest busy
+    heartbeat (1: a job ran or someone was logged in); None or absent: no data, which counts as idle.
+    """
     idle_period = timedelta(minutes=settings.idle_minutes)
     to_stop: list[str] = []
     spared: dict[str, str] = {}
@@ -207,6 +232,14 @@ def decide(
                 f"in the last {_minutes(idle_period)}"
             )
             continue
+        heartbeat = (busy or {}).get(instance_id)
+        if heartbeat is not None and heartbeat >= 1:
+            metric = settings.busy_metric
+            spared[instance_id] = (
+                f"busy: a job ran or someone was logged in ({metric.namespace} {metric.name}) "
+                f"in the last {_minutes(idle_period)}"
+            )
+            continue
         to_stop.append(instance_id)
     return to_stop, spared
 
@@ -216,16 +249,19 @@ def check_instances(ec2: Any, cloudwatch: Any, settings: Settings, now: datetime
     instances = running_auto_stop_instances(ec2)
     ids = [str(i["InstanceId"]) for i in instances]
     peaks: dict[str, float | None] = {}
+    busy: dict[str, float | None] = {}
     if ids:
-        peaks = peak_utilisation(
-            cloudwatch, ids, settings.metrics, start=now - timedelta(minutes=settings.idle_minutes), end=now
-        )
-    to_stop, spared = decide(instances, peaks, settings, now)
+        start = now - timedelta(minutes=settings.idle_minutes)
+        peaks = peak_utilisation(cloudwatch, ids, settings.metrics, start=start, end=now)
+        busy = peak_utilisation(cloudwatch, ids, [settings.busy_metric], start=start, end=now)
+    to_stop, spared = decide(instances, peaks, settings, now, busy)
     stopped: list[str] = []
     failed: dict[str, str] = {}
     for instance_id in to_stop:
         peak = peaks.get(instance_id)
-        why = "no utilisation data" if peak is None else f"peak utilisation {peak:g}%"
+        why = (
+            "no utilisation data" if peak is None else f"peak utilisation {peak:g}%"
+        ) + ", no busy heartbeat"
         try:
             # One call per instance: a refusal for one box must not keep the others running.
             ec2.stop_instances(InstanceIds=[instance_id])

@@ -13,7 +13,9 @@ the registry entry, and the handler records what it reports, with the same outco
 Job rows live in ``training_jobs`` (``services/trainer/migrations``). The trainer's state file (the idle
 agent's: ``$TESSERA_TRAINER_STATE``, default ``/run/tessera/trainer-state.json``, see
 :mod:`services.trainer.idle`) says busy while a job runs, refreshed at least every minute, and not busy once
-it ends.
+it ends; on a training box the same beats publish the busy heartbeat metric (:class:`idle.BusyHeartbeat`)
+from the job's start, so data staging and CPU-bound phases count as work for the idle alarm and the safety
+net.
 """
 
 from __future__ import annotations
@@ -75,10 +77,14 @@ class TrainerStateFile:
     busy once the job ends, however it ends. The format and the default path are the agent's
     (:func:`services.trainer.idle.write_trainer_state`). Failing to write it is logged, never fatal: the agent
     counts a stale busy file as not busy and an unreadable one as busy.
+
+    While a job runs, :meth:`start` and :meth:`beat` also send the busy heartbeat (at most once a minute) when
+    there is one: ``heartbeat``, else the training box's (``TESSERA_INSTANCE_ID`` set), else none.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, heartbeat: idle.BusyHeartbeat | None = None) -> None:
         self.path = Path(path or os.environ.get(idle.TRAINER_STATE_ENV) or idle.DEFAULT_TRAINER_STATE)
+        self.heartbeat = heartbeat or idle.busy_heartbeat_from_environment(os.environ)
         self.job_id: str | None = None
         self.last_beat = 0.0
         # The heartbeat thread and the training loop both beat; the lock keeps a late beat from writing
@@ -90,13 +96,20 @@ class TrainerStateFile:
         with self._lock:
             self.job_id = job_id
             self._write(busy=True, job_id=job_id)
+        self._publish()
 
     def beat(self, min_interval_s: float = 0.0) -> None:
         """Say the job is still running (at most once per ``min_interval_s``); nothing when no job runs."""
         with self._lock:
-            if self.job_id is None or time.time() - self.last_beat < min_interval_s:
-                return
-            self._write(busy=True, job_id=self.job_id)
+            running = self.job_id is not None
+            if running and time.time() - self.last_beat >= min_interval_s:
+                self._write(busy=True, job_id=self.job_id)
+        if running:
+            self._publish()  # outside the lock: a slow API call must not hold up the training loop
+
+    def _publish(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.publish()
 
     def clear(self) -> None:
         """The job ended: say the trainer is not busy (naming the job that ran last)."""

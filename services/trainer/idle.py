@@ -9,6 +9,12 @@ Every minute the agent looks at three things, and the box is idle when all three
   died, which counts as not busy;
 - no one is logged in: no established SSH connection to port 22 and no Session Manager session.
 
+While someone is logged in the agent also publishes the busy heartbeat (:class:`BusyHeartbeat`: CloudWatch
+:data:`BUSY_NAMESPACE` / :data:`BUSY_METRIC` = 1, dimension ``InstanceId``), as the trainer does while a job
+runs, so that the box's idle alarm and the safety net (``services/autostop``), which cannot see logins or
+jobs, do not stop a box someone is debugging on or staging data with: they count the box idle only when its
+accelerators idle and no busy heartbeat came.
+
 Once the box has been idle without a break for ``TESSERA_IDLE_MINUTES`` (default 5), the agent stops its own
 instance through the EC2 API (instance id from IMDSv2). Should that fail it runs ``shutdown -h now`` (the
 instance's shutdown behaviour is *stop*), and where there is no ``shutdown`` (in a container) it exits with
@@ -31,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +66,15 @@ EXIT_STOP_REQUESTED = 75
 """Exit status meaning "stop this box: the API and ``shutdown`` both failed here" (for the host wrapper)."""
 
 IMDS = "http://169.254.169.254"
+
+BUSY_NAMESPACE = "tessera/Training"
+"""The busy heartbeat's namespace (the box's role may publish here; ``infra/training.py`` keeps a copy)."""
+BUSY_METRIC = "Busy"
+"""1 while a job runs (data staging included) or someone is logged in, with an ``InstanceId`` dimension."""
+BUSY_INTERVAL_S = 50.0
+"""The least time between two heartbeats: one a minute (callers beat every 30 to 60 s), never a flood."""
+INSTANCE_ID_ENV = "TESSERA_INSTANCE_ID"
+"""This box's instance id, given to the trainer container by its start script (the heartbeat's dimension)."""
 
 QUEUE_ATTRIBUTES = (
     "ApproximateNumberOfMessages",
@@ -166,6 +182,82 @@ def write_trainer_state(path: Path, *, busy: bool, job_id: str | None, now: floa
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+# --- the busy heartbeat ------------------------------------------------------------------------------------
+
+
+class BusyHeartbeat:
+    """Publishes ``Busy = 1`` for this instance to CloudWatch, at most once per ``interval_s``.
+
+    :meth:`publish` never raises: a heartbeat that cannot be sent is logged, and the box then looks as idle
+    as its accelerators say (the safe side for the bill; the on-box agent still sees the job or the login).
+    Thread-safe: the trainer's visibility heartbeat and its training loop both call it.
+    """
+
+    def __init__(
+        self,
+        instance_id: Callable[[], str],
+        cloudwatch: Callable[[], Any],
+        *,
+        interval_s: float = BUSY_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._instance_id = instance_id
+        self._cloudwatch = cloudwatch
+        self.interval_s = interval_s
+        self.clock = clock
+        self.last_sent: float | None = None
+        self._lock = threading.Lock()
+        self._resolved: tuple[str, Any] | None = None
+
+    def publish(self) -> bool:
+        """Send one heartbeat unless one went out less than ``interval_s`` ago; True when one was sent."""
+        with self._lock:
+            now = self.clock()
+            if self.last_sent is not None and 0 <= now - self.last_sent < self.interval_s:
+                return False
+            self.last_sent = now  # a failing attempt also waits an interval: no retry storm
+        try:
+            if self._resolved is None:
+                self._resolved = (self._instance_id(), self._cloudwatch())
+            instance_id, cloudwatch = self._resolved
+            cloudwatch.put_metric_data(
+                Namespace=BUSY_NAMESPACE,
+                MetricData=[
+                    {
+                        "MetricName": BUSY_METRIC,
+                        "Dimensions": [{"Name": "InstanceId", "Value": instance_id}],
+                        "Value": 1.0,
+                        "Unit": "Count",
+                    }
+                ],
+            )
+        except Exception as exc:
+            log.warning("could not publish the busy heartbeat (%s: %s)", type(exc).__name__, exc)
+            return False
+        return True
+
+
+def _cloudwatch_client(environ: Mapping[str, str]) -> Any:
+    """A CloudWatch client that gives up quickly: the trainer beats from its SQS visibility heartbeat, which
+    a hung metrics call must not hold up for long."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "cloudwatch",
+        endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
+        config=Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"}),
+    )
+
+
+def busy_heartbeat_from_environment(environ: Mapping[str, str]) -> BusyHeartbeat | None:
+    """The trainer's heartbeat on a training box (``TESSERA_INSTANCE_ID`` set); None anywhere else."""
+    instance_id = (environ.get(INSTANCE_ID_ENV) or "").strip()
+    if not instance_id:
+        return None
+    return BusyHeartbeat(lambda: instance_id, lambda: _cloudwatch_client(environ))
 
 
 # --- the decision ------------------------------------------------------------------------------------------
@@ -377,9 +469,11 @@ class IdleAgent:
         idle_period_s: float = DEFAULT_IDLE_MINUTES * 60,
         stale_after_s: float = STALE_AFTER_S,
         clock: Callable[[], float] = time.time,
+        heartbeat: BusyHeartbeat | None = None,
     ) -> None:
         self.probes = probes
         self.stop = stop
+        self.heartbeat = heartbeat
         self.stale_after_s = stale_after_s
         self.clock = clock
         self.tracker = IdleTracker(idle_period_s)
@@ -389,6 +483,9 @@ class IdleAgent:
         """One look: observe, decide, and stop the box when the decision says so."""
         observation = observe(self.probes)
         now = self.clock()
+        if observation.sessions and self.heartbeat is not None:
+            # The alarm and the safety net cannot see logins: tell them (the trainer reports its own jobs).
+            self.heartbeat.publish()
         decision = self.tracker.update(busy_reasons(observation, now, self.stale_after_s), now)
         if decision.stop:
             log.info("idle for %.0f s: stopping this instance", decision.idle_for_s)
@@ -430,7 +527,9 @@ def idle_minutes_from(environ: Mapping[str, str]) -> float:
     return minutes
 
 
-def agent_from_environment(environ: Mapping[str, str], *, sqs: Any = None, ec2: Any = None) -> IdleAgent:
+def agent_from_environment(
+    environ: Mapping[str, str], *, sqs: Any = None, ec2: Any = None, cloudwatch: Any = None
+) -> IdleAgent:
     """The agent the instance runs, configured from its environment (the trainer's environment file)."""
     queue_url = environ.get(QUEUE_URL_ENV)
     if not queue_url:
@@ -453,7 +552,11 @@ def agent_from_environment(environ: Mapping[str, str], *, sqs: Any = None, ec2: 
     def stop() -> str:
         return stop_self(instance_id=imds_instance_id, ec2=lambda: ec2 or client("ec2"))
 
-    return IdleAgent(probes, stop, idle_period_s=idle_minutes_from(environ) * 60)
+    own_id = (environ.get(INSTANCE_ID_ENV) or "").strip()
+    heartbeat = BusyHeartbeat(
+        lambda: own_id or imds_instance_id(), lambda: cloudwatch or _cloudwatch_client(environ)
+    )
+    return IdleAgent(probes, stop, idle_period_s=idle_minutes_from(environ) * 60, heartbeat=heartbeat)
 
 
 def main(argv: Iterable[str] | None = None) -> int:

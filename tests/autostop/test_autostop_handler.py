@@ -18,6 +18,7 @@ AMI = "ami-0123456789abcdef0"
 AUTO_STOP = {"tessera:auto-stop": "true"}
 NVIDIA = ("CWAgent", "nvidia_smi_utilization_gpu")
 GAUDI = ("tessera/Accelerators", "AcceleratorUtilization")
+BUSY = ("tessera/Training", "Busy")
 
 
 @pytest.fixture
@@ -50,6 +51,11 @@ def _utilisation(
             for i, value in enumerate(values)
         ],
     )
+
+
+def _busy(cloudwatch: Any, instance_id: str, at: datetime) -> None:
+    """One busy heartbeat (a job running, data staging, or a login) at ``at``."""
+    _utilisation(cloudwatch, instance_id, at, [1.0], metric=BUSY)
 
 
 def _state(ec2: Any, instance_id: str) -> str:
@@ -86,6 +92,32 @@ def test_idle_and_silent_instances_are_stopped_busy_and_untagged_ones_are_not(aw
     assert summary["failed"] == {}
     assert {_state(ec2, i) for i in (idle, silent)} <= {"stopping", "stopped"}
     assert {_state(ec2, i) for i in (busy, untagged, opted_out, gaudi)} == {"running"}
+
+
+def test_a_busy_heartbeat_spares_a_box_whose_accelerators_idle(aws: tuple[Any, Any]) -> None:
+    ec2, cloudwatch = aws
+    staging, launched = _launch(ec2, AUTO_STOP)  # fetching its dataset: accelerators idle, job running
+    on_cpu, _ = _launch(ec2, AUTO_STOP)  # training on its CPU: no accelerator metric at all
+    debugged, _ = _launch(ec2, AUTO_STOP)  # someone logged in over SSH, nothing running
+    was_busy, _ = _launch(ec2, AUTO_STOP)  # its last heartbeat is older than the idle period
+    dead, _ = _launch(ec2, AUTO_STOP)  # its agents and trainer died: it publishes nothing
+    now = launched + timedelta(hours=1)
+    low = [0.0, 1.0, 0.0, 2.0, 0.0] * 3
+    for box in (staging, debugged, was_busy):
+        _utilisation(cloudwatch, box, now - timedelta(minutes=1), low)
+    _busy(cloudwatch, staging, now - timedelta(minutes=3))
+    _busy(cloudwatch, on_cpu, now - timedelta(minutes=14))
+    _busy(cloudwatch, debugged, now - timedelta(minutes=8))
+    _busy(cloudwatch, was_busy, now - timedelta(minutes=16))
+
+    summary = check_instances(ec2, cloudwatch, Settings(idle_minutes=15), now=now)
+
+    assert set(summary["spared"]) == {staging, on_cpu, debugged}
+    for box in (staging, on_cpu, debugged):
+        assert "tessera/Training Busy" in summary["spared"][box]
+    assert sorted(summary["stopped"]) == sorted([was_busy, dead])
+    assert {_state(ec2, i) for i in (was_busy, dead)} <= {"stopping", "stopped"}
+    assert {_state(ec2, i) for i in (staging, on_cpu, debugged)} == {"running"}
 
 
 def test_instances_up_for_less_than_the_idle_period_are_spared(aws: tuple[Any, Any]) -> None:
@@ -155,12 +187,18 @@ def test_settings_from_the_environment() -> None:
         }
     )
     assert settings == Settings(30, 2.5, (Metric("tessera/Accelerators", "X"),))
+    assert Settings().busy_metric == Metric(*BUSY)
+    custom = Settings.from_environment(
+        {"TESSERA_AUTOSTOP_BUSY_METRIC": json.dumps({"namespace": "tessera/Other", "metric": "Working"})}
+    )
+    assert custom.busy_metric == Metric("tessera/Other", "Working")
     for env, match in [
         ({"TESSERA_AUTOSTOP_IDLE_MINUTES": "soon"}, "TESSERA_AUTOSTOP_IDLE_MINUTES"),
         ({"TESSERA_AUTOSTOP_IDLE_MINUTES": "0"}, "TESSERA_AUTOSTOP_IDLE_MINUTES"),
         ({"TESSERA_AUTOSTOP_THRESHOLD_PERCENT": "150"}, "TESSERA_AUTOSTOP_THRESHOLD_PERCENT"),
         ({"TESSERA_AUTOSTOP_METRICS": '[{"namespace": "CWAgent"}]'}, "TESSERA_AUTOSTOP_METRICS"),
         ({"TESSERA_AUTOSTOP_METRICS": "[]"}, "TESSERA_AUTOSTOP_METRICS"),
+        ({"TESSERA_AUTOSTOP_BUSY_METRIC": '{"metric": "Busy"}'}, "TESSERA_AUTOSTOP_BUSY_METRIC"),
     ]:
         with pytest.raises(ValueError, match=match):
             Settings.from_environment(env)

@@ -19,7 +19,7 @@ from infra.cloudwatch_agent import (
     NVIDIA_UTILIZATION_METRIC,
 )
 from infra.iam import wildcard_violations
-from infra.training import TrainingInstance, TrainingInstanceArgs
+from infra.training import BUSY_METRIC, BUSY_NAMESPACE, TrainingInstance, TrainingInstanceArgs
 from stacks.offline import Declared, OfflineRun
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +39,7 @@ def _run(offline: Callable[..., OfflineRun], **overrides: Any) -> OfflineRun:
             "function_name": net.function_name,
             "policy": net.policy_json,
             "log_group_name": net.log_group_name,
+            "alerts_topic_arn": net.alerts_topic_arn,
         }
 
     return offline(program, config={"aws:region": REGION})
@@ -186,6 +187,42 @@ def test_infra_and_the_function_agree_on_the_tag_and_settings() -> None:
     assert infra_autostop.THRESHOLD_ENV == handler.THRESHOLD_ENV
     assert infra_autostop.METRICS_ENV == handler.METRICS_ENV
     assert [(m.namespace, m.name) for m in handler.DEFAULT_METRICS] == list(infra_autostop.DEFAULT_METRICS)
+    assert infra_autostop.BUSY_METRIC_ENV == handler.BUSY_METRIC_ENV
+    busy = handler.DEFAULT_BUSY_METRIC
+    assert (busy.namespace, busy.name) == (BUSY_NAMESPACE, BUSY_METRIC)
+
+
+def test_the_function_reads_the_busy_heartbeat_the_training_box_publishes(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    from services.autostop import handler
+
+    variables = _one(_run(offline), "aws:lambda/function:Function").inputs["environment"]["variables"]
+    assert json.loads(variables["TESSERA_AUTOSTOP_BUSY_METRIC"]) == {
+        "namespace": BUSY_NAMESPACE,
+        "metric": BUSY_METRIC,
+    }
+    settings = handler.Settings.from_environment(variables)
+    assert settings.busy_metric == handler.Metric(BUSY_NAMESPACE, BUSY_METRIC)
+
+
+def test_a_failing_safety_net_notifies_an_encrypted_topic_operators_can_subscribe_to(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/0000-stack"
+    extra = f"arn:aws:sns:{REGION}:{ACCOUNT}:pager"
+    run = _run(offline, kms_key_arn=key, alarm_actions=[extra])
+    topic = _one(run, "aws:sns/topic:Topic")
+    assert topic.inputs["kmsMasterKeyId"] == key
+    assert run.outputs["alerts_topic_arn"] == topic.get("arn")
+    assert ":sns:" in run.outputs["alerts_topic_arn"]
+    (alarm,) = [
+        a
+        for a in run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
+        if a.inputs.get("metricName") == "Errors"
+    ]
+    assert alarm.inputs["alarmActions"] == [topic.get("arn"), extra]
+    assert alarm.inputs["okActions"] == [topic.get("arn"), extra]
 
 
 def test_the_training_instance_carries_the_tag_the_safety_net_looks_for(

@@ -15,8 +15,11 @@ import pytest
 from infra.cloudwatch_agent import ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC
 from infra.iam import wildcard_violations
 from infra.training import (
+    BUSY_METRIC,
+    BUSY_NAMESPACE,
     IDLE_AGENT_UNIT,
     IDLE_AGENT_WRAPPER,
+    IDLE_ALARM_EXPRESSION,
     INSTANCE_TYPE_SETTING,
     TRAINER_STATE_DIR,
     TRAINER_STATE_FILE,
@@ -153,19 +156,65 @@ def test_data_volume_survives_instance_replacement_and_new_amis(offline: Callabl
     assert captured["aws:ec2/volumeAttachment:VolumeAttachment"].delete_before_replace is True
 
 
-def test_idle_alarm_stops_the_instance_on_its_gpu_utilisation(offline: Callable[..., OfflineRun]) -> None:
+def _alarm_queries(run: OfflineRun) -> dict[str, dict[str, Any]]:
+    (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
+    return {q["id"]: q for q in alarm.inputs["metricQueries"]}
+
+
+def _alarm_value(utilization: float | None, busy: float | None) -> float | None:
+    """What the alarm's expression gives for one period (None: no datapoint), as CloudWatch evaluates it."""
+    assert IDLE_ALARM_EXPRESSION == "MAX([FILL(utilization, 0), FILL(busy, 0) * 100])"
+    if utilization is None and busy is None:
+        return None
+    return max(utilization or 0.0, (busy or 0.0) * 100)
+
+
+def test_idle_alarm_stops_the_instance_only_when_idle_by_utilisation_and_busy_heartbeat(
+    offline: Callable[..., OfflineRun],
+) -> None:
     run = _run(offline, idle_minutes=20, gpu_idle_threshold_percent=7.5)
     (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
     a = alarm.inputs
     assert a["alarmActions"] == ["arn:aws:automate:eu-west-1:ec2:stop"]
-    assert (a["namespace"], a["metricName"]) == ("CWAgent", "nvidia_smi_utilization_gpu")
-    assert a["dimensions"] == {"InstanceId": _instance(run).outputs["id"]}
-    assert a["period"] == 300
-    assert a["evaluationPeriods"] == 4
+    assert not {"namespace", "metricName", "statistic", "period"} & set(a)  # a metric-math alarm
+    queries = _alarm_queries(run)
+    box = {"InstanceId": _instance(run).outputs["id"]}
+    utilization, busy = queries["utilization"]["metric"], queries["busy"]["metric"]
+    assert (utilization["namespace"], utilization["metricName"]) == ("CWAgent", "nvidia_smi_utilization_gpu")
+    assert (busy["namespace"], busy["metricName"]) == (BUSY_NAMESPACE, BUSY_METRIC)
+    for metric in (utilization, busy):
+        assert metric["dimensions"] == box
+        assert (metric["stat"], metric["period"]) == ("Maximum", 300)
+    assert [q["id"] for q in queries.values() if q.get("returnData")] == ["activity"]
+    assert queries["activity"]["expression"] == IDLE_ALARM_EXPRESSION
+    assert a["evaluationPeriods"] == a["datapointsToAlarm"] == 4
     assert a["threshold"] == 7.5
     assert a["comparisonOperator"] == "LessThanThreshold"
-    # A box whose agent died publishes nothing: that must count as idle, or it would never stop.
+    # A box whose agents died publishes nothing: that must count as idle, or it would never stop.
     assert a["treatMissingData"] == "breaching"
+
+    def idle(utilization: float | None, busy: float | None) -> bool:
+        value = _alarm_value(utilization, busy)
+        return value is None or value < a["threshold"]
+
+    assert idle(2.0, None) and idle(2.0, 0.0) and idle(None, None) and idle(None, 0.0)
+    assert not idle(80.0, None)  # the accelerators work
+    assert not idle(0.0, 1.0)  # data staging, a CPU phase, or someone logged in
+    assert not idle(None, 1.0)  # training on the CPU: no accelerator data at all
+
+
+def test_the_idle_alarm_has_the_name_the_box_re_arms(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline, idle_minutes=20)
+    (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
+    # DescribeAlarmsForMetric does not list metric-math alarms: the re-arm script must name the alarm itself.
+    assert alarm.inputs["name"] == "tessera-dev-trainer-idle"
+    _, files = _setup_files(_instance(run).inputs["userData"])
+    rearm = files["/usr/local/bin/tessera-idle-rearm"]
+    assert "--alarm-name 'tessera-dev-trainer-idle' --state-value OK" in rearm
+    assert "describe-alarms-for-metric" not in rearm
+    assert "OnBootSec=30min" in files["/etc/systemd/system/tessera-idle-rearm.timer"]
+    named = _run(offline, idle_alarm_name="prod-training-idle")
+    assert named.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")[0].inputs["name"] == "prod-training-idle"
 
 
 def test_idle_minutes_must_fill_whole_alarm_periods(offline: Callable[..., OfflineRun]) -> None:
@@ -220,8 +269,8 @@ def test_dl1_takes_the_gaudi_path(offline: Callable[..., OfflineRun]) -> None:
     assert ACCELERATOR_NAMESPACE in publisher and ACCELERATOR_UTILIZATION_METRIC in publisher
     assert "OnUnitActiveSec=1min" in files["/etc/systemd/system/tessera-accelerator-metric.timer"]
     assert "tessera-accelerator-metric.timer" in setup_units(user_data)
-    (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
-    assert (alarm.inputs["namespace"], alarm.inputs["metricName"]) == (
+    utilization = _alarm_queries(run)["utilization"]["metric"]
+    assert (utilization["namespace"], utilization["metricName"]) == (
         ACCELERATOR_NAMESPACE,
         ACCELERATOR_UTILIZATION_METRIC,
     )
@@ -328,6 +377,59 @@ def test_role_statements_grant_the_box_only_its_own_parameter_and_alarm(
     assert statements["RearmIdleAlarm"]["Resource"] == alarm.outputs["arn"]
     namespaces = statements["PublishUtilization"]["Condition"]["StringEquals"]["cloudwatch:namespace"]
     assert ACCELERATOR_NAMESPACE in namespaces
+    assert BUSY_NAMESPACE not in namespaces
+
+
+def test_the_box_may_publish_its_busy_heartbeat_in_that_namespace_only(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    def program() -> dict[str, Any]:
+        box = TrainingInstance("trainer", _args())
+        return {"statements": pulumi.Output.json_dumps(box.role_statements)}
+
+    statements = json.loads(offline(program, config={"aws:region": "eu-west-1"}).outputs["statements"])
+    (busy,) = [s for s in statements if s["Sid"] == "PublishBusyHeartbeat"]
+    assert busy["Action"] == ["cloudwatch:PutMetricData"]
+    assert busy["Condition"] == {"StringEquals": {"cloudwatch:namespace": BUSY_NAMESPACE}}
+    assert wildcard_violations({"Statement": statements}) == []
+    # Nothing left that only the old, metric-based re-arm needed.
+    assert not [s for s in statements if "cloudwatch:DescribeAlarmsForMetric" in s["Action"]]
+
+
+def test_the_trainer_knows_its_instance_id_to_publish_its_heartbeat(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    _, files = _setup_files(_instance(_run(offline)).inputs["userData"])
+    trainer = files["/usr/local/bin/tessera-trainer"]
+    assert '-e TESSERA_INSTANCE_ID="$instance_id"' in trainer
+    assert trainer.index("instance_id=$(curl") < trainer.index("TESSERA_INSTANCE_ID")
+    # The agent and the safety net read the metric the trainer and the agent write.
+    assert (idle.BUSY_NAMESPACE, idle.BUSY_METRIC) == (BUSY_NAMESPACE, BUSY_METRIC)
+
+
+def test_the_instance_joins_the_trainer_service_group_the_database_admits(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    run = _run(offline, service_security_group_ids=["sg-0trainer000000000"])
+    groups = _instance(run).inputs["vpcSecurityGroupIds"]
+    assert groups == [run.outputs["security_group_id"], "sg-0trainer000000000"]
+    # Joining the service group adds no ingress to the box.
+    ingress = run.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+    assert [r.inputs["securityGroupId"] for r in ingress] == [run.outputs["security_group_id"]]
+
+
+def test_the_data_volume_is_scratch_with_no_final_snapshot_and_the_trainer_can_write_it(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    run = _run(offline)
+    (volume,) = run.of_type("aws:ebs/volume:Volume")
+    # Datasets and checkpoints live in S3; the volume caches them, and a destroy must not bill for a copy.
+    assert volume.inputs.get("finalSnapshot") is False
+    setup, files = _setup_files(_instance(run).inputs["userData"])
+    assert "chown 10001:10001 /data" in setup.splitlines()
+    assert setup.index("mount /data") < setup.index('resize2fs "$device"')  # a grown volume is usable
+    assert setup.index("mount /data") < setup.index("chown 10001:10001 /data")
+    assert "-e TESSERA_DATA_DIR=/data" in files["/usr/local/bin/tessera-trainer"]
 
 
 def test_infra_copies_of_the_idle_agent_unit_and_wrapper_match_the_agent() -> None:
