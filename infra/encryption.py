@@ -43,8 +43,9 @@ class EncryptionArgs:
 
 
 def key_policy(region: str, account_id: str) -> dict[str, Any]:
-    """The key policy: the account administers the key (so IAM policies can grant its use), and
-    CloudWatch Logs may use it only for log groups of this account."""
+    """The key policy: the account administers the key (so IAM policies can grant its use), CloudWatch
+    Logs may use it only for log groups of this account, and CloudWatch only for this account's alarms
+    publishing to encrypted topics."""
     partition = partition_of(region)
     dns_suffix = "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
     return {
@@ -79,12 +80,29 @@ def key_policy(region: str, account_id: str) -> dict[str, Any]:
                     }
                 },
             },
+            {
+                # Alarms notify through KMS-encrypted SNS topics (the autostop's alerts topic): CloudWatch
+                # must make a data key for the message, and only for this account's alarms.
+                "Sid": "CloudWatchAlarmsPublishToEncryptedTopics",
+                "Effect": "Allow",
+                "Principal": {"Service": f"cloudwatch.{dns_suffix}"},
+                "Action": ["kms:Decrypt", "kms:GenerateDataKey*"],
+                "Resource": "*",
+                "Condition": {
+                    "StringEquals": {"aws:SourceAccount": account_id},
+                    "ArnLike": {"aws:SourceArn": f"arn:{partition}:cloudwatch:{region}:{account_id}:alarm:*"},
+                },
+            },
         ],
     }
 
 
 class Encryption(pulumi.ComponentResource):
-    """One customer-managed KMS key with yearly rotation, and its alias ``alias/<name>``."""
+    """One customer-managed KMS key with yearly rotation, and its alias ``alias/tessera-<stack>-<name>``.
+
+    The alias is unique in the account and region, so it carries the stack: dev, prod-data and prod-compute
+    can share one account.
+    """
 
     key_arn: pulumi.Output[str]
     key_id: pulumi.Output[str]
@@ -106,7 +124,10 @@ class Encryption(pulumi.ComponentResource):
             opts=child,
         )
         self.alias = aws.kms.Alias(
-            f"{name}-alias", name=f"alias/{name}", target_key_id=self.key.key_id, opts=child
+            f"{name}-alias",
+            name=f"alias/tessera-{pulumi.get_stack()}-{name}",
+            target_key_id=self.key.key_id,
+            opts=child,
         )
 
         self.key_arn = self.key.arn

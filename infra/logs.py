@@ -31,7 +31,8 @@ class ServiceLogsArgs:
     """Which services get a log group, and how long their logs are kept."""
 
     prefix: str
-    """Middle part of every group name, ``/tessera/<prefix>/<service>`` (usually the stack name)."""
+    """Middle part of every group name, ``/tessera/<prefix>/<service>``: the stack name, since log group names
+    are unique per account and region and the stacks of one account must not collide."""
     services: Sequence[str]
     """Service names (lowercase letters, digits, hyphens); one log group each."""
     retention_days: int = 30

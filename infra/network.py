@@ -269,7 +269,8 @@ class Network(pulumi.ComponentResource):
 
         self.flow_log_group = aws.cloudwatch.LogGroup(
             f"{name}-flow-logs",
-            name=f"/tessera/{name}/vpc-flow-logs",
+            # Log group names are unique in the account and region: the stack keeps two stacks apart.
+            name=f"/tessera/{pulumi.get_stack()}/{name}/vpc-flow-logs",
             retention_in_days=args.flow_log_retention_days,
             kms_key_id=args.flow_log_kms_key_arn,
             opts=child,

@@ -1,23 +1,51 @@
-"""The audit finds what it is there to find: small programs that break one invariant each."""
+"""The audit finds what it is there to find: small programs that break one invariant each.
+
+Every program is checked twice, through the two callers of the one set of rules (stacks/audit.py): the offline
+audit `tessera plan` runs, and the CrossGuard policy pack (policy/) as `pulumi preview --policy-pack` runs it,
+fed the same resources shaped as pulumi-policy's ``PolicyResource`` s.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pulumi
 import pulumi_aws as aws
+import pytest
+from crossguard import policy_resources, violations
 
 from stacks.audit import audit
 from stacks.offline import OfflineRun
+from stacks.settings import Settings
+
+#: Findings as text, ``[rule] Type name: detail``, whichever path reported them.
+Audit = Callable[..., list[str]]
+FINDING = re.compile(r"^\[(?P<rule>[^\]]+)\] (?P<type>\S+) (?P<name>\S+): (?P<detail>.*)$")
 
 
-def rules_of(run: OfflineRun) -> set[str]:
-    return {f.rule for f in audit(run)}
+@pytest.fixture(params=["offline", "crossguard"])
+def findings(request: pytest.FixtureRequest) -> Audit:
+    """``findings(run, stack="dev")``: what the offline audit, or the policy pack, reports for ``run`` as
+    part of ``stack`` (dev is a throw-away stack, prod-data is not)."""
+
+    def offline_audit(run: OfflineRun, stack: str = "dev") -> list[str]:
+        settings = Settings(stack=stack, region="us-east-1", throwaway=stack == "dev")
+        return [str(f) for f in audit(run, settings)]
+
+    def policy_pack(run: OfflineRun, stack: str = "dev") -> list[str]:
+        return [message for _, message, _ in violations(policy_resources(run, stack))]
+
+    return offline_audit if request.param == "offline" else policy_pack
 
 
-def test_open_ingress_is_found(offline: Callable[..., OfflineRun]) -> None:
+def rules_of(found: list[str]) -> set[str]:
+    return {m["rule"] for m in map(FINDING.match, found) if m}
+
+
+def test_open_ingress_is_found(offline: Callable[..., OfflineRun], findings: Audit) -> None:
     def program() -> dict[str, Any]:
         aws.ec2.SecurityGroup(
             "open",
@@ -30,18 +58,19 @@ def test_open_ingress_is_found(offline: Callable[..., OfflineRun]) -> None:
         )
         return {}
 
-    assert "exposure" in rules_of(offline(program))
+    assert "exposure" in rules_of(findings(offline(program)))
 
 
-def test_bucket_without_encryption_or_block_is_found(offline: Callable[..., OfflineRun]) -> None:
-    run = offline(lambda: {"b": aws.s3.Bucket("bare").bucket})
-    findings = [str(f) for f in audit(run)]
-    assert any("SSE-KMS" in f for f in findings)
-    assert any("public access block" in f for f in findings)
-    assert any("TLS" in f for f in findings)
+def test_bucket_without_encryption_or_block_is_found(
+    offline: Callable[..., OfflineRun], findings: Audit
+) -> None:
+    found = findings(offline(lambda: {"b": aws.s3.Bucket("bare").bucket}))
+    assert any("SSE-KMS" in f for f in found)
+    assert any("public access block" in f for f in found)
+    assert any("TLS" in f for f in found)
 
 
-def test_imdsv1_and_unencrypted_volume_are_found(offline: Callable[..., OfflineRun]) -> None:
+def test_imdsv1_and_unencrypted_volume_are_found(offline: Callable[..., OfflineRun], findings: Audit) -> None:
     def program() -> dict[str, Any]:
         aws.ec2.Instance(
             "old",
@@ -53,13 +82,13 @@ def test_imdsv1_and_unencrypted_volume_are_found(offline: Callable[..., OfflineR
         return {}
 
     run = offline(program)
-    findings = [str(f) for f in audit(run)]
-    assert any("IMDSv2" in f for f in findings)
-    assert sum("unencrypted EBS" in f for f in findings) == 2, findings
+    found = findings(run)
+    assert any("IMDSv2" in f for f in found)
+    assert sum("unencrypted EBS" in f for f in found) == 2, found
     assert run.of_type("aws:ebs/volume:Volume")
 
 
-def test_inline_secrets_are_found(offline: Callable[..., OfflineRun]) -> None:
+def test_inline_secrets_are_found(offline: Callable[..., OfflineRun], findings: Audit) -> None:
     def program() -> dict[str, Any]:
         aws.rds.Instance(
             "db",
@@ -78,11 +107,11 @@ def test_inline_secrets_are_found(offline: Callable[..., OfflineRun]) -> None:
         )
         return {}
 
-    findings = [f for f in audit(offline(program)) if f.rule == "secrets"]
-    assert {f.resource.split()[-1] for f in findings} == {"db", "box"}
+    secrets = [m for m in map(FINDING.match, findings(offline(program))) if m and m["rule"] == "secrets"]
+    assert {m["name"] for m in secrets} == {"db", "box"}
 
 
-def test_wildcard_iam_is_found(offline: Callable[..., OfflineRun]) -> None:
+def test_wildcard_iam_is_found(offline: Callable[..., OfflineRun], findings: Audit) -> None:
     def program() -> dict[str, Any]:
         role = aws.iam.Role("r", assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": []}))
         aws.iam.RolePolicy(
@@ -97,18 +126,20 @@ def test_wildcard_iam_is_found(offline: Callable[..., OfflineRun]) -> None:
         )
         return {}
 
-    assert "iam" in rules_of(offline(program))
+    assert "iam" in rules_of(findings(offline(program)))
 
 
-def test_queue_without_dead_letters_or_encryption_is_found(offline: Callable[..., OfflineRun]) -> None:
-    findings = [str(f) for f in audit(offline(lambda: {"q": aws.sqs.Queue("q").url}))]
-    assert any("dead-letter" in f for f in findings)
-    assert any("server-side encryption" in f for f in findings)
+def test_queue_without_dead_letters_or_encryption_is_found(
+    offline: Callable[..., OfflineRun], findings: Audit
+) -> None:
+    found = findings(offline(lambda: {"q": aws.sqs.Queue("q").url}))
+    assert any("dead-letter" in f for f in found)
+    assert any("server-side encryption" in f for f in found)
 
 
-def test_unprotected_data_store_outside_throwaway_is_found(offline: Callable[..., OfflineRun]) -> None:
-    from stacks.settings import Settings
-
+def test_unprotected_data_store_outside_throwaway_is_found(
+    offline: Callable[..., OfflineRun], findings: Audit
+) -> None:
     class DataLayer(pulumi.ComponentResource):
         def __init__(self) -> None:
             super().__init__("tessera:stacks:DataLayer", "d", None)
@@ -116,7 +147,5 @@ def test_unprotected_data_store_outside_throwaway_is_found(offline: Callable[...
             self.register_outputs({})
 
     run = offline(lambda: (DataLayer(), {})[1])
-    prod = Settings(stack="p", region="us-east-1", throwaway=False)
-    dev = Settings(stack="d", region="us-east-1", throwaway=True)
-    assert any(f.rule == "lifecycle" for f in audit(run, prod))
-    assert not any(f.rule == "lifecycle" for f in audit(run, dev))
+    assert "lifecycle" in rules_of(findings(run, "prod-data"))
+    assert "lifecycle" not in rules_of(findings(run, "dev"))

@@ -28,7 +28,10 @@ SERVICES = ["model-runner", "catalog-api"]
 
 
 def _network(
-    offline: Callable[..., OfflineRun], opts: dict[str, Any] | None = None, **kwargs: Any
+    offline: Callable[..., OfflineRun],
+    opts: dict[str, Any] | None = None,
+    stack: str = "dev",
+    **kwargs: Any,
 ) -> OfflineRun:
     args = {
         "cidr_block": "10.40.0.0/16",
@@ -50,7 +53,7 @@ def _network(
             "flow_log_group": net.flow_log_group_name,
         }
 
-    return offline(program)
+    return offline(program, stack=stack)
 
 
 def _subnets(run: OfflineRun, key: str) -> list[Declared]:
@@ -150,7 +153,7 @@ def test_flow_logs_record_all_traffic_to_an_encrypted_group(offline: Callable[..
     assert flow_log.inputs["trafficType"] == "ALL"
     group = run.named("aws:cloudwatch/logGroup:LogGroup", "net-flow-logs")
     assert flow_log.inputs["logDestination"] == group.outputs["arn"]
-    assert group.inputs["name"] == run.outputs["flow_log_group"]
+    assert group.inputs["name"] == run.outputs["flow_log_group"] == "/tessera/dev/net/vpc-flow-logs"
     assert group.inputs["retentionInDays"] == 365
     assert group.inputs["kmsKeyId"] == KEY_ARN
 
@@ -224,3 +227,16 @@ def test_protect_reaches_every_child(offline: Callable[..., OfflineRun]) -> None
     children = [r for r in run.resources if r.type != "tessera:infra:Network"]
     assert len(children) > 20
     assert all(r.protect for r in children)
+
+
+def test_flow_log_group_carries_the_stack_so_stacks_share_an_account(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    # Log group names are unique per account and region: prod-data beside dev must not collide.
+    names = {
+        stack: _network(offline, stack=stack).outputs["flow_log_group"] for stack in ("dev", "prod-data")
+    }
+    assert names == {
+        "dev": "/tessera/dev/net/vpc-flow-logs",
+        "prod-data": "/tessera/prod-data/net/vpc-flow-logs",
+    }
