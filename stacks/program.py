@@ -21,7 +21,13 @@ import pulumi_aws as aws
 
 from infra.autostop import AutoStop, AutoStopArgs
 from infra.cloudwatch_agent import AGENT_ROLE_STATEMENT, agent_config_json
-from infra.database import Database, DatabaseArgs
+from infra.database import (
+    Database,
+    DatabaseArgs,
+    DatabaseBootstrap,
+    DatabaseBootstrapArgs,
+    database_identifier,
+)
 from infra.encryption import Encryption, EncryptionArgs
 from infra.gpu_fleet import WorkerFleet, WorkerFleetArgs
 from infra.iam import BucketGrant, ServiceAccess, ServiceRole, ServiceRoleArgs
@@ -33,9 +39,17 @@ from infra.network import Network, NetworkArgs
 from infra.queues import Queues, QueuesArgs
 from infra.registry import Registry, RegistryArgs
 from infra.storage import Storage, StorageArgs
-from infra.training import ACCELERATOR_FAMILIES, TrainingInstance, TrainingInstanceArgs
-from stacks.services import SERVICE_NAMES, SERVICES, ServiceSpec, env_name
-from stacks.settings import Settings, read_settings
+from infra.trainer_images import BUILT_VARIANTS, trainer_image_refs, trainer_variant
+from infra.training import ACCELERATOR_FAMILIES, TrainingInstance, TrainingInstanceArgs, accelerator_for
+from stacks.services import (
+    DATABASE_BOOTSTRAP,
+    SERVICE_NAMES,
+    SERVICES,
+    ServiceSpec,
+    database_users,
+    env_name,
+)
+from stacks.settings import ConfigError, Settings, read_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_NAMESPACES = ("tessera", "CWAgent")
@@ -65,7 +79,8 @@ class DataLayer(pulumi.ComponentResource):
                 nat_per_az=s.nat_per_az,
                 flow_log_retention_days=s.log_retention_days,
                 flow_log_kms_key_arn=key,
-                service_names=SERVICE_NAMES,
+                # The database bootstrap gets a group of its own, like a service: the database admits it.
+                service_names=(*SERVICE_NAMES, DATABASE_BOOTSTRAP),
             ),
             child,
         )
@@ -79,10 +94,16 @@ class DataLayer(pulumi.ComponentResource):
             DatabaseArgs(
                 vpc_id=self.network.vpc_id,
                 subnet_ids=self.network.private_subnet_ids,
-                client_security_group_ids={svc.name: sgs[svc.name] for svc in SERVICES if svc.database},
+                client_security_group_ids={
+                    **{svc.name: sgs[svc.name] for svc in SERVICES if svc.database},
+                    DATABASE_BOOTSTRAP: sgs[DATABASE_BOOTSTRAP],
+                },
                 kms_key_arn=key,
+                identifier=database_identifier(name, s.stack),
                 instance_class=s.db_instance_class,
                 allocated_storage_gb=s.db_allocated_storage_gb,
+                max_allocated_storage_gb=s.db_max_allocated_storage_gb,
+                log_retention_days=s.log_retention_days,
                 backup_retention_days=s.db_backup_retention_days,
                 multi_az=s.db_multi_az,
                 deletion_protection=s.protect_data,
@@ -93,7 +114,7 @@ class DataLayer(pulumi.ComponentResource):
             f"{name}-logs",
             ServiceLogsArgs(
                 prefix=s.stack,
-                services=(*SERVICE_NAMES, GRAFANA, AUTOSTOP),
+                services=(*SERVICE_NAMES, GRAFANA, AUTOSTOP, DATABASE_BOOTSTRAP),
                 retention_days=s.log_retention_days,
                 kms_key_arn=key,
             ),
@@ -102,11 +123,35 @@ class DataLayer(pulumi.ComponentResource):
         self.registry = Registry(
             f"{name}-ecr",
             RegistryArgs(
-                services=SERVICE_NAMES,
+                services=(*SERVICE_NAMES, DATABASE_BOOTSTRAP),
+                # Read here to hash the inputs; pulumi-docker gets paths relative to the project directory.
                 context_dir=str(REPO_ROOT),
+                variants=BUILT_VARIANTS,
+                pinned_refs=s.image_refs,
                 kms_key_arn=key,
                 build=s.build_images,
                 force_delete=s.throwaway,
+            ),
+            child,
+        )
+        # The only holder of the master secret: service users, migrations and grants, run by `pulumi up`.
+        self.database_bootstrap = DatabaseBootstrap(
+            f"{name}-db-bootstrap",
+            DatabaseBootstrapArgs(
+                function_name=f"{database_identifier(name, s.stack)}-bootstrap",
+                image_uri=self.registry.image_refs[DATABASE_BOOTSTRAP],
+                repository_name=self.registry.repository_names[DATABASE_BOOTSTRAP],
+                region=s.region,
+                account_id=account_id,
+                subnet_ids=self.network.private_subnet_ids,
+                security_group_id=sgs[DATABASE_BOOTSTRAP],
+                host=self.database.address,
+                port=self.database.port,
+                master_secret_arn=self.database.secret_arn,
+                kms_key_arn=key,
+                log_group_name=self.logs.group_names[DATABASE_BOOTSTRAP],
+                log_group_arn=self.logs.group_arns[DATABASE_BOOTSTRAP],
+                users=database_users(),
             ),
             child,
         )
@@ -128,11 +173,17 @@ class DataLayer(pulumi.ComponentResource):
             "databaseAddress": db.address,
             "databasePort": db.port,
             "databaseSecretArn": db.secret_arn,
+            "databaseResourceId": db.resource_id,
+            "databaseUserArnPrefix": db.user_arn_prefix,
+            "databaseBootstrapFunctionName": self.database_bootstrap.function_name,
             "logGroupNames": self.logs.group_names,
             "logGroupArns": self.logs.group_arns,
             "repositoryUrls": self.registry.repository_urls,
             "repositoryArns": self.registry.repository_arns,
-            "imageRefs": self.registry.image_refs,
+            # What the compute layer runs: the service images (the bootstrap's runs here, in the data layer).
+            "imageRefs": {svc: self.registry.image_refs[svc] for svc in SERVICE_NAMES},
+            # The trainer per accelerator (infra/trainer_images.py): the training instance runs one of them.
+            "trainerImageRefs": trainer_image_refs(self.registry.image_refs),
         }
         self.register_outputs(self.outputs)
 
@@ -180,7 +231,8 @@ def service_environment(
         env["TESSERA_DB_HOST"] = data.get("databaseAddress")
         env["TESSERA_DB_PORT"] = data.get("databasePort").apply(str)
         env["TESSERA_DB_NAME"] = "tessera"
-        env["TESSERA_DB_SECRET_ARN"] = data.get("databaseSecretArn")
+        # Its own login, with an IAM token per connection; no service is given the master secret.
+        env["TESSERA_DB_USER"] = spec.database.user
     return env
 
 
@@ -191,7 +243,11 @@ def service_access(spec: ServiceSpec, data: DataView) -> ServiceAccess:
         send_queue_arns=[data.item("queueArns", q) for q in spec.sends],
         read_buckets=[BucketGrant(data.item("bucketArns", b.purpose), b.prefix) for b in spec.reads],
         write_buckets=[BucketGrant(data.item("bucketArns", b.purpose), b.prefix) for b in spec.writes],
-        secret_arns=[data.get("databaseSecretArn")] if spec.database else [],
+        database_user_arns=(
+            [pulumi.Output.concat(data.get("databaseUserArnPrefix"), spec.database.user)]
+            if spec.database
+            else []
+        ),
         kms_key_arns=[data.get("kmsKeyArn")],
         ecr_repository_arns=[data.item("repositoryArns", spec.name)],
         log_group_arns=[data.item("logGroupArns", spec.name)],
@@ -259,11 +315,15 @@ class ComputeLayer(pulumi.ComponentResource):
         self.training: TrainingInstance | None = None
         if s.training_enabled:
             trainer = next(spec for spec in SERVICES if spec.runs_on == "training")
+            try:
+                variant = trainer_variant(s.training_instance_type)
+            except ValueError as error:  # a Neuron type: no trainer image for it
+                raise ConfigError(str(error)) from error
             self.training = TrainingInstance(
                 f"{name}-training",
                 TrainingInstanceArgs(
                     vpc_id=data.get("vpcId"),
-                    # Training types are offered in some zones only: the first private subnet in one that does.
+                    # Types are offered in some zones only: the first private subnet in one that does.
                     subnet_id=subnet_offering(
                         s.training_instance_type,
                         data.get("privateSubnetIds"),
@@ -271,16 +331,23 @@ class ComputeLayer(pulumi.ComponentResource):
                         parent=self,
                     ),
                     instance_profile_name=_profile(self.roles[trainer.name]),
-                    image_ref=data.item("imageRefs", trainer.name),
+                    # The image built for the accelerator of its instance family (CUDA 13, CUDA 12, Gaudi).
+                    image_ref=data.item("trainerImageRefs", variant),
                     region=s.region,
                     instance_type=s.training_instance_type,
                     data_volume_gb=s.training_data_volume_gb,
                     idle_minutes=s.training_idle_minutes,
-                    environment=service_environment(trainer, s, data),
+                    environment={
+                        **service_environment(trainer, s, data),
+                        # The trainer refuses to fall back to the CPU on a box with this accelerator.
+                        "TESSERA_ACCELERATOR": accelerator_for(s.training_instance_type),
+                    },
                     log_group_name=data.item("logGroupNames", trainer.name),
                     kms_key_arn=data.get("kmsKeyArn"),
                     key_name=self.jump_host.key_name,
                     ssh_source_security_group_id=self.jump_host.security_group_id,
+                    # The trainer's service group: the database admits it, so the trainer reaches PostgreSQL.
+                    service_security_group_ids=[data.item("serviceSecurityGroupIds", trainer.name)],
                 ),
                 child,
             )
@@ -304,6 +371,8 @@ class ComputeLayer(pulumi.ComponentResource):
                 idle_minutes=s.training_idle_minutes,
                 log_group_name=data.item("logGroupNames", AUTOSTOP),
                 log_group_arn=data.item("logGroupArns", AUTOSTOP),
+                # Encrypts the alerts topic its error alarm notifies (output as alertsTopicArn).
+                kms_key_arn=data.get("kmsKeyArn"),
             ),
             child,
         )
@@ -320,7 +389,9 @@ class ComputeLayer(pulumi.ComponentResource):
                     # instances by their tessera:role tag).
                     extra_statements=grafana_read_statements(
                         s.region,
-                        aws.get_caller_identity_output(opts=pulumi.InvokeOutputOptions(parent=self)).account_id,
+                        aws.get_caller_identity_output(
+                            opts=pulumi.InvokeOutputOptions(parent=self)
+                        ).account_id,
                     ),
                 ),
             ),
@@ -372,6 +443,8 @@ class ComputeLayer(pulumi.ComponentResource):
             "serviceRoleArns": {svc: role.role_arn for svc, role in self.roles.items()},
             "fleetGroupNames": {svc: fleet.group_name for svc, fleet in self.fleets.items()},
             "autostopFunctionName": self.autostop.function_name,
+            # Subscribe to be told when the auto-stop safety net fails (idle training boxes keep billing).
+            "alertsTopicArn": self.autostop.alerts_topic_arn,
         }
         if self.training is not None:
             self.outputs["trainingInstanceId"] = self.training.instance_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,8 @@ class Settings:
     jump_host_instance_type: str = "t3.micro"
     db_instance_class: str = "db.t4g.micro"
     db_allocated_storage_gb: int = 20
+    #: Ceiling storage autoscaling may grow the database to (default: the larger of 100 and twice the start).
+    db_max_allocated_storage_gb: int = 100
     db_backup_retention_days: int = 7
     db_multi_az: bool = False
     queue_max_receive_count: int = 3
@@ -70,6 +73,8 @@ class Settings:
     grafana_instance_type: str = "t3.small"
     log_retention_days: int = 30
     build_images: bool = True
+    #: Image name -> ``registry/repo@sha256:...`` built and pushed by CI: run as is, never built here.
+    image_refs: Mapping[str, str] = field(default_factory=dict)
     data_stack: str | None = None
 
     @property
@@ -301,6 +306,9 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
         ),
         db_instance_class=_db_class(opt("tessera:dbInstanceClass") or defaults.db_instance_class),
         db_allocated_storage_gb=ints["tessera:dbAllocatedStorageGb"],
+        db_max_allocated_storage_gb=_db_max_storage(
+            opt("tessera:dbMaxAllocatedStorageGb"), ints["tessera:dbAllocatedStorageGb"]
+        ),
         db_backup_retention_days=ints["tessera:dbBackupRetentionDays"],
         db_multi_az=flag("tessera:dbMultiAz", False),
         queue_max_receive_count=ints["tessera:queueMaxReceiveCount"],
@@ -317,8 +325,39 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
         ),
         log_retention_days=ints["tessera:logRetentionDays"],
         build_images=flag("tessera:buildImages", True),
+        image_refs=_image_refs("tessera:imageRefs", opt("tessera:imageRefs")),
         data_stack=data_stack,
     )
+
+
+def _image_refs(key: str, raw: str | None) -> dict[str, str]:
+    if raw is None:
+        return {}
+    value = _as_json(key, raw)
+    example = "--path 'imageRefs.trainer' 123456789012.dkr.ecr.us-east-1.amazonaws.com/repo@sha256:<64 hex>"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be an object of image name -> digest reference; {_hint(key, example)}")
+    digest = re.compile(r"^[a-z0-9][a-z0-9.-]*(?::[0-9]+)?/[a-z0-9][a-z0-9._/-]*@sha256:[0-9a-f]{64}$")
+    for image, ref in value.items():
+        if not isinstance(ref, str) or not digest.match(ref):
+            raise ConfigError(
+                f"{key}.{image}: {ref!r} is not a digest reference (registry/repository@sha256:<64 hex>); "
+                f"a tag can move, a digest cannot; {_hint(key, example)}"
+            )
+    return {str(k): v for k, v in value.items()}
+
+
+def _db_max_storage(raw: str | None, allocated: int) -> int:
+    key = "tessera:dbMaxAllocatedStorageGb"
+    if raw is None:
+        return min(65536, max(100, 2 * allocated))
+    value = _as_int(key, raw, 20, 65536)
+    if value < allocated:
+        raise ConfigError(
+            f"{key}={value} is below tessera:dbAllocatedStorageGb={allocated}: storage autoscaling cannot "
+            f"shrink the database; {_hint(key, str(max(100, 2 * allocated)))}"
+        )
+    return value
 
 
 def _db_class(value: str) -> str:

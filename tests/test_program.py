@@ -171,7 +171,7 @@ def test_dev_costs_less_with_compute_destroyed(dev: Plan) -> None:
 
 def test_the_autostop_safety_net_is_deployed_with_compute(dev: Plan, prod_compute: Plan) -> None:
     for plan in (dev, prod_compute):
-        (function,) = plan.run.of_type("aws:lambda/function:Function")
+        (function,) = [f for f in plan.run.of_type("aws:lambda/function:Function") if "autostop" in f.name]
         assert layer_of(plan.run, function) == "compute"
         assert plan.run.outputs["autostopFunctionName"]
         assert plan.run.of_type("aws:cloudwatch/eventRule:EventRule")
