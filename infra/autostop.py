@@ -32,6 +32,7 @@ from infra.cloudwatch_agent import (
     NVIDIA_UTILIZATION_METRIC,
 )
 from infra.encryption import partition_of
+from infra.iam import trust_policy
 from infra.logs import check_retention
 from infra.training import BUSY_METRIC, BUSY_NAMESPACE
 
@@ -199,19 +200,7 @@ class AutoStop(pulumi.ComponentResource):
         self.role = aws.iam.Role(
             f"{name}-role",
             description=f"tessera {name}: stop idle auto-stop instances",
-            assume_role_policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Sid": "LambdaAssumes",
-                            "Effect": "Allow",
-                            "Principal": {"Service": "lambda.amazonaws.com"},
-                            "Action": "sts:AssumeRole",
-                        }
-                    ],
-                }
-            ),
+            assume_role_policy=json.dumps(trust_policy("lambda.amazonaws.com")),
             force_detach_policies=True,
             opts=child,
         )

@@ -21,6 +21,7 @@ import pulumi_aws as aws
 from pulumi import Input, Output
 
 from infra.encryption import partition_of
+from infra.iam import trust_policy
 from infra.logs import check_retention
 
 POSTGRES_PORT = 5432
@@ -410,19 +411,7 @@ class DatabaseBootstrap(pulumi.ComponentResource):
         self.role = aws.iam.Role(
             f"{name}-role",
             description=f"tessera {name}: the only reader of the database master secret",
-            assume_role_policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Sid": "LambdaAssumes",
-                            "Effect": "Allow",
-                            "Principal": {"Service": "lambda.amazonaws.com"},
-                            "Action": "sts:AssumeRole",
-                        }
-                    ],
-                }
-            ),
+            assume_role_policy=json.dumps(trust_policy("lambda.amazonaws.com")),
             force_detach_policies=True,
             opts=child,
         )

@@ -229,6 +229,21 @@ def wildcard_violations(policy: dict[str, Any]) -> list[str]:
     return found
 
 
+def trust_policy(service_principal: str) -> dict[str, Any]:
+    """The trust policy of a role that only ``service_principal`` (``ec2.amazonaws.com``...) may assume."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "TrustedService",
+                "Effect": "Allow",
+                "Principal": {"Service": service_principal},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
+
+
 class ServiceRole(pulumi.ComponentResource):
     """An IAM role (and instance profile) that lets one service touch exactly what its access lists."""
 
@@ -241,17 +256,7 @@ class ServiceRole(pulumi.ComponentResource):
     def __init__(self, name: str, args: ServiceRoleArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("tessera:infra:ServiceRole", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        trust = {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Sid": "TrustedService",
-                    "Effect": "Allow",
-                    "Principal": {"Service": args.trusted_service},
-                    "Action": "sts:AssumeRole",
-                }
-            ],
-        }
+        trust = trust_policy(args.trusted_service)
         self.role = aws.iam.Role(
             f"{name}-role",
             description=f"tessera {args.service}: least-privilege service role",

@@ -22,8 +22,10 @@ from services.cloud.embedded import (
     start_postgres,
 )
 from stacks.offline import OfflineRun, run_offline
+from stacks.plan import Plan, plan_stack
 
 Program = Callable[[], Mapping[str, Any] | None]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -38,6 +40,38 @@ def offline() -> Callable[..., OfflineRun]:
         return run_offline(program, **kwargs)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def shipped_plan() -> Callable[[str], Plan]:
+    """The offline plan of a stack as shipped (``Pulumi.<stack>.yaml``), made once per session and shared
+    by every test that reads it: read it, never change it."""
+    plans: dict[str, Plan] = {}
+
+    def plan(stack: str) -> Plan:
+        if stack not in plans:
+            plans[stack] = plan_stack(stack, ROOT)
+        return plans[stack]
+
+    return plan
+
+
+@pytest.fixture(scope="session")
+def dev(shipped_plan: Callable[[str], Plan]) -> Plan:
+    """The dev stack's plan (everything in one stack)."""
+    return shipped_plan("dev")
+
+
+@pytest.fixture(scope="session")
+def prod_data(shipped_plan: Callable[[str], Plan]) -> Plan:
+    """The production data stack's plan."""
+    return shipped_plan("prod-data")
+
+
+@pytest.fixture(scope="session")
+def prod_compute(shipped_plan: Callable[[str], Plan]) -> Plan:
+    """The production compute stack's plan (reads prod-data through a StackReference)."""
+    return shipped_plan("prod-compute")
 
 
 @pytest.fixture(scope="session")

@@ -23,21 +23,6 @@ RDS = "aws:rds/instance:Instance"
 ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
 
 
-@pytest.fixture(scope="module")
-def dev() -> Plan:
-    return plan_stack("dev", ROOT)
-
-
-@pytest.fixture(scope="module")
-def prod_data() -> Plan:
-    return plan_stack("prod-data", ROOT)
-
-
-@pytest.fixture(scope="module")
-def prod_compute() -> Plan:
-    return plan_stack("prod-compute", ROOT)
-
-
 def _settings(**config: Any) -> Settings:
     return read_settings(
         getter_from_mapping({"aws:region": "us-east-1", "tessera:layer": "data", **config}), "t"

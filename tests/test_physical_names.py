@@ -14,12 +14,13 @@ auto-naming gets a random suffix from the engine and cannot collide.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from stacks.offline import Declared
-from stacks.plan import Plan, plan_stack
+from stacks.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 STACKS = ("dev", "prod-data", "prod-compute")
@@ -73,9 +74,9 @@ PATH_NAMESPACES = frozenset({"log group", "ssm parameter"})
 AWS_CHOSEN = "/aws/"
 
 
-@pytest.fixture(scope="module")
-def plans() -> dict[str, Plan]:
-    return {stack: plan_stack(stack, ROOT) for stack in STACKS}
+@pytest.fixture
+def plans(shipped_plan: Callable[[str], Plan]) -> dict[str, Plan]:
+    return {stack: shipped_plan(stack) for stack in STACKS}
 
 
 def explicit_names(resource: Declared) -> list[tuple[str, str]]:

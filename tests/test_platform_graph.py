@@ -19,24 +19,9 @@ from stacks.graph import (
     role_actions,
 )
 from stacks.offline import Declared, OfflineRun, TesseraMocks, load_stack_config, run_offline
-from stacks.plan import Plan, _program, plan_stack, render
+from stacks.plan import Plan, _program, render
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def dev() -> Plan:
-    return plan_stack("dev", ROOT)
-
-
-@pytest.fixture(scope="module")
-def prod_data() -> Plan:
-    return plan_stack("prod-data", ROOT)
-
-
-@pytest.fixture(scope="module")
-def prod_compute() -> Plan:
-    return plan_stack("prod-compute", ROOT)
 
 
 def _run(*resources: Declared) -> OfflineRun:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import runpy
 import sys
-from functools import cache
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -18,19 +18,14 @@ import pytest
 from crossguard import as_preview, policies, policy_resources, violations
 
 from stacks.audit import RULES
-from stacks.plan import Plan, plan_stack
+from stacks.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@cache
-def planned(stack: str) -> Plan:
-    return plan_stack(stack, ROOT)
-
-
 @pytest.fixture(params=["dev", "prod-data", "prod-compute"])
-def plan(request: pytest.FixtureRequest) -> Plan:
-    return planned(request.param)
+def plan(request: pytest.FixtureRequest, shipped_plan: Callable[[str], Plan]) -> Plan:
+    return shipped_plan(request.param)
 
 
 def test_the_pack_has_one_policy_per_audit_rule() -> None:
@@ -58,8 +53,10 @@ def test_a_first_preview_of_the_shipped_stacks_passes_the_pack(plan: Plan) -> No
 
 
 @pytest.mark.parametrize("stack", ["dev", "prod-compute"])
-def test_an_unknown_group_is_followed_to_the_jump_host(stack: str) -> None:
-    resources = policy_resources(planned(stack).run, stack)
+def test_an_unknown_group_is_followed_to_the_jump_host(
+    stack: str, shipped_plan: Callable[[str], Plan]
+) -> None:
+    resources = policy_resources(shipped_plan(stack).run, stack)
     (ssh, *_) = [r for r in resources if r.name.endswith("-ssh-0")]
     ssh.props["cidrIpv4"] = "0.0.0.0/0"
     found = [message for _, message, _ in violations(as_preview(resources))]
@@ -77,8 +74,8 @@ def test_a_stack_without_its_settings_is_a_violation(plan: Plan) -> None:
     ) in found
 
 
-def test_violations_name_the_resource_urn() -> None:
-    resources = policy_resources(planned("dev").run, "dev")
+def test_violations_name_the_resource_urn(dev: Plan) -> None:
+    resources = policy_resources(dev.run, "dev")
     (policy,) = [r for r in resources if r.name == "tessera-s3-imagery-policy"]
     policy.props["policy"] = '{"Statement": []}'
     found = violations(resources)
@@ -104,12 +101,12 @@ def test_main_builds_a_mandatory_pack_of_every_policy(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("preview", [False, True], ids=["known", "first-preview"])
-def test_the_real_sdk_runs_the_policies_on_dev(preview: bool) -> None:
+def test_the_real_sdk_runs_the_policies_on_dev(preview: bool, dev: Plan) -> None:
     # With pulumi-policy installed: its own classes, and props behind its proxies that raise on unknowns.
     sdk = pytest.importorskip("pulumi_policy")
     from pulumi_policy.proxy import unknown_checking_proxy
 
-    shaped = policy_resources(planned("dev").run, "dev")
+    shaped = policy_resources(dev.run, "dev")
     shaped = as_preview(shaped) if preview else shaped
     real = {
         id(r): sdk.PolicyResource(

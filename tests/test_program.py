@@ -8,36 +8,22 @@ the compute layer read are checked here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from stacks.audit import DATA_STORE_TYPES, audit, ingress_rules, owner_of
 from stacks.cost import layer_of
-from stacks.plan import Plan, plan_stack
+from stacks.plan import Plan
 from stacks.services import SERVICE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def dev() -> Plan:
-    return plan_stack("dev", ROOT)
-
-
-@pytest.fixture(scope="module")
-def prod_data() -> Plan:
-    return plan_stack("prod-data", ROOT)
-
-
-@pytest.fixture(scope="module")
-def prod_compute() -> Plan:
-    return plan_stack("prod-compute", ROOT)
-
-
-@pytest.fixture(scope="module", params=["dev", "prod-data", "prod-compute"])
-def any_stack(request: pytest.FixtureRequest) -> Plan:
-    return plan_stack(request.param, ROOT)
+@pytest.fixture(params=["dev", "prod-data", "prod-compute"])
+def any_stack(request: pytest.FixtureRequest, shipped_plan: Callable[[str], Plan]) -> Plan:
+    return shipped_plan(request.param)
 
 
 def test_no_security_or_lifecycle_findings(any_stack: Plan) -> None:

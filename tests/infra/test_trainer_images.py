@@ -5,6 +5,7 @@ accelerator it carries so the trainer refuses a silent CPU run."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,10 @@ def _trainer_config(plan: Plan) -> dict[str, Any]:
     ("stack", "variant", "accelerator"), [("dev", "cuda12", "nvidia"), ("prod-compute", "gaudi", "gaudi")]
 )
 def test_the_training_box_runs_its_variant_and_knows_its_accelerator(
-    stack: str, variant: str, accelerator: str
+    stack: str, variant: str, accelerator: str, shipped_plan: Callable[[str], Plan]
 ) -> None:
-    plan = plan_stack(stack, ROOT)
-    data_outputs = plan.run.outputs if stack == "dev" else plan_stack("prod-data", ROOT).run.outputs
+    plan = shipped_plan(stack)
+    data_outputs = plan.run.outputs if stack == "dev" else shipped_plan("prod-data").run.outputs
     refs = data_outputs["trainerImageRefs"]
     assert set(refs) == {"cuda13", "cuda12", "gaudi"}
     assert len(set(refs.values())) == 3  # three images, not one under three names

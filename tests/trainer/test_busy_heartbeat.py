@@ -11,26 +11,14 @@ from typing import Any
 
 import boto3
 import pytest
+from fake_clock import MINUTE, T0, FakeClock
 
 from services.cloud.database import apply_migrations, connect
 from services.cloud.queue import Message
 from services.trainer import handler, idle, loop
 from services.trainer.idle import BusyHeartbeat, IdleAgent, Probes
 
-MINUTE = 60.0
-T0 = 1_800_000_000.0
 BOX = "i-0123456789abcdef0"
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from typing import Any
 
 import boto3
 import pytest
+from fake_clock import MINUTE, T0, FakeClock
 
 from services.trainer import idle
 from services.trainer.idle import (
@@ -25,19 +26,6 @@ from services.trainer.idle import (
 )
 
 REGION = "us-east-1"
-MINUTE = 60.0
-T0 = 1_800_000_000.0  # a fixed "now" for the fake clock
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _idle() -> Observation:
