@@ -32,17 +32,35 @@ _PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 LOG_EXPORTS = ("postgresql", "upgrade")
 
 
+def _bounded(text: str, limit: int) -> str:
+    """``text`` when it fits in ``limit`` characters, else cut with a hash of the whole appended, so that
+    two long names that share a beginning stay distinct."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:7]
+    return f"{text[: limit - len(digest) - 1].rstrip('-')}-{digest}"
+
+
+def _stack_slug(project: str, stack: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", f"{project}-{stack}".lower()).strip("-")
+
+
 def database_identifier(project: str, stack: str) -> str:
     """The RDS instance identifier of a stack's database, ``<project>-<stack>-db`` (lowercased, with
-    characters RDS refuses turned into single hyphens), so stacks can share an account and region."""
-    raw = re.sub(r"[^a-z0-9]+", "-", f"{project}-{stack}".lower()).strip("-")
-    identifier = f"{raw[:60].rstrip('-')}-db"
+    characters RDS refuses turned into single hyphens, at most 63 characters), so stacks can share an
+    account and region."""
+    identifier = f"{_bounded(_stack_slug(project, stack), 60)}-db"
     if not _IDENTIFIER.match(identifier):
         raise ValueError(
             f"stack {stack!r} gives the RDS identifier {identifier!r}, which RDS refuses; name the stack "
             "starting with a letter"
         )
     return identifier
+
+
+def bootstrap_function_name(project: str, stack: str) -> str:
+    """The database bootstrap Lambda's name, ``<project>-<stack>-db-bootstrap``, within Lambda's 64."""
+    return f"{_bounded(_stack_slug(project, stack), 51)}-db-bootstrap"
 
 
 def log_group_names(identifier: str) -> dict[str, str]:

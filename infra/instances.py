@@ -50,18 +50,19 @@ class NotOfferedError(ValueError):
     """No subnet of the stack is in a zone that offers the instance type; the message says what to change."""
 
 
-def subnet_offering(
+def subnets_offering(
     instance_type: str,
     subnet_ids: pulumi.Input[Sequence[str]],
     *,
     setting: str,
     parent: pulumi.Resource,
-) -> pulumi.Output[str]:
-    """The first of ``subnet_ids`` whose availability zone offers ``instance_type``, asked of AWS.
+) -> pulumi.Output[list[str]]:
+    """Those of ``subnet_ids`` whose availability zone offers ``instance_type``, in their order, asked of AWS.
 
     Instance types are offered in some zones of a region only (and which zone a name means differs between
-    accounts), so a box pinned to the first subnet may never launch. When no subnet qualifies the deployment
-    stops with the zones that do offer the type and the ``setting`` to change.
+    accounts): a box pinned to a subnet of another zone never launches, and an Auto Scaling group spread over
+    one retries there forever. When no subnet qualifies the deployment stops with the zones that do offer
+    the type and the ``setting`` to change.
     """
     invoke = pulumi.InvokeOutputOptions(parent=parent)
     offered = aws.ec2.get_instance_type_offerings_output(
@@ -83,11 +84,11 @@ def subnet_offering(
         filters=pulumi.Output.all(candidates, offered).apply(filters), opts=invoke
     ).ids
 
-    def pick(values: list[list[str]]) -> str:
+    def keep(values: list[list[str]]) -> list[str]:
         subnets, qualifying, zones = values
-        for subnet in subnets:
-            if subnet in set(qualifying or ()):
-                return subnet
+        kept = [subnet for subnet in subnets if subnet in set(qualifying or ())]
+        if kept:
+            return kept
         where = ", ".join(sorted(zones or ())) or "no zone of this region"
         raise NotOfferedError(
             f"{setting}: {instance_type} is not offered in the zones of the stack's private subnets "
@@ -95,7 +96,18 @@ def subnet_offering(
             "raise tessera:azCount on the data stack so that its subnets reach a zone that offers it."
         )
 
-    return pulumi.Output.all(candidates, in_offering_zones, offered).apply(pick)
+    return pulumi.Output.all(candidates, in_offering_zones, offered).apply(keep)
+
+
+def subnet_offering(
+    instance_type: str,
+    subnet_ids: pulumi.Input[Sequence[str]],
+    *,
+    setting: str,
+    parent: pulumi.Resource,
+) -> pulumi.Output[str]:
+    """The first of :func:`subnets_offering`: where a single box (the training instance) goes."""
+    return subnets_offering(instance_type, subnet_ids, setting=setting, parent=parent).apply(lambda s: s[0])
 
 
 def imdsv2_metadata_options(hop_limit: int = 1) -> aws.ec2.InstanceMetadataOptionsArgsDict:

@@ -26,6 +26,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from infra.encryption import partition_of
 from infra.instances import (
     USER_DATA_LIMIT_BYTES,
     allow_egress_anywhere,
@@ -185,7 +186,9 @@ def grafana_read_statements(region: str, account_id: pulumi.Input[str]) -> list[
             "Sid": "GrafanaAlarmHistory",
             "Effect": "Allow",
             "Action": ["cloudwatch:DescribeAlarmHistory"],
-            "Resource": pulumi.Output.concat("arn:aws:cloudwatch:", region, ":", account_id, ":alarm:*"),
+            "Resource": pulumi.Output.concat(
+                f"arn:{partition_of(region)}:cloudwatch:{region}:", account_id, ":alarm:*"
+            ),
         },
         {
             "Sid": "GrafanaTemplateVariables",

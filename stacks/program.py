@@ -26,12 +26,13 @@ from infra.database import (
     DatabaseArgs,
     DatabaseBootstrap,
     DatabaseBootstrapArgs,
+    bootstrap_function_name,
     database_identifier,
 )
 from infra.encryption import Encryption, EncryptionArgs
 from infra.gpu_fleet import WorkerFleet, WorkerFleetArgs
 from infra.iam import BucketGrant, ServiceAccess, ServiceRole, ServiceRoleArgs
-from infra.instances import subnet_offering
+from infra.instances import subnet_offering, subnets_offering
 from infra.jump_host import JumpHost, JumpHostArgs
 from infra.logs import ServiceLogs, ServiceLogsArgs
 from infra.monitoring import Monitoring, MonitoringArgs, grafana_read_statements
@@ -138,7 +139,7 @@ class DataLayer(pulumi.ComponentResource):
         self.database_bootstrap = DatabaseBootstrap(
             f"{name}-db-bootstrap",
             DatabaseBootstrapArgs(
-                function_name=f"{database_identifier(name, s.stack)}-bootstrap",
+                function_name=bootstrap_function_name(name, s.stack),
                 image_uri=self.registry.image_refs[DATABASE_BOOTSTRAP],
                 repository_name=self.registry.repository_names[DATABASE_BOOTSTRAP],
                 region=s.region,
@@ -296,7 +297,13 @@ class ComputeLayer(pulumi.ComponentResource):
                 WorkerFleetArgs(
                     service=spec.name,
                     image_ref=data.item("imageRefs", spec.name),
-                    subnet_ids=data.get("privateSubnetIds"),
+                    # Only subnets whose zone offers the type: the group would retry the others forever.
+                    subnet_ids=subnets_offering(
+                        fleet.instance_type,
+                        data.get("privateSubnetIds"),
+                        setting=f"tessera:fleets.{spec.name}.instanceType",
+                        parent=self,
+                    ),
                     security_group_id=data.item("serviceSecurityGroupIds", spec.name),
                     instance_profile_name=_profile(self.roles[spec.name]),
                     region=s.region,

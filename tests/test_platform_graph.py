@@ -212,3 +212,18 @@ def test_plan_has_no_graph_findings_and_prints_capacity_warnings(dev: Plan) -> N
     text = render(dev)
     assert "Before `pulumi up` on a real account" in text
     assert "L-417A185B" in text  # the P-instance quota the dev training box needs
+
+
+def test_a_fleet_spreads_only_over_subnets_whose_zone_offers_its_type() -> None:
+    config = load_stack_config(str(ROOT / "Pulumi.dev.yaml"))
+    fleet_type = config["tessera:fleets"]["model-runner"]["instanceType"]
+    first = run_offline(_program, config=config, stack="dev")
+    subnets = _private_subnets(first)
+    zones = {s: first.mocks.subnet_zone(s) for s in subnets}
+    offered = zones[subnets[-1]]
+    run = run_offline(_program, config=config, stack="dev", offerings={fleet_type: [offered]})
+    [group] = [g for g in run.of_type("aws:autoscaling/group:Group") if "model-runner" in g.name]
+    assert group.inputs["vpcZoneIdentifiers"] == [s for s in subnets if zones[s] == offered]
+    # The unrestricted run spread over every private subnet.
+    [before] = [g for g in first.of_type("aws:autoscaling/group:Group") if "model-runner" in g.name]
+    assert before.inputs["vpcZoneIdentifiers"] == subnets

@@ -85,13 +85,40 @@ def _role_exists(conn: psycopg.Connection[Any], role: str) -> bool:
 
 
 def ensure_role(conn: psycopg.Connection[Any], user: str, iam_role: str = IAM_ROLE) -> None:
-    """Create ``user`` as a plain login (no superuser, database or role creation), in ``iam_role`` if any."""
+    """Create ``user`` as a plain login (no superuser, database or role creation), in ``iam_role`` if any.
+
+    On a second run the role exists: only a superuser may even name SUPERUSER, REPLICATION or BYPASSRLS in
+    ``ALTER ROLE``, and the RDS master is not one, so those are checked instead of set.
+    """
     role = sql.Identifier(user)
-    options = sql.SQL("LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")
-    if _role_exists(conn, user):
-        conn.execute(sql.SQL("ALTER ROLE {} ").format(role) + options)
+    row = conn.execute(
+        "SELECT rolsuper, rolreplication, rolbypassrls, rolcanlogin, rolcreatedb, rolcreaterole"
+        " FROM pg_roles WHERE rolname = %s",
+        (user,),
+    ).fetchone()
+    if row is None:
+        attributes = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+        conn.execute(sql.SQL("CREATE ROLE {} " + attributes).format(role))
     else:
-        conn.execute(sql.SQL("CREATE ROLE {} ").format(role) + options)
+        superuser, replication, bypassrls, can_login, createdb, createrole = row
+        if superuser or replication or bypassrls:
+            raise ValueError(
+                f"database role {user!r} exists with SUPERUSER, REPLICATION or BYPASSRLS; a service "
+                f"login must have none: have a superuser run ALTER ROLE {user} NOSUPERUSER NOREPLICATION "
+                "NOBYPASSRLS"
+            )
+        # Name only what must change: each attribute named needs that attribute of the one who alters.
+        changes = [
+            name
+            for name, wrong in (
+                ("LOGIN", not can_login),
+                ("NOCREATEDB", createdb),
+                ("NOCREATEROLE", createrole),
+            )
+            if wrong
+        ]
+        if changes:
+            conn.execute(sql.SQL("ALTER ROLE {} " + " ".join(changes)).format(role))
     if _role_exists(conn, iam_role):
         conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(iam_role), role))
 
@@ -124,6 +151,41 @@ def grant(conn: psycopg.Connection[Any], user: DatabaseUser, managed_schemas: It
     conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path TO ").format(role, database) + path)
 
 
+_CREATED_TABLE = re.compile(r"\bCREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?([a-z_][a-z0-9_]*)\s*\(", re.I)
+
+
+def adopt_public_tables(conn: psycopg.Connection[Any], files: Sequence[Migration]) -> list[str]:
+    """Move the tables that deployments before per-service schemas created in ``public`` into their
+    package's schema (with their indexes and owned sequences), so that recorded migrations stay true.
+
+    A package qualifies when its schema does not exist yet and ``public.schema_migrations`` already records
+    one of its migrations. Returns ``schema.table`` for every table moved.
+    """
+    recorded = conn.execute("SELECT to_regclass('public.schema_migrations') IS NOT NULL").fetchone()
+    if not recorded or not recorded[0]:
+        return []
+    done = {r[0] for r in conn.execute("SELECT name FROM public.schema_migrations")}
+    moved: list[str] = []
+    with conn.transaction():
+        for package in sorted({m.package for m in files}):
+            ours = [m for m in files if m.package == package]
+            exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (package,)).fetchone()
+            if exists or not any(m.name in done for m in ours):
+                continue
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(package)))
+            for migration in ours:
+                for table in _CREATED_TABLE.findall(migration.path.read_text(encoding="utf-8")):
+                    found = conn.execute("SELECT to_regclass(%s)", (f"public.{table}",)).fetchone()
+                    if found and found[0] is not None:
+                        conn.execute(
+                            sql.SQL("ALTER TABLE public.{} SET SCHEMA {}").format(
+                                sql.Identifier(table.lower()), sql.Identifier(package)
+                            )
+                        )
+                        moved.append(f"{package}.{table.lower()}")
+    return moved
+
+
 def bootstrap(
     conn: psycopg.Connection[Any],
     users: Sequence[DatabaseUser],
@@ -138,6 +200,7 @@ def bootstrap(
     and the users set up.
     """
     files = migrations() if files is None else files
+    moved = adopt_public_tables(conn, files)
     applied = migrate(conn, files, schemas=True)
     wanted = {s for u in users for s in u.schemas}
     managed = sorted(wanted | {m.package for m in files} | {"public"})
@@ -149,8 +212,13 @@ def bootstrap(
         for user in users:
             ensure_role(conn, user.user, iam_role)
             grant(conn, user, managed)
-    log.info("database bootstrap: applied %s; users %s", applied or "nothing", [u.user for u in users])
-    return {"applied": applied, "users": [u.user for u in users]}
+    log.info(
+        "database bootstrap: moved %s; applied %s; users %s",
+        moved or "nothing",
+        applied or "nothing",
+        [u.user for u in users],
+    )
+    return {"moved": moved, "applied": applied, "users": [u.user for u in users]}
 
 
 def master_url(env: Mapping[str, str] | None = None, *, secrets_client: Any = None) -> str:

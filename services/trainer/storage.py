@@ -350,7 +350,7 @@ def fetch_dataset(dataset: str, *, cache: Path | None = None, client: Any = None
     prefix = prefix.strip("/")
     s3 = client or objects.s3_client()
     root = cache or cache_root()
-    local = root / bucket / prefix
+    local = _inside(root, root / bucket / prefix, dataset)
     source = f"s3://{bucket}/{prefix}"
     manifest_path = root / MANIFESTS / f"{hashlib.sha256(source.encode()).hexdigest()[:24]}.json"
     with _locked(manifest_path.with_suffix(".lock")):
@@ -393,6 +393,14 @@ def _manifest(source: str, local: Path, root: Path, files: dict[str, Any]) -> di
     return {"dataset": source, "local": str(local.relative_to(root)), "files": files}
 
 
+def _inside(root: Path, path: Path, dataset: str) -> Path:
+    """``path`` when it lies under ``root`` (the cache, whose files eviction deletes); UserError otherwise."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise UserError(f"dataset {dataset} names a path outside the dataset cache; use a plain s3:// prefix")
+    return path
+
+
 def _list_dataset(s3: Any, bucket: str, prefix: str, dataset: str) -> dict[str, dict[str, Any]]:
     """The objects under the prefix: relative path -> key, size and ETag. UserError when there are none."""
     found: dict[str, dict[str, Any]] = {}
@@ -406,6 +414,10 @@ def _list_dataset(s3: Any, bucket: str, prefix: str, dataset: str) -> dict[str, 
                 if key.endswith("/"):
                     continue
                 relative = key[len(prefix) :].lstrip("/") if prefix else key
+                if any(part in ("", ".", "..") for part in relative.split("/")):
+                    # The cache is a directory tree: "a//b", "./" or "../" would alias or leave it.
+                    log.warning("skipping object %s of dataset %s: its key is not a plain path", key, dataset)
+                    continue
                 found[relative] = {"key": key, "size": int(entry["Size"]), "etag": str(entry.get("ETag", ""))}
     except s3.exceptions.NoSuchBucket:
         raise UserError(f"the bucket of dataset {dataset} does not exist; fix the URL") from None

@@ -4,17 +4,18 @@ tables and nothing else (no other service's tables, no writes to what it only re
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import psycopg
 import pytest
-from psycopg import errors
+from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from services.cloud import database_roles
-from services.cloud.database import connect, migrations
+from services.cloud.database import connect, migrate, migrations
 from services.cloud.database_roles import DatabaseUser, bootstrap, master_url, users_from_input
 from services.model_runner import jobs
 from services.registry import models
@@ -190,3 +191,61 @@ def test_the_lambda_handler_bootstraps_from_its_input(
     assert result["users"] == [u.user for u in USERS]
     assert sorted(result["applied"]) == sorted(m.name for m in migrations())
     assert database_roles.handler({"users": database_users()})["applied"] == []
+
+
+def test_an_rds_shaped_master_bootstraps_again_and_again(postgres_admin_url: str) -> None:
+    # On RDS the master is no superuser (rds_superuser: LOGIN CREATEDB CREATEROLE) and owns the database.
+    # Only a superuser may name SUPERUSER, REPLICATION or BYPASSRLS in ALTER ROLE: a second run must not.
+    suffix = uuid.uuid4().hex[:8]
+    master, database = f"master_{suffix}", f"rds_{suffix}"
+    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEDB CREATEROLE").format(sql.Identifier(master)))
+        admin.execute(sql.SQL("GRANT rds_iam TO {} WITH ADMIN OPTION").format(sql.Identifier(master)))
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(master))
+        )
+    url = make_conninfo(**{**_params(postgres_admin_url), "dbname": database, "user": master})
+    users = [DatabaseUser(f"runner_{suffix}", writes=("model_runner",), reads=("registry",))]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone() == (
+            False,
+        )
+        first = bootstrap(conn, users)
+        second = bootstrap(conn, users)
+    assert first["applied"] and second["applied"] == []
+    with psycopg.connect(_as(url, f"runner_{suffix}"), autocommit=True) as runner:
+        assert runner.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def test_a_service_role_made_superuser_by_hand_is_refused(database_url: str, postgres_admin_url: str) -> None:
+    name = f"tainted_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER").format(sql.Identifier(name)))
+    with connect(database_url) as conn, pytest.raises(ValueError, match=f"{name}.*SUPERUSER"):
+        bootstrap(conn, [DatabaseUser(name, writes=("model_runner",))])
+
+
+def test_tables_a_deployment_made_in_public_move_into_their_schemas(database_url: str) -> None:
+    # Before per-service schemas, the services migrated into public themselves; their rows must survive.
+    with connect(database_url) as conn:
+        migrate(conn)
+        jobs.create_job(conn, "job-before", {"image": "s3://imagery/a.tif"})
+    with connect(database_url) as conn:
+        result = bootstrap(conn, USERS)
+    assert {"model_runner.jobs", "model_runner.regions", "trainer.training_jobs", "registry.models"} <= set(
+        result["moved"]
+    )
+    with psycopg.connect(database_url) as conn:
+        in_public = {
+            r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+    assert in_public == {"schema_migrations"}
+    runner = psycopg.connect(_as(database_url, "model_runner"), autocommit=True)
+    try:
+        assert jobs.get_job(runner, "job-before") is not None
+    finally:
+        runner.close()
+
+
+def _params(url: str) -> dict[str, str]:
+    return {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}

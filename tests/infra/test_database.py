@@ -4,6 +4,7 @@ its logs in managed groups; and the bootstrap, the only holder of the master sec
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from infra.database import (
     DatabaseArgs,
     DatabaseBootstrap,
     DatabaseBootstrapArgs,
+    bootstrap_function_name,
     database_identifier,
 )
 from infra.iam import wildcard_violations
@@ -327,3 +329,13 @@ def test_the_bootstrap_is_invoked_again_when_users_or_image_change(
     assert other_image.inputs["triggers"] != base.inputs["triggers"]
     with pytest.raises(ValueError, match="writes"):
         _bootstrap(offline, users=[{"user": "x", "grants": "all"}])
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod-data", "a" * 80, "team-" + "x" * 70 + "-prod"])
+def test_physical_names_fit_aws_limits_and_stay_distinct_for_long_stacks(stack: str) -> None:
+    identifier = database_identifier("tessera", stack)
+    function = bootstrap_function_name("tessera", stack)
+    assert len(identifier) <= 63 and re.fullmatch(r"[a-z](?!.*--)[a-z0-9-]*[a-z0-9]", identifier)
+    assert len(function) <= 64 and function.endswith("-db-bootstrap")
+    other = database_identifier("tessera", stack + "-b")
+    assert other != identifier

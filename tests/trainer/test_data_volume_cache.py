@@ -176,3 +176,14 @@ def test_a_resumed_job_reads_its_checkpoint_from_the_volume(s3: CountingS3, data
     assert result.steps == 6
     checkpoint_gets = {k: n for k, n in s3.gets.items() if k.endswith(".pt")}
     assert checkpoint_gets == {}  # resumed from the volume, not downloaded
+
+
+def test_keys_and_prefixes_that_would_leave_the_cache_are_refused(s3: CountingS3, data_volume: Path) -> None:
+    # Eviction deletes files under the cache: nothing a dataset URL or an object key says may point outside.
+    outside = data_volume.parent / "escaped.txt"
+    _upload(s3, {"good.tif": b"g", "../../../../escaped.txt": b"x", "nested/../alias.tif": b"y"})
+    local = fetch_dataset(f"s3://{BUCKET}/ships/", client=s3)
+    assert {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} == {"good.tif"}
+    assert not outside.exists()
+    with pytest.raises(UserError, match="outside the dataset cache"):
+        fetch_dataset(f"s3://{BUCKET}/../../etc/", client=s3)
