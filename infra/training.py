@@ -3,21 +3,23 @@
 The box is started by the platform when training work exists (it finds it by its functional tags), runs the
 trainer container at every boot, and stops itself: its idle agent (``services.trainer.idle``, run from the
 trainer image by ``tessera-idle.service``) stops it once no job is queued or running and no one is logged in
-for ``agent_idle_minutes``, and a CloudWatch alarm, the safety net, stops it once its accelerators have been
-idle for ``idle_minutes``. Busy is more than accelerator utilisation: the trainer publishes a heartbeat
-metric (:data:`BUSY_NAMESPACE` / :data:`BUSY_METRIC`, 1 every minute while a job runs, data staging included)
-and the idle agent publishes it while someone is logged in, so a CPU-bound phase or a debugging session is
-not taken for idleness; the alarm counts the box idle only when both signals say so, and silence on both
-still counts as idle. Its data volume is a separate EBS volume of scratch cache (staged datasets, cached
-checkpoints: both live in S3), so that a replaced instance finds the cache of the one before it; it is not
-snapshotted on destroy.
+for ``agent_idle_minutes``, and a CloudWatch alarm, the safety net, stops it once it has been idle for
+``idle_minutes``. Busy is more than accelerator utilisation, and an alarm whose action stops an instance may
+watch only one metric of that instance (no metric math), so the box itself folds every signal into one
+metric: a host timer publishes :data:`ACTIVITY_METRIC` every minute, the busiest accelerator's utilisation, or
+100 while the trainer runs a job (data staging included) or someone is logged in (SSH or Session Manager),
+decided as the idle agent decides it. The alarm stops the box when that stays below the threshold, or goes
+silent. The trainer and the idle agent also publish a busy heartbeat (:data:`BUSY_NAMESPACE` /
+:data:`BUSY_METRIC`), which the safety-net Lambda (``services/autostop``) reads. Its data volume is a separate
+EBS volume of scratch cache (staged datasets, cached checkpoints: both live in S3), so that a replaced
+instance finds the cache of the one before it; it is not snapshotted on destroy.
 
 What the instance's role needs (the stack grants it; :attr:`TrainingInstance.role_statements` lists the part
 specific to this component):
 ``ssm:GetParameter`` on :attr:`TrainingInstance.config_parameter_arn`; ECR pull for the trainer image;
-``cloudwatch:PutMetricData`` (the agent, and the Gaudi/Neuron publisher; the busy heartbeat in
-:data:`BUSY_NAMESPACE` only); ``cloudwatch:SetAlarmState`` on the idle alarm (the re-arm timer, see
-:func:`render_user_data`); ``ec2:StopInstances`` on the instance itself (the idle agent);
+``cloudwatch:PutMetricData`` (the agent, the Gaudi/Neuron utilisation; the activity metric and the busy
+heartbeat in :data:`BUSY_NAMESPACE` only); ``cloudwatch:SetAlarmState`` on the idle alarm (the re-arm timer,
+see :func:`render_user_data`); ``ec2:StopInstances`` on the instance itself (the idle agent);
 ``sqs:GetQueueAttributes`` on the training queue (the idle agent, granted with the trainer's consume rights);
 and ``logs:CreateLogStream`` / ``logs:PutLogEvents`` on ``log_group_name``
 when one is given.
@@ -25,6 +27,7 @@ when one is given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -38,7 +41,6 @@ from infra.cloudwatch_agent import (
     ACCELERATOR_NAMESPACE,
     ACCELERATOR_UTILIZATION_METRIC,
     AGENT_NAMESPACE,
-    NVIDIA_UTILIZATION_METRIC,
     agent_config_json,
 )
 from infra.instances import (
@@ -86,9 +88,17 @@ ACCELERATOR_FAMILIES: tuple[str, ...] = tuple(FAMILY_ACCELERATORS)
 VOLTA_FAMILIES = frozenset({"p3", "p3dn"})
 """Families whose GPUs (V100) newer NVIDIA drivers (590 and later) no longer support."""
 
+GAUDI_SYNAPSE_VERSION = "1.21"
+"""The Intel Gaudi software (SynapseAI) release of the Gaudi trainer image (``gaudi-docker/<version>.x/`` in
+``images/trainer-gaudi.Dockerfile``; a test keeps them equal), the last release for first-generation Gaudi
+(DL1). Habana's host driver must be of the container's SynapseAI release, so the AMI is pinned to it and the
+box checks its driver at boot."""
+
 AMI_NAME_PATTERNS: dict[Accelerator, str] = {
     "nvidia": "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Amazon Linux 2023) *",
-    "gaudi": "Deep Learning AMI Habana *",
+    # Habana DLAMIs are named "Deep Learning AMI Habana <framework> <version> SynapseAI <x.y.z> (<OS>)
+    # <date>": the newest one whose driver is of the trainer image's release, never simply the newest.
+    "gaudi": f"Deep Learning*Habana*SynapseAI {GAUDI_SYNAPSE_VERSION}.*",
     "neuron": "Deep Learning AMI Neuron *",
 }
 """AWS Deep Learning AMI name patterns per accelerator (newest match wins)."""
@@ -111,8 +121,14 @@ BUSY_NAMESPACE = "tessera/Training"
 """The busy heartbeat's namespace (copy of ``services.trainer.idle.BUSY_NAMESPACE``, kept equal by a test)."""
 BUSY_METRIC = "Busy"
 """1 while the trainer runs a job, data staging included, or anyone is logged in; dimension ``InstanceId``."""
-IDLE_ALARM_EXPRESSION = "MAX([FILL(utilization, 0), FILL(busy, 0) * 100])"
-"""The idle alarm's metric math: the busiest accelerator's utilisation, or 100 while the box reports busy."""
+ACTIVITY_NAMESPACE = BUSY_NAMESPACE
+ACTIVITY_METRIC = "Activity"
+"""The idle alarm's one metric (dimension ``InstanceId`` only, as EC2 alarm actions require), published every
+minute by the box's host timer: the busiest accelerator's utilisation in percent, or :data:`ACTIVITY_BUSY`
+while a job runs or someone is logged in."""
+ACTIVITY_BUSY = 100.0
+"""The activity of a box with a job or a login: a percentage no idle threshold reaches."""
+ACTIVITY_CHECK_PATH = "/usr/local/bin/tessera-activity"
 IDLE_AGENT_UNIT_PATH = "/etc/systemd/system/tessera-idle.service"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -174,7 +190,7 @@ class TrainingInstanceArgs:
     """CloudWatch Logs group for the trainer's output and the boot log; None keeps logs on the box."""
     agent_config_json: pulumi.Input[str] | None = None
     """CloudWatch agent config; None uses ``infra.cloudwatch_agent.agent_config_json``. A custom one must keep
-    the ``CWAgent`` namespace and the ``[["InstanceId"]]`` aggregation, which the idle alarm reads."""
+    the ``CWAgent`` namespace and the ``[["InstanceId"]]`` aggregation, which the safety net reads."""
     key_name: pulumi.Input[str] | None = None
     """EC2 key pair for SSH through the jump host; None means no SSH key (use SSM Session Manager)."""
     ssh_source_security_group_id: pulumi.Input[str] | None = None
@@ -295,8 +311,8 @@ class TrainingInstance(pulumi.ComponentResource):
                 lambda group: agent_config_json(gpu=accelerator == "nvidia", log_group_name=group)
             )
 
-        # A fixed name: the box re-arms its alarm by name (DescribeAlarmsForMetric does not find metric-math
-        # alarms), and the alarm, which names the instance, cannot be an input of the instance's user data.
+        # A fixed name: the box re-arms its alarm by name (with no lookup, and no right to list alarms), and
+        # the alarm, which names the instance, cannot be an input of the instance's user data.
         alarm_name = (
             args.idle_alarm_name or f"tessera-{pulumi.get_stack()}-{name.removeprefix('tessera-')}-idle"
         )
@@ -364,59 +380,30 @@ class TrainingInstance(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
 
-        if accelerator == "nvidia":
-            metric_namespace, metric_name = AGENT_NAMESPACE, NVIDIA_UTILIZATION_METRIC
-        else:
-            metric_namespace, metric_name = ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC
         periods = args.idle_minutes // 5
-        # Idle means: the busiest accelerator below the threshold AND no busy heartbeat (no job, no data
-        # staging, no login). With busy scaled to 100 (a percentage no threshold reaches), the larger of the
-        # two is below the threshold exactly when both say idle. FILL turns a silent series into zeros, so the
-        # other one still decides: a trainer on its CPU (no accelerator data) keeps the box up, an idle box
-        # with a dead heartbeat does not. Missing data counts as idle ("breaching"): with "notBreaching" a box
-        # whose agents all died would never be stopped and would bill by the hour. The price: a box whose
-        # metrics have not started yet counts as idle, which is why idle_minutes must cover boot, and why the
-        # box re-arms the alarm `idle_minutes + 10` minutes after each boot (an alarm already in ALARM while
-        # stopped fires nothing).
+        # An alarm may stop an instance only when it watches one metric of that instance (namespace, name
+        # and the InstanceId dimension alone): CloudWatch refuses an EC2 action on a metric-math alarm. So the
+        # box publishes its own verdict, ACTIVITY_METRIC (render_user_data: the busiest accelerator, or 100
+        # while a job runs or someone is logged in), and the alarm compares it with the threshold. Maximum:
+        # one busy minute, or one busy accelerator, keeps the box up for the period. Missing data counts as
+        # idle ("breaching"): with "notBreaching" a box whose publisher died would never be stopped and would
+        # bill by the hour. The price: a box whose timer has not run yet counts as idle, which is why
+        # idle_minutes must cover boot, and why the box re-arms the alarm `idle_minutes + 10` minutes after
+        # each boot (an alarm already in ALARM while stopped fires nothing).
         self.idle_alarm = aws.cloudwatch.MetricAlarm(
             f"{name}-idle",
             name=alarm_name,
             alarm_description=(
-                f"Stop training instance {name} when its busiest accelerator stays below "
-                f"{args.gpu_idle_threshold_percent}% and it reports no job and no login ({BUSY_NAMESPACE} "
-                f"{BUSY_METRIC}) for {args.idle_minutes} minutes (missing data counts as idle)"
+                f"Stop training instance {name} when its activity ({ACTIVITY_NAMESPACE} {ACTIVITY_METRIC}: "
+                f"the busiest accelerator's utilisation, or {ACTIVITY_BUSY:g} while a job runs or someone is "
+                f"logged in) stays below {args.gpu_idle_threshold_percent}% for {args.idle_minutes} minutes "
+                "(missing data counts as idle)"
             ),
-            metric_queries=[
-                aws.cloudwatch.MetricAlarmMetricQueryArgs(
-                    id="utilization",
-                    metric=aws.cloudwatch.MetricAlarmMetricQueryMetricArgs(
-                        namespace=metric_namespace,
-                        metric_name=metric_name,
-                        dimensions={"InstanceId": self.instance.id},
-                        # Maximum: one busy accelerator keeps a multi-GPU box alive.
-                        stat="Maximum",
-                        period=300,
-                    ),
-                    return_data=False,
-                ),
-                aws.cloudwatch.MetricAlarmMetricQueryArgs(
-                    id="busy",
-                    metric=aws.cloudwatch.MetricAlarmMetricQueryMetricArgs(
-                        namespace=BUSY_NAMESPACE,
-                        metric_name=BUSY_METRIC,
-                        dimensions={"InstanceId": self.instance.id},
-                        stat="Maximum",
-                        period=300,
-                    ),
-                    return_data=False,
-                ),
-                aws.cloudwatch.MetricAlarmMetricQueryArgs(
-                    id="activity",
-                    expression=IDLE_ALARM_EXPRESSION,
-                    label="busiest accelerator (%), or 100 while a job runs or someone is logged in",
-                    return_data=True,
-                ),
-            ],
+            namespace=ACTIVITY_NAMESPACE,
+            metric_name=ACTIVITY_METRIC,
+            dimensions={"InstanceId": self.instance.id},
+            statistic="Maximum",
+            period=300,
             evaluation_periods=periods,
             datapoints_to_alarm=periods,
             threshold=args.gpu_idle_threshold_percent,
@@ -436,6 +423,9 @@ class TrainingInstance(pulumi.ComponentResource):
         self.config_parameter_name = self.config_parameter.name
         self.config_parameter_arn = self.config_parameter.arn
         self.accelerator = accelerator
+        utilization_namespaces = sorted(
+            {AGENT_NAMESPACE} | ({ACCELERATOR_NAMESPACE} if accelerator != "nvidia" else set())
+        )
         # What the box itself does with its role beyond the trainer's own work; the role is made before the
         # instance, so the stack attaches these (e.g. as an aws.iam.RolePolicy) once the ARNs exist.
         self.role_statements = [
@@ -463,15 +453,14 @@ class TrainingInstance(pulumi.ComponentResource):
                 "Effect": "Allow",
                 "Action": ["cloudwatch:PutMetricData"],
                 "Resource": "*",
-                # The agent's memory/disk (and NVIDIA) metrics, and the Gaudi/Neuron publisher's.
-                "Condition": {
-                    "StringEquals": {"cloudwatch:namespace": sorted({AGENT_NAMESPACE, metric_namespace})}
-                },
+                # The agent's memory/disk (and NVIDIA) metrics, and the Gaudi/Neuron utilisation the box
+                # publishes itself (no agent plugin exists for them), which the safety net reads.
+                "Condition": {"StringEquals": {"cloudwatch:namespace": utilization_namespaces}},
             },
             {
-                # The trainer's and the idle agent's busy heartbeat, which the idle alarm and the safety net
-                # read: this namespace only, so the box cannot fake anyone else's metrics.
-                "Sid": "PublishBusyHeartbeat",
+                # The activity metric (the idle alarm's), and the trainer's and the idle agent's busy
+                # heartbeat (the safety net's): this namespace only, so the box cannot fake others' metrics.
+                "Sid": "PublishActivity",
                 "Effect": "Allow",
                 "Action": ["cloudwatch:PutMetricData"],
                 "Resource": "*",
@@ -605,9 +594,9 @@ exit "$status"
 
 _REARM_SCRIPT = r"""
 #!/bin/bash
-# An alarm that went to ALARM while the box was stopped (missing data counts as idle) stays there after a
-# start, and an alarm fires its stop action only on entering ALARM. Once a full idle window of real data has
-# passed since boot, set it (to OK: a no-op when it is OK already): if the box is still idle it re-enters
+# An alarm that went to ALARM while the box was stopped (no activity data counts as idle) stays there after a
+# start, and an alarm fires its stop action only on entering ALARM. Once a full idle window of activity data
+# has passed since boot, set it (to OK: a no-op when it is OK already): if the box is still idle it re-enters
 # ALARM at the next evaluation and is stopped; had it been busy, the alarm would be OK already.
 set -euo pipefail
 aws cloudwatch set-alarm-state --region @REGION@ --alarm-name '@ALARM_NAME@' --state-value OK \
@@ -634,27 +623,41 @@ WantedBy=timers.target
 
 _PUBLISHER_SCRIPT = r"""
 #!/bin/bash
-# There is no CloudWatch agent plugin for Gaudi or Neuron: publish the busiest accelerator's utilisation in
-# the namespace the idle alarm reads.
+# Every minute: the idle alarm's one metric (an alarm that stops an instance cannot combine metrics), the
+# busiest accelerator's utilisation, or 100 while a job runs or someone is logged in (tessera-activity).
 set -euo pipefail
 region=@REGION@
 @READER@
-utilization=$(read_utilization || true)
-# No reading, no datapoint: the idle alarm counts that as idle, as it should for a sick box.
-[ -n "$utilization" ] || { echo "no accelerator utilisation reading" >&2; exit 1; }
+utilization=$(read_utilization 2>/dev/null) || true
+# No reading (a sick driver) leaves the job and login checks to decide; a dead timer publishes nothing, which
+# the alarm counts as idle.
+activity=$(printf '%s\n' "$utilization" | @CHECK@ --state @STATE_FILE@)
 @INSTANCE_ID@
 aws cloudwatch put-metric-data --region "$region" --namespace '@NAMESPACE@' --metric-name '@METRIC@' \
-  --unit Percent --value "$utilization" --dimensions "InstanceId=$instance_id"
+  --unit Percent --value "$activity" --dimensions "InstanceId=$instance_id"
+@ALSO@
+"""
+
+_UTILIZATION_PUBLISHER = r"""
+# No CloudWatch agent plugin exists for this accelerator: publish its utilisation (the safety net reads it).
+busiest=$(printf '%s\n' "$utilization" | sort -n | tail -n1)
+[[ $busiest =~ ^[0-9.]+$ ]] || { echo "no accelerator utilisation reading" >&2; exit 1; }
+aws cloudwatch put-metric-data --region "$region" --namespace '@NAMESPACE@' --metric-name '@METRIC@' \
+  --unit Percent --value "$busiest" --dimensions "InstanceId=$instance_id"
 """
 
 _UTILIZATION_READERS: dict[Accelerator, str] = {
-    # hl-smi prints one utilisation per Gaudi card; the busiest one counts.
+    # One line per GPU.
+    "nvidia": r"""
+read_utilization() { timeout 30 nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits; }
+""",
+    # One line per Gaudi card.
     "gaudi": r"""
 read_utilization() {
-  hl-smi --query-aip=utilization.aip --format=csv,noheader,nounits | tr -d ' %' | sort -n | tail -n1
+  timeout 30 hl-smi --query-aip=utilization.aip --format=csv,noheader,nounits | tr -d ' %'
 }
 """,
-    # neuron-monitor streams JSON reports; the first one has every NeuronCore's utilisation.
+    # neuron-monitor streams JSON reports; the first one has every NeuronCore's utilisation (none in use: 0).
     "neuron": r"""
 read_utilization() {
   timeout 30 neuron-monitor -c /etc/tessera/neuron-monitor.json 2>/dev/null | python3 -c '
@@ -668,6 +671,79 @@ print(max(cores, default=0.0))'
 }
 """,
 }
+"""Bash functions printing the accelerators' utilisation in percent, one number a line."""
+
+ACTIVITY_CHECK = r"""#!/usr/bin/python3
+# tessera-activity: print the idle alarm's value from accelerator readings on stdin (percent, one a line):
+# the busiest, or 100 while a job runs or someone is logged in, decided as services/trainer/idle.py does.
+# Unlike the agent, a check that fails says not busy: the safety net must still stop a box whose agents broke.
+import argparse, json, os, sys, time
+from datetime import datetime, timezone
+
+
+def busiest(lines):
+    values = []
+    for line in lines:
+        try:
+            values.append(float(line))
+        except ValueError:
+            pass  # "[N/A]", an error message: no reading
+    return max((v for v in values if 0 <= v <= 100), default=None)
+
+
+def job_running(path, now, stale_after_s=600.0):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        updated = state.get("updated")
+        if isinstance(updated, str):
+            stamp = datetime.fromisoformat(updated.replace("Z", "+00:00"))
+            updated = (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+        fresh = type(updated) in (int, float) and now - updated <= stale_after_s
+        return state.get("busy") is True and fresh
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def logins(proc):
+    count = 0
+    for name in ("tcp", "tcp6"):  # established (01) connections to local port 22
+        try:
+            with open(os.path.join(proc, "net", name), encoding="ascii") as fh:
+                rows = [line.split() for line in fh.read().splitlines()[1:]]
+        except OSError:
+            continue
+        count += sum(len(f) > 3 and int(f[1].rsplit(":", 1)[1], 16) == 22 and f[3] == "01" for f in rows)
+    for pid in filter(str.isdigit, os.listdir(proc)):
+        try:
+            with open(os.path.join(proc, pid, "comm"), encoding="utf-8", errors="replace") as fh:
+                count += fh.read().strip() == "ssm-session-worker"
+        except OSError:
+            pass  # the process ended while we looked
+    return count
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state", default="/run/tessera/trainer-state.json")
+    parser.add_argument("--proc", default="/proc")
+    parser.add_argument("--now", type=float, default=None)
+    args = parser.parse_args(argv)
+    now = time.time() if args.now is None else args.now
+    reasons = ["a job runs"] if job_running(args.state, now) else []
+    try:
+        reasons += ["%d login(s)" % n for n in [logins(args.proc)] if n]
+    except (OSError, ValueError):
+        pass
+    utilization = busiest(sys.stdin)
+    print("%g" % max(utilization or 0.0, 100.0 if reasons else 0.0))
+    print("accelerators %s; %s" % (utilization, ", ".join(reasons) or "no job, no login"), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
+"""
+"""``/usr/local/bin/tessera-activity``: the host's decision behind :data:`ACTIVITY_METRIC` (tests run it)."""
 
 _NEURON_MONITOR_CONFIG = json.dumps(
     {
@@ -736,10 +812,23 @@ if [ ! -x "$agent_ctl" ]; then
 fi
 @FILES@
 "$agent_ctl" -a fetch-config -m ec2 -s -c file:/opt/aws/amazon-cloudwatch-agent/etc/tessera.json
-
-# --- trainer, idle agent, accelerator metrics, idle-alarm re-arm: enabled for every boot, started now ------
+@DRIVER_CHECK@
+# --- trainer, idle agent, activity metric, idle-alarm re-arm: enabled for every boot, started now ---------
 systemctl daemon-reload
 systemctl --no-block enable --now @UNITS@
+"""
+
+_GAUDI_DRIVER_CHECK = r"""
+# --- Gaudi: Habana's host driver must be of the trainer image's SynapseAI release (@SYNAPSE@) --------------
+driver=$(timeout 60 hl-smi -Q driver_version -f csv,noheader 2>/dev/null | sed -n 1p | tr -d ' ') || driver=""
+case "${driver%%-*}" in
+  @SYNAPSE@.*) echo "Habana driver $driver matches the trainer image's SynapseAI @SYNAPSE@" ;;
+  *) message="ERROR: Habana driver '${driver:-unknown}' is not of SynapseAI @SYNAPSE@, the trainer image's"
+     message+=" release: Gaudi jobs will fail. Use an AMI with a @SYNAPSE@ driver"
+     message+=" (infra/training.py GAUDI_SYNAPSE_VERSION, AMI_NAME_PATTERNS)."
+     echo "$message" >&2
+     logger -p user.err -t tessera-training "$message" || true ;;
+esac
 """
 
 _USER_DATA = """
@@ -787,11 +876,14 @@ def render_user_data(
     """The instance's user data: a bash script that installs an idempotent setup script run at every boot.
 
     The setup mounts the data volume (formatting it only if it is blank), configures the CloudWatch agent,
-    and installs, enables and starts: the trainer service (``docker run ... worker trainer``, image and
-    environment read from SSM at each start, ``/run/tessera`` mounted for its state file), the idle agent
-    (:data:`IDLE_AGENT_UNIT` running :data:`IDLE_AGENT_WRAPPER`, which stops the box after
-    ``agent_idle_minutes`` with no job, queue or login), for Gaudi/Neuron a timer publishing accelerator
-    utilisation (there is no agent plugin for them), and a timer that re-arms the idle alarm after each boot.
+    on Gaudi checks that Habana's driver is of :data:`GAUDI_SYNAPSE_VERSION`, and installs, enables and
+    starts:
+    the trainer service (``docker run ... worker trainer``, image and environment read from SSM at each start,
+    ``/run/tessera`` mounted for its state file), the idle agent (:data:`IDLE_AGENT_UNIT` running
+    :data:`IDLE_AGENT_WRAPPER`, which stops the box after ``agent_idle_minutes`` with no job, queue or login),
+    a timer publishing :data:`ACTIVITY_METRIC` every minute (:data:`ACTIVITY_CHECK` decides it; on Gaudi and
+    Neuron, which have no agent plugin, the accelerator utilisation too), and a timer that re-arms the idle
+    alarm after each boot.
     """
     instance_id = _INSTANCE_ID.strip("\n")
     common = {
@@ -801,6 +893,8 @@ def render_user_data(
         "CONTAINER": TRAINER_CONTAINER,
         "STATE_DIR": TRAINER_STATE_DIR,
     }
+    with contextlib.suppress(ValueError):  # compact (EC2 takes 16 KiB of user data); not JSON: left as is
+        agent_config = json.dumps(json.loads(agent_config), separators=(",", ":"))
     files = [
         _file("/opt/aws/amazon-cloudwatch-agent/etc/tessera.json", "0644", agent_config),
         _file(
@@ -853,43 +947,55 @@ def render_user_data(
             ),
         ),
     ]
-    units = ["tessera-idle-rearm.timer", "tessera-trainer.service", "tessera-idle.service"]
-    if accelerator != "nvidia":
-        files += [
-            _file(
-                "/usr/local/bin/tessera-accelerator-metric",
-                "0755",
-                _fill(
-                    _PUBLISHER_SCRIPT,
-                    REGION=region,
-                    INSTANCE_ID=instance_id,
-                    READER=_UTILIZATION_READERS[accelerator].strip("\n"),
-                    NAMESPACE=ACCELERATOR_NAMESPACE,
-                    METRIC=ACCELERATOR_UTILIZATION_METRIC,
-                ),
+    also = ""
+    if accelerator != "nvidia":  # the agent publishes NVIDIA utilisation itself
+        also = _fill(
+            _UTILIZATION_PUBLISHER, NAMESPACE=ACCELERATOR_NAMESPACE, METRIC=ACCELERATOR_UTILIZATION_METRIC
+        )
+    files += [
+        _file(ACTIVITY_CHECK_PATH, "0755", ACTIVITY_CHECK),
+        _file(
+            "/usr/local/bin/tessera-activity-metric",
+            "0755",
+            _fill(
+                _PUBLISHER_SCRIPT,
+                REGION=region,
+                INSTANCE_ID=instance_id,
+                READER=_UTILIZATION_READERS[accelerator].strip("\n"),
+                CHECK=ACTIVITY_CHECK_PATH,
+                STATE_FILE=TRAINER_STATE_FILE,
+                NAMESPACE=ACTIVITY_NAMESPACE,
+                METRIC=ACTIVITY_METRIC,
+                ALSO=also.rstrip("\n"),
             ),
-            _file(
-                "/etc/systemd/system/tessera-accelerator-metric.service",
-                "0644",
-                _fill(
-                    _ONESHOT_UNIT,
-                    DESCRIPTION="tessera: publish accelerator utilisation to CloudWatch",
-                    EXEC="/usr/local/bin/tessera-accelerator-metric",
-                ),
+        ),
+        _file(
+            "/etc/systemd/system/tessera-activity-metric.service",
+            "0644",
+            _fill(
+                _ONESHOT_UNIT,
+                DESCRIPTION="tessera: publish this box's activity (the idle alarm's metric) to CloudWatch",
+                EXEC="/usr/local/bin/tessera-activity-metric",
             ),
-            _file(
-                "/etc/systemd/system/tessera-accelerator-metric.timer",
-                "0644",
-                _fill(
-                    _TIMER_UNIT,
-                    DESCRIPTION="tessera: publish accelerator utilisation every minute",
-                    SCHEDULE="OnBootSec=1min\nOnUnitActiveSec=1min",
-                ),
+        ),
+        _file(
+            "/etc/systemd/system/tessera-activity-metric.timer",
+            "0644",
+            _fill(
+                _TIMER_UNIT,
+                DESCRIPTION="tessera: publish this box's activity every minute",
+                SCHEDULE="OnBootSec=1min\nOnUnitActiveSec=1min",
             ),
-        ]
-        if accelerator == "neuron":
-            files.append(_file("/etc/tessera/neuron-monitor.json", "0644", _NEURON_MONITOR_CONFIG))
-        units.insert(0, "tessera-accelerator-metric.timer")
+        ),
+    ]
+    if accelerator == "neuron":
+        files.append(_file("/etc/tessera/neuron-monitor.json", "0644", _NEURON_MONITOR_CONFIG))
+    units = [
+        "tessera-activity-metric.timer",
+        "tessera-idle-rearm.timer",
+        "tessera-trainer.service",
+        "tessera-idle.service",
+    ]
     setup = _fill(
         _SETUP_SCRIPT,
         REGION=region,
@@ -899,6 +1005,9 @@ def render_user_data(
         STATE_DIR=TRAINER_STATE_DIR,
         TRAINER_UID=TRAINER_UID,
         FILES="mkdir -p /etc/tessera\n" + "".join(files).rstrip("\n"),
+        DRIVER_CHECK=_fill(_GAUDI_DRIVER_CHECK, SYNAPSE=GAUDI_SYNAPSE_VERSION)
+        if accelerator == "gaudi"
+        else "",
         UNITS=" ".join(units),
     )
     if "\nTESSERA_SETUP\n" in setup:

@@ -11,9 +11,10 @@ Every minute the agent looks at three things, and the box is idle when all three
 
 While someone is logged in the agent also publishes the busy heartbeat (:class:`BusyHeartbeat`: CloudWatch
 :data:`BUSY_NAMESPACE` / :data:`BUSY_METRIC` = 1, dimension ``InstanceId``), as the trainer does while a job
-runs, so that the box's idle alarm and the safety net (``services/autostop``), which cannot see logins or
-jobs, do not stop a box someone is debugging on or staging data with: they count the box idle only when its
-accelerators idle and no busy heartbeat came.
+runs, so that the safety net (``services/autostop``), which cannot see logins or jobs, does not stop a box
+someone is debugging on or staging data with: it counts the box idle only when its accelerators idle and no
+busy heartbeat came. The box's idle alarm reads one metric the host publishes instead (``infra/training.py``,
+``ACTIVITY_CHECK``), which applies this module's job and login rules to the same state file and ``/proc``.
 
 Once the box has been idle without a break for ``TESSERA_IDLE_MINUTES`` (default 5), the agent stops its own
 instance through the EC2 API (instance id from IMDSv2). Should that fail it runs ``shutdown -h now`` (the

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -15,11 +20,17 @@ import pytest
 from infra.cloudwatch_agent import ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC
 from infra.iam import wildcard_violations
 from infra.training import (
+    ACTIVITY_BUSY,
+    ACTIVITY_CHECK,
+    ACTIVITY_CHECK_PATH,
+    ACTIVITY_METRIC,
+    ACTIVITY_NAMESPACE,
+    AMI_NAME_PATTERNS,
     BUSY_METRIC,
     BUSY_NAMESPACE,
+    GAUDI_SYNAPSE_VERSION,
     IDLE_AGENT_UNIT,
     IDLE_AGENT_WRAPPER,
-    IDLE_ALARM_EXPRESSION,
     INSTANCE_TYPE_SETTING,
     TRAINER_STATE_DIR,
     TRAINER_STATE_FILE,
@@ -35,6 +46,8 @@ IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/tessera/trainer@sha256:" +
 JUMP_SG = "sg-0jumphost0000000"
 INSTANCE = "aws:ec2/instance:Instance"
 SECRET_SENTINEL = "4dabf18193072939515e22adb298388d"
+ROOT = Path(__file__).resolve().parents[2]
+PUBLISHER = "/usr/local/bin/tessera-activity-metric"
 
 
 def _args(**overrides: Any) -> TrainingInstanceArgs:
@@ -156,57 +169,211 @@ def test_data_volume_survives_instance_replacement_and_new_amis(offline: Callabl
     assert captured["aws:ec2/volumeAttachment:VolumeAttachment"].delete_before_replace is True
 
 
-def _alarm_queries(run: OfflineRun) -> dict[str, dict[str, Any]]:
+def _alarm(run: OfflineRun) -> dict[str, Any]:
     (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
-    return {q["id"]: q for q in alarm.inputs["metricQueries"]}
+    return dict(alarm.inputs)
 
 
-def _alarm_value(utilization: float | None, busy: float | None) -> float | None:
-    """What the alarm's expression gives for one period (None: no datapoint), as CloudWatch evaluates it."""
-    assert IDLE_ALARM_EXPRESSION == "MAX([FILL(utilization, 0), FILL(busy, 0) * 100])"
-    if utilization is None and busy is None:
-        return None
-    return max(utilization or 0.0, (busy or 0.0) * 100)
+_EC2_ACTION = re.compile(r"^arn:aws[a-z0-9-]*:automate:[a-z0-9-]+:ec2:(stop|terminate|reboot|recover)$")
 
 
-def test_idle_alarm_stops_the_instance_only_when_idle_by_utilisation_and_busy_heartbeat(
+def test_idle_alarm_stops_the_box_from_one_per_instance_metric_as_ec2_actions_require(
     offline: Callable[..., OfflineRun],
 ) -> None:
     run = _run(offline, idle_minutes=20, gpu_idle_threshold_percent=7.5)
-    (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
-    a = alarm.inputs
+    a = _alarm(run)
     assert a["alarmActions"] == ["arn:aws:automate:eu-west-1:ec2:stop"]
-    assert not {"namespace", "metricName", "statistic", "period"} & set(a)  # a metric-math alarm
-    queries = _alarm_queries(run)
-    box = {"InstanceId": _instance(run).outputs["id"]}
-    utilization, busy = queries["utilization"]["metric"], queries["busy"]["metric"]
-    assert (utilization["namespace"], utilization["metricName"]) == ("CWAgent", "nvidia_smi_utilization_gpu")
-    assert (busy["namespace"], busy["metricName"]) == (BUSY_NAMESPACE, BUSY_METRIC)
-    for metric in (utilization, busy):
-        assert metric["dimensions"] == box
-        assert (metric["stat"], metric["period"]) == ("Maximum", 300)
-    assert [q["id"] for q in queries.values() if q.get("returnData")] == ["activity"]
-    assert queries["activity"]["expression"] == IDLE_ALARM_EXPRESSION
+    # PutMetricAlarm refuses an EC2 action unless the alarm watches one metric of one instance ("An EC2 action
+    # can only be used if the alarm is monitoring an EC2 instance"); the CDK checks the same: one metric whose
+    # only dimension is InstanceId. No metric math, then.
+    assert all(_EC2_ACTION.match(action) for action in a["alarmActions"])
+    assert not a.get("metricQueries")
+    assert (a["namespace"], a["metricName"]) == (ACTIVITY_NAMESPACE, ACTIVITY_METRIC)
+    assert a["dimensions"] == {"InstanceId": _instance(run).outputs["id"]}
+    assert (a["statistic"], a["period"]) == ("Maximum", 300)
     assert a["evaluationPeriods"] == a["datapointsToAlarm"] == 4
     assert a["threshold"] == 7.5
     assert a["comparisonOperator"] == "LessThanThreshold"
-    # A box whose agents died publishes nothing: that must count as idle, or it would never stop.
+    # A box whose publisher died sends nothing: that must count as idle, or it would never stop.
     assert a["treatMissingData"] == "breaching"
+    # A busy box reports a value no threshold reaches.
+    assert ACTIVITY_BUSY == 100.0 > a["threshold"]
 
-    def idle(utilization: float | None, busy: float | None) -> bool:
-        value = _alarm_value(utilization, busy)
-        return value is None or value < a["threshold"]
 
-    assert idle(2.0, None) and idle(2.0, 0.0) and idle(None, None) and idle(None, 0.0)
-    assert not idle(80.0, None)  # the accelerators work
-    assert not idle(0.0, 1.0)  # data staging, a CPU phase, or someone logged in
-    assert not idle(None, 1.0)  # training on the CPU: no accelerator data at all
+# --- the box's activity: what the alarm's one metric says ---------------------------------------------------
+
+NOW = 1_780_000_000.0
+
+
+def _proc(root: Path, *, tcp: Sequence[tuple[int, str]] = (), sessions: int = 0) -> Path:
+    """A fake /proc: ``tcp`` (local port, state) rows in /proc/net/tcp6, ``sessions`` SSM session workers."""
+    proc = root / "proc"
+    (proc / "net").mkdir(parents=True)
+    header = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    )
+    (proc / "net" / "tcp").write_text(
+        header + "   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:0\n"
+    )
+    rows = [
+        f"   {i}: {'0' * 24}01000000:{port:04X} 0000000000000000FFFF00000A000001:D431 {state} x\n"
+        for i, (port, state) in enumerate(tcp)
+    ]
+    (proc / "net" / "tcp6").write_text(header + "".join(rows))
+    for pid, comm in enumerate(["systemd", "sshd", "python3"] + ["ssm-session-worker"] * sessions, start=1):
+        (proc / str(pid)).mkdir()
+        (proc / str(pid) / "comm").write_text(comm + "\n")
+    return proc
+
+
+def _state(root: Path, body: str | None) -> Path:
+    path = root / "trainer-state.json"
+    if body is not None:
+        path.write_text(body)
+    return path
+
+
+def _trainer_state(*, busy: bool, age_s: float) -> str:
+    from datetime import UTC, datetime
+
+    updated = datetime.fromtimestamp(NOW - age_s, tz=UTC).isoformat()
+    return json.dumps({"busy": busy, "job_id": "job-1" if busy else None, "updated": updated})
+
+
+def _activity(tmp_path: Path, readings: str, state: Path, proc: Path) -> float:
+    check = tmp_path / "tessera-activity"
+    check.write_text(ACTIVITY_CHECK)
+    argv = [sys.executable, str(check), "--state", str(state), "--proc", str(proc), "--now", str(NOW)]
+    done = subprocess.run(argv, input=readings, text=True, capture_output=True, check=True, timeout=30)
+    return float(done.stdout)
+
+
+_CASES: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "nothing": (None, {}),
+    "trainer idle": (_trainer_state(busy=False, age_s=5), {}),
+    "job running": (_trainer_state(busy=True, age_s=30), {}),
+    "trainer died mid-job": (_trainer_state(busy=True, age_s=700), {}),
+    "ssh session": (None, {"tcp": [(22, "01")]}),
+    "ssh listening only": (None, {"tcp": [(22, "0A"), (443, "01")]}),
+    "session manager": (None, {"sessions": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_the_activity_is_busy_exactly_when_the_idle_agent_would_see_a_job_or_a_login(
+    tmp_path: Path, case: str
+) -> None:
+    body, proc_args = _CASES[case]
+    state, proc = _state(tmp_path, body), _proc(tmp_path, **proc_args)
+    # The agent's own decision on the same box, with the queue empty (the alarm does not read the queue).
+    observation = idle.Observation(
+        queued=0, trainer=idle.read_trainer_state(state), sessions=idle.login_sessions(proc)
+    )
+    agent_busy = bool(idle.busy_reasons(observation, NOW))
+    assert _activity(tmp_path, "", state, proc) == (ACTIVITY_BUSY if agent_busy else 0.0)
+    # Busy or not, a working accelerator speaks for itself.
+    assert _activity(tmp_path, "3\n85\n12\n", state, proc) == (ACTIVITY_BUSY if agent_busy else 85.0)
+    expected_busy = case in {"job running", "ssh session", "session manager"}
+    assert agent_busy is expected_busy
+
+
+def test_the_activity_ignores_what_is_not_a_reading_and_a_broken_state_file(tmp_path: Path) -> None:
+    proc = _proc(tmp_path)
+    nvidia_down = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n[N/A]\n"
+    assert _activity(tmp_path, nvidia_down, _state(tmp_path, None), proc) == 0.0
+    assert _activity(tmp_path, "4.5\n[N/A]\n", _state(tmp_path, None), proc) == 4.5
+    # The agent counts an unreadable state file as busy (stopping by mistake interrupts work); the safety net
+    # must not: a box whose trainer is broken that way is still stopped.
+    assert _activity(tmp_path, "", _state(tmp_path, "{not json"), proc) == 0.0
+
+
+def test_the_activity_check_runs_on_the_hosts_python() -> None:
+    # Amazon Linux 2023 ships Python 3.9, Ubuntu 22.04 3.10: nothing newer than 3.8 in the script.
+    ast.parse(ACTIVITY_CHECK, feature_version=(3, 8))
+    assert ACTIVITY_CHECK.startswith("#!/usr/bin/python3\n")
+    assert "datetime.UTC" not in ACTIVITY_CHECK and "from datetime import UTC" not in ACTIVITY_CHECK
+    # The same staleness rule as the agent's.
+    assert f"stale_after_s={idle.STALE_AFTER_S}" in ACTIVITY_CHECK
+    assert f'"{idle.SESSION_WORKER}"' in ACTIVITY_CHECK and f"== {idle.SSH_PORT}" in ACTIVITY_CHECK
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+
+
+_READINGS: dict[str, tuple[str, str]] = {
+    # accelerator: (stub command, what it prints)
+    "nvidia": ("nvidia-smi", "printf '3\\n41\\n7\\n'"),
+    "gaudi": ("hl-smi", "printf '3 %%\\n41 %%\\n'"),
+    "neuron": (
+        "neuron-monitor",
+        'echo \'{"neuron_runtime_data": [{"report": {"neuroncore_counters": {"neuroncores_in_use": '
+        '{"0": {"neuroncore_utilization": 41.0}, "1": {"neuroncore_utilization": 3.0}}}}}]}\'',
+    ),
+}
+
+
+@pytest.mark.parametrize("accelerator", ["nvidia", "gaudi", "neuron"])
+@pytest.mark.parametrize("job", [False, True])
+def test_every_box_publishes_its_activity_every_minute(
+    offline: Callable[..., OfflineRun], tmp_path: Path, accelerator: str, job: bool
+) -> None:
+    instance_type = {"nvidia": "g5.2xlarge", "gaudi": "dl1.24xlarge", "neuron": "trn1.32xlarge"}[accelerator]
+    user_data = _instance(_run(offline, instance_type=instance_type)).inputs["userData"]
+    _, files = _setup_files(user_data)
+    assert files[ACTIVITY_CHECK_PATH] == ACTIVITY_CHECK.rstrip("\n")
+    assert "OnUnitActiveSec=1min" in files["/etc/systemd/system/tessera-activity-metric.timer"]
+    assert "tessera-activity-metric.timer" in setup_units(user_data).split()
+    # Run the publisher as the timer would, with the accelerator's tool, IMDS and the AWS CLI stubbed.
+    bin_dir, calls = tmp_path / "bin", tmp_path / "aws-calls"
+    bin_dir.mkdir()
+    tool, prints = _READINGS[accelerator]
+    _stub(bin_dir, tool, prints)
+    _stub(bin_dir, "curl", "echo i-0123456789abcdef0")
+    _stub(bin_dir, "aws", f'echo "$*" >> {calls}')
+    check = tmp_path / "tessera-activity"
+    check.write_text(ACTIVITY_CHECK)
+    state = _state(tmp_path, _trainer_state(busy=True, age_s=0) if job else None)
+    proc = _proc(tmp_path)
+    check_call = f"{ACTIVITY_CHECK_PATH} --state {TRAINER_STATE_FILE}"
+    publisher = files[PUBLISHER]
+    assert check_call in publisher
+    script = publisher.replace(
+        check_call, f"{sys.executable} {check} --state {state} --proc {proc} --now {NOW}"
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    published = [_put(call) for call in calls.read_text().splitlines()]
+    box = "InstanceId=i-0123456789abcdef0"
+    assert published[0] == (ACTIVITY_NAMESPACE, ACTIVITY_METRIC, ACTIVITY_BUSY if job else 41.0, box)
+    # Gaudi and Neuron have no agent plugin: the box publishes their utilisation too, which the safety net
+    # reads; the agent publishes NVIDIA's.
+    if accelerator == "nvidia":
+        assert len(published) == 1
+    else:
+        assert published[1:] == [(ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC, 41.0, box)]
+
+
+def _put(call: str) -> tuple[str, str, float, str]:
+    """(namespace, metric, value, dimensions) of one stubbed ``aws cloudwatch put-metric-data`` call."""
+    words = call.split()
+    assert words[:2] == ["cloudwatch", "put-metric-data"] and words[words.index("--unit") + 1] == "Percent"
+
+    def option(name: str) -> str:
+        return words[words.index(name) + 1]
+
+    return option("--namespace"), option("--metric-name"), float(option("--value")), option("--dimensions")
 
 
 def test_the_idle_alarm_has_the_name_the_box_re_arms(offline: Callable[..., OfflineRun]) -> None:
     run = _run(offline, idle_minutes=20)
     (alarm,) = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
-    # DescribeAlarmsForMetric does not list metric-math alarms: the re-arm script must name the alarm itself.
+    # The box re-arms its own alarm by name, with no lookup (and no right to list alarms).
     assert alarm.inputs["name"] == "tessera-dev-trainer-idle"
     _, files = _setup_files(_instance(run).inputs["userData"])
     rearm = files["/usr/local/bin/tessera-idle-rearm"]
@@ -263,20 +430,81 @@ def test_dl1_takes_the_gaudi_path(offline: Callable[..., OfflineRun]) -> None:
     assert "--runtime=habana" in trainer
     assert "HABANA_VISIBLE_DEVICES=all" in trainer
     assert "--gpus" not in user_data
-    # No agent plugin exists for Gaudi: the box publishes hl-smi utilisation, and the alarm reads that metric.
-    publisher = files["/usr/local/bin/tessera-accelerator-metric"]
-    assert "hl-smi" in publisher
-    assert ACCELERATOR_NAMESPACE in publisher and ACCELERATOR_UTILIZATION_METRIC in publisher
-    assert "OnUnitActiveSec=1min" in files["/etc/systemd/system/tessera-accelerator-metric.timer"]
-    assert "tessera-accelerator-metric.timer" in setup_units(user_data)
-    utilization = _alarm_queries(run)["utilization"]["metric"]
-    assert (utilization["namespace"], utilization["metricName"]) == (
-        ACCELERATOR_NAMESPACE,
-        ACCELERATOR_UTILIZATION_METRIC,
-    )
-    # The AMI comes from the Habana Deep Learning AMIs.
+    # No agent plugin exists for Gaudi: the box reads hl-smi itself.
+    assert "hl-smi --query-aip=utilization.aip" in files[PUBLISHER]
+    # The AMI comes from the Habana Deep Learning AMIs whose driver is the trainer image's SynapseAI release.
     (lookup,) = [args for token, args in run.mocks.calls if token == "aws:ec2/getAmi:getAmi"]
-    assert any("Habana" in v for f in lookup["filters"] for v in f["values"])
+    assert {"name": "name", "values": [AMI_NAME_PATTERNS["gaudi"]]} in lookup["filters"]
+    assert lookup["owners"] == ["amazon"] and lookup["mostRecent"] is True
+
+
+def test_the_gaudi_ami_and_driver_check_follow_the_trainer_images_synapse_release() -> None:
+    dockerfile = (ROOT / "images" / "trainer-gaudi.Dockerfile").read_text(encoding="utf-8")
+    releases = set(re.findall(r"gaudi-docker/(\d+\.\d+)\.\d+/", dockerfile))
+    assert releases == {GAUDI_SYNAPSE_VERSION}
+    pattern = AMI_NAME_PATTERNS["gaudi"]
+    assert f"SynapseAI {GAUDI_SYNAPSE_VERSION}." in pattern
+    # EC2 name filters match like fnmatch (* and ?): this release's AMIs, none of another's.
+    release = GAUDI_SYNAPSE_VERSION
+    for name, wanted in {
+        f"Deep Learning AMI Habana PyTorch 2.6.0 SynapseAI {release}.3 (Ubuntu 22.04) 20250612": True,
+        f"Deep Learning Base AMI Habana SynapseAI {release}.0 (Ubuntu 22.04) 20250501": True,
+        "Deep Learning AMI Habana PyTorch 2.7.1 SynapseAI 1.22.0 (Ubuntu 22.04) 20250801": False,
+        "Deep Learning AMI Habana PyTorch 1.12.0 SynapseAI 1.2.0 (Ubuntu 20.04) 20220915": False,
+        "Deep Learning AMI Neuron (Ubuntu 22.04) 20250601": False,
+    }.items():
+        assert fnmatch.fnmatchcase(name, pattern) is wanted, name
+
+
+def _driver_check(setup: str) -> str:
+    start = setup.index("# --- Gaudi: Habana's host driver")
+    return setup[start : setup.index("esac\n", start) + len("esac\n")]
+
+
+@pytest.mark.parametrize(
+    ("driver", "matches"),
+    [
+        (f"{GAUDI_SYNAPSE_VERSION}.3-a1b2c3d", True),
+        (f"{GAUDI_SYNAPSE_VERSION}.0", True),
+        ("1.22.0-5f6e7d8", False),
+        ("1.2.1-0123abc", False),
+        ("", False),  # no hl-smi, no driver
+    ],
+)
+def test_the_gaudi_box_checks_its_habana_driver_at_boot(
+    offline: Callable[..., OfflineRun], tmp_path: Path, driver: str, matches: bool
+) -> None:
+    setup, _ = _setup_files(_instance(_run(offline, instance_type="dl1.24xlarge")).inputs["userData"])
+    check = _driver_check(setup)
+    assert "hl-smi -Q driver_version -f csv,noheader" in check
+    assert setup.index(check) < setup.index("systemctl --no-block enable --now")
+    bin_dir, logged = tmp_path / "bin", tmp_path / "logged"
+    bin_dir.mkdir()
+    if driver:
+        _stub(bin_dir, "hl-smi", f"printf '{driver}\\n{driver}\\n'")
+    _stub(bin_dir, "logger", f'echo "$*" >> {logged}')
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    done = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + check],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr  # the box boots either way; the trainer reports the failure
+    if matches:
+        assert "matches" in done.stdout and not done.stderr and not logged.exists()
+    else:
+        assert done.stderr.startswith("ERROR: Habana driver")
+        assert f"SynapseAI {GAUDI_SYNAPSE_VERSION}" in done.stderr and "GAUDI_SYNAPSE_VERSION" in done.stderr
+        assert "-p user.err -t tessera-training ERROR: Habana driver" in logged.read_text()
+
+
+def test_only_the_gaudi_box_checks_a_habana_driver(offline: Callable[..., OfflineRun]) -> None:
+    for instance_type in ("g5.2xlarge", "trn1.32xlarge"):
+        setup, _ = _setup_files(_instance(_run(offline, instance_type=instance_type)).inputs["userData"])
+        assert "hl-smi" not in setup
 
 
 def test_nvidia_box_runs_the_trainer_with_all_gpus_and_the_gpu_agent(
@@ -290,7 +518,9 @@ def test_nvidia_box_runs_the_trainer_with_all_gpus_and_the_gpu_agent(
     assert "--runtime=habana" not in user_data
     agent = json.loads(files["/opt/aws/amazon-cloudwatch-agent/etc/tessera.json"])
     assert "nvidia_gpu" in agent["metrics"]["metrics_collected"]
-    assert "/usr/local/bin/tessera-accelerator-metric" not in files
+    # The activity publisher reads the GPUs itself; their utilisation metric is the agent's.
+    assert "nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits" in files[PUBLISHER]
+    assert ACCELERATOR_UTILIZATION_METRIC not in files[PUBLISHER]
 
 
 def test_volta_boxes_get_an_ami_whose_driver_still_supports_v100(offline: Callable[..., OfflineRun]) -> None:
@@ -349,9 +579,12 @@ def test_user_data_is_valid_bash_within_the_ec2_limit(
     assert len(user_data.encode()) < 16 * 1024
     setup, files = _setup_files(user_data)
     scripts = [user_data, setup] + [
-        body for path, body in files.items() if path.startswith("/usr/local/bin/")
+        body
+        for path, body in files.items()
+        if path.startswith("/usr/local/bin/") and body.startswith("#!/bin/bash\n")
     ]
-    assert len(scripts) >= 4
+    assert len(scripts) >= 5
+    assert files[ACTIVITY_CHECK_PATH].startswith("#!/usr/bin/python3\n")  # run as Python by its tests
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("bash is not installed")
@@ -376,11 +609,11 @@ def test_role_statements_grant_the_box_only_its_own_parameter_and_alarm(
     assert statements["RearmIdleAlarm"]["Action"] == ["cloudwatch:SetAlarmState"]
     assert statements["RearmIdleAlarm"]["Resource"] == alarm.outputs["arn"]
     namespaces = statements["PublishUtilization"]["Condition"]["StringEquals"]["cloudwatch:namespace"]
-    assert ACCELERATOR_NAMESPACE in namespaces
+    assert namespaces == sorted(["CWAgent", ACCELERATOR_NAMESPACE])
     assert BUSY_NAMESPACE not in namespaces
 
 
-def test_the_box_may_publish_its_busy_heartbeat_in_that_namespace_only(
+def test_the_box_may_publish_its_activity_and_busy_heartbeat_in_that_namespace_only(
     offline: Callable[..., OfflineRun],
 ) -> None:
     def program() -> dict[str, Any]:
@@ -388,9 +621,13 @@ def test_the_box_may_publish_its_busy_heartbeat_in_that_namespace_only(
         return {"statements": pulumi.Output.json_dumps(box.role_statements)}
 
     statements = json.loads(offline(program, config={"aws:region": "eu-west-1"}).outputs["statements"])
-    (busy,) = [s for s in statements if s["Sid"] == "PublishBusyHeartbeat"]
-    assert busy["Action"] == ["cloudwatch:PutMetricData"]
-    assert busy["Condition"] == {"StringEquals": {"cloudwatch:namespace": BUSY_NAMESPACE}}
+    assert ACTIVITY_NAMESPACE == BUSY_NAMESPACE
+    (activity,) = [s for s in statements if s["Sid"] == "PublishActivity"]
+    assert activity["Action"] == ["cloudwatch:PutMetricData"]
+    assert activity["Condition"] == {"StringEquals": {"cloudwatch:namespace": BUSY_NAMESPACE}}
+    # An NVIDIA box publishes no utilisation of its own: the agent's namespace only.
+    (utilization,) = [s for s in statements if s["Sid"] == "PublishUtilization"]
+    assert utilization["Condition"] == {"StringEquals": {"cloudwatch:namespace": ["CWAgent"]}}
     assert wildcard_violations({"Statement": statements}) == []
     # Nothing left that only the old, metric-based re-arm needed.
     assert not [s for s in statements if "cloudwatch:DescribeAlarmsForMetric" in s["Action"]]
