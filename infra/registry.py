@@ -58,6 +58,10 @@ class RegistryArgs:
     variants: Mapping[str, Sequence[str]] = field(default_factory=dict)
     """Per service, the variants built beside its image: ``{"trainer": ["cuda12"]}`` builds
     ``images/trainer-cuda12.Dockerfile`` into the trainer repository (image name ``trainer-cuda12``)."""
+    variants_only: Sequence[str] = ()
+    """Services whose repository holds only their variants: the service's own image is neither built nor
+    referenced (``["trainer"]`` with variants ``{"trainer": ["cuda12"]}``: a stack that trains on Volta alone
+    builds no CUDA 13 trainer)."""
     pinned_refs: Mapping[str, str] = field(default_factory=dict)
     """Image name -> ``registry/repo@sha256:...`` built and pushed elsewhere (CI): used as is, not built."""
     kms_key_arn: Input[str] | None = None
@@ -86,8 +90,8 @@ def variant_image(service: str, variant: str) -> str:
 
 
 def image_names(args: RegistryArgs) -> list[str]:
-    """Every image the registry holds: each service's, then its variants'."""
-    names = list(args.services)
+    """Every image the registry holds: each service's (unless ``variants_only``), then its variants'."""
+    names = [s for s in args.services if s not in args.variants_only]
     for service in args.services:
         names.extend(variant_image(service, v) for v in args.variants.get(service, ()))
     return names
@@ -232,9 +236,8 @@ class Registry(pulumi.ComponentResource):
             self.repository_urls[service] = repo.repository_url
             self.repository_arns[service] = repo.arn
             self.repository_names[service] = repo.name
-            images = [(service, "")] + [
-                (variant_image(service, v), v) for v in args.variants.get(service, ())
-            ]
+            own = [] if service in args.variants_only else [(service, "")]
+            images = own + [(variant_image(service, v), v) for v in args.variants.get(service, ())]
             for image_name, variant in images:
                 self._image(name, args=args, repo=repo, image=image_name, variant=variant, child=child)
         self.register_outputs(
@@ -311,6 +314,12 @@ def _check(args: RegistryArgs) -> None:
                 raise ValueError(
                     f"variant {variant!r} of {service!r}: use lower-case letters, digits, hyphens"
                 )
+    for service in args.variants_only:
+        if not args.variants.get(service):
+            raise ValueError(
+                f"RegistryArgs.variants_only names {service!r}, which has no variants: its repository would "
+                "hold no image"
+            )
     names = image_names(args)
     if len(set(names)) != len(names):
         raise ValueError(f"image names collide: {', '.join(sorted(n for n in names if names.count(n) > 1))}")

@@ -163,8 +163,8 @@ def offering_warnings(settings: Settings, table: CapacityTable) -> list[str]:
                 "`pulumi up` places it in a private subnet whose zone offers it and stops, naming those "
                 "zones, if none does (raise tessera:azCount to add zones)"
                 if use.placed
-                else "`pulumi up` spreads it only over private subnets in those zones and stops, naming them, "
-                "if the stack has none (raise tessera:azCount to add zones)"
+                else "`pulumi up` spreads it only over private subnets in those zones and stops, naming "
+                "them, if the stack has none (raise tessera:azCount to add zones)"
             )
             warnings.append(
                 f"{use.instance_type} ({use.what}) is offered in {len(offered)} of {len(all_zones)} "

@@ -40,7 +40,16 @@ from infra.network import Network, NetworkArgs
 from infra.queues import Queues, QueuesArgs
 from infra.registry import Registry, RegistryArgs
 from infra.storage import Storage, StorageArgs
-from infra.trainer_images import BUILT_VARIANTS, trainer_image_refs, trainer_variant
+from infra.trainer_images import (
+    TRAINER,
+    TrainerVariant,
+    available_variants,
+    missing_variant_message,
+    registry_variants,
+    trainer_image_refs,
+    trainer_variant,
+    variants_to_build,
+)
 from infra.training import ACCELERATOR_FAMILIES, TrainingInstance, TrainingInstanceArgs, accelerator_for
 from stacks.services import (
     DATABASE_BOOTSTRAP,
@@ -121,13 +130,26 @@ class DataLayer(pulumi.ComponentResource):
             ),
             child,
         )
+        # Only the trainer variants a compute layer runs (the Gaudi image alone is several GB): the training
+        # type's own where this stack holds compute too, else tessera:trainerVariants; pinned digests count.
+        training = s.training_instance_type if s.has_compute else None
+        try:
+            built = variants_to_build(s.trainer_variants, training)
+            needed = trainer_variant(training) if training and s.training_enabled else None
+        except ValueError as error:  # a Neuron training type, or an unknown variant
+            raise ConfigError(str(error)) from error
+        self.trainer_variants = available = available_variants(built, s.image_refs)
+        if training and needed and needed not in available:  # this stack's own training box needs it
+            raise ConfigError(missing_variant_message(needed, training, available))
+        trainer_variants, variants_only = registry_variants(self.trainer_variants)
         self.registry = Registry(
             f"{name}-ecr",
             RegistryArgs(
                 services=(*SERVICE_NAMES, DATABASE_BOOTSTRAP),
                 # Read here to hash the inputs; pulumi-docker gets paths relative to the project directory.
                 context_dir=str(REPO_ROOT),
-                variants=BUILT_VARIANTS,
+                variants=trainer_variants,
+                variants_only=variants_only,
                 pinned_refs=s.image_refs,
                 kms_key_arn=key,
                 build=s.build_images,
@@ -157,6 +179,9 @@ class DataLayer(pulumi.ComponentResource):
             child,
         )
         net, db = self.network, self.database
+        trainer_refs = trainer_image_refs(self.registry.image_refs, self.trainer_variants)
+        # The trainer's entry: its first variant (the training box reads trainerImageRefs by accelerator).
+        service_refs = {**self.registry.image_refs, TRAINER: trainer_refs[self.trainer_variants[0]]}
         self.outputs: dict[str, Any] = {
             "vpcId": net.vpc_id,
             "vpcCidr": net.vpc_cidr,
@@ -182,9 +207,9 @@ class DataLayer(pulumi.ComponentResource):
             "repositoryUrls": self.registry.repository_urls,
             "repositoryArns": self.registry.repository_arns,
             # What the compute layer runs: the service images (the bootstrap's runs here, in the data layer).
-            "imageRefs": {svc: self.registry.image_refs[svc] for svc in SERVICE_NAMES},
+            "imageRefs": {svc: service_refs[svc] for svc in SERVICE_NAMES},
             # The trainer per accelerator (infra/trainer_images.py): the training instance runs one of them.
-            "trainerImageRefs": trainer_image_refs(self.registry.image_refs),
+            "trainerImageRefs": trainer_refs,
         }
         self.register_outputs(self.outputs)
 
@@ -339,7 +364,9 @@ class ComputeLayer(pulumi.ComponentResource):
                     ),
                     instance_profile_name=_profile(self.roles[trainer.name]),
                     # The image built for the accelerator of its instance family (CUDA 13, CUDA 12, Gaudi).
-                    image_ref=data.item("trainerImageRefs", variant),
+                    image_ref=data.get("trainerImageRefs").apply(
+                        lambda refs: _trainer_image(refs, variant, s.training_instance_type)
+                    ),
                     region=s.region,
                     instance_type=s.training_instance_type,
                     data_volume_gb=s.training_data_volume_gb,
@@ -458,6 +485,13 @@ class ComputeLayer(pulumi.ComponentResource):
             self.outputs["trainingIdleAlarm"] = self.training.idle_alarm_name
             self.outputs["trainingAccelerator"] = self.training.accelerator
         self.register_outputs(self.outputs)
+
+
+def _trainer_image(refs: Mapping[str, str], variant: TrainerVariant, instance_type: str) -> str:
+    """The data layer's trainer image for ``variant``; a ConfigError naming both settings when it has none."""
+    if variant not in refs:
+        raise ConfigError(missing_variant_message(variant, instance_type, refs))
+    return refs[variant]
 
 
 def _with_agent(spec: ServiceSpec, access: ServiceAccess) -> ServiceAccess:

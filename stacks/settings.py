@@ -20,6 +20,8 @@ LAYERS = ("all", "data", "compute")
 NVIDIA_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en")
 #: Families for CPU-only workers (and small helper instances).
 CPU_FAMILIES = ("t3", "t3a", "t4g", "m5", "m6i", "m7i", "c5", "c6i", "c7i", "r6i", "r7i")
+#: The trainer images there are (infra/trainer_images.py builds them; a test keeps the two lists equal).
+TRAINER_VARIANTS = ("cuda13", "cuda12", "gaudi")
 
 
 class ConfigError(ValueError):
@@ -75,6 +77,9 @@ class Settings:
     build_images: bool = True
     #: Image name -> ``registry/repo@sha256:...`` built and pushed by CI: run as is, never built here.
     image_refs: Mapping[str, str] = field(default_factory=dict)
+    #: Trainer variants the data layer builds (``tessera:trainerVariants``); empty: the default, the variant
+    #: of ``training_instance_type`` where the stack holds compute too, every variant in a data-only stack.
+    trainer_variants: tuple[str, ...] = ()
     data_stack: str | None = None
 
     @property
@@ -326,8 +331,32 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
         log_retention_days=ints["tessera:logRetentionDays"],
         build_images=flag("tessera:buildImages", True),
         image_refs=_image_refs("tessera:imageRefs", opt("tessera:imageRefs")),
+        trainer_variants=_trainer_variants("tessera:trainerVariants", opt("tessera:trainerVariants"), layer),
         data_stack=data_stack,
     )
+
+
+def _trainer_variants(key: str, raw: str | None, layer: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if layer == "compute":
+        raise ConfigError(
+            f"{key} says which trainer images the data layer builds, and this stack holds only the compute "
+            "layer: set it on the data stack (tessera:dataStack) instead"
+        )
+    value = _as_json(key, raw) if raw.strip().startswith("[") else [raw]
+    example = f"--path '{key}[0]' gaudi"
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{key} must be a non-empty list of {', '.join(TRAINER_VARIANTS)}; {_hint(key, example)}"
+        )
+    unknown = [v for v in value if v not in TRAINER_VARIANTS]
+    if unknown:
+        raise ConfigError(
+            f"{key}: unknown trainer variant(s) {', '.join(map(repr, unknown))}; the variants are "
+            f"{', '.join(TRAINER_VARIANTS)} (cuda13: Turing and newer, cuda12: Volta p3/p3dn, gaudi: dl1)"
+        )
+    return tuple(v for v in TRAINER_VARIANTS if v in value)
 
 
 def _image_refs(key: str, raw: str | None) -> dict[str, str]:

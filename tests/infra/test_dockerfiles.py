@@ -22,7 +22,7 @@ from infra.registry import (
     dockerfile_instructions,
     dockerignore_path,
 )
-from infra.trainer_images import BUILT_VARIANTS, VARIANT_IMAGES
+from infra.trainer_images import ALL_VARIANTS, TRAINER, VARIANT_IMAGES, registry_variants
 from stacks.services import DATABASE_BOOTSTRAP, SERVICE_NAMES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ GPU_SERVICES = sorted(s.name for s in SERVICES if s.gpu)
 CPU_SERVICES = sorted(s.name for s in SERVICES if not s.gpu)
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|AWS_ACCESS_KEY|AWS_SECRET|API_KEY|PRIVATE_KEY", re.I)
 EXPECTED_CMD = {"sight-catalog": ["catalog", "serve"]}
-VARIANTS = {f"{s}-{v}": s for s, variants in BUILT_VARIANTS.items() for v in variants}
+VARIANTS = {image: TRAINER for image in VARIANT_IMAGES.values() if image != TRAINER}
 #: Every image run by the tessera CLI: the services' and their variants' (the trainer per accelerator).
 IMAGE_NAMES = [*SERVICE_NAMES, *VARIANTS]
 #: The lock each image installs (images/locks/, made by images/lock.sh).
@@ -93,10 +93,10 @@ def test_every_service_has_exactly_one_dockerfile() -> None:
     # The database bootstrap is a Lambda image (not the tessera CLI): its own rules live with it.
     assert present == {*IMAGE_NAMES, DATABASE_BOOTSTRAP}
     # The registry accepts the real tree: every image it builds finds its Dockerfile.
-    RegistryArgs(services=SERVICE_NAMES, context_dir=str(ROOT), variants=BUILT_VARIANTS)
+    RegistryArgs(services=SERVICE_NAMES, context_dir=str(ROOT), variants=registry_variants(ALL_VARIANTS)[0])
 
 
-@pytest.mark.parametrize("service", IMAGE_NAMES)
+@pytest.mark.parametrize("service", [*IMAGE_NAMES, DATABASE_BOOTSTRAP])
 def test_every_base_image_is_pinned(service: str) -> None:
     aliases: set[str] = set()
     for stage in stages(service):
@@ -154,7 +154,7 @@ def test_the_container_runs_as_a_numeric_non_root_user(service: str) -> None:
     assert all(u.split(":")[0] not in ("0", "root") for u in users)
 
 
-@pytest.mark.parametrize("service", IMAGE_NAMES)
+@pytest.mark.parametrize("service", [*IMAGE_NAMES, DATABASE_BOOTSTRAP])
 def test_no_secrets_are_baked_in(service: str) -> None:
     for stage in stages(service):
         for name in ("ENV", "ARG"):
@@ -200,7 +200,7 @@ def test_only_the_package_build_inputs_are_copied(service: str) -> None:
     assert project["project"]["readme"] in sources
 
 
-@pytest.mark.parametrize("service", IMAGE_NAMES)
+@pytest.mark.parametrize("service", [*IMAGE_NAMES, DATABASE_BOOTSTRAP])
 def test_the_build_context_is_exactly_what_the_dockerfile_copies(service: str) -> None:
     # Without its ignore file, any change in the checkout (.venv, tests) would rebuild the image, and the
     # rebuild would try to push a content tag the immutable repository already holds.
@@ -246,3 +246,39 @@ def test_real_images_get_distinct_tags() -> None:
     # Determinism is checked on a fixed tree in test_registry; this tree may change while tests run.
     tags = {s: content_tag(str(ROOT), s) for s in IMAGE_NAMES}
     assert len(set(tags.values())) == len(tags)
+
+
+# ---- the database bootstrap: a Lambda image, not the tessera CLI ---------------------------------------
+
+
+def test_the_bootstrap_starts_from_one_dated_build_of_the_lambda_python_311_image() -> None:
+    # The bare `3.11` tag moves with every AWS rebuild: two builds under one content tag could differ.
+    (stage,) = stages(DATABASE_BOOTSTRAP)
+    found = re.fullmatch(
+        r"public\.ecr\.aws/lambda/python:(3\.11\.\d{4}\.\d{2}\.\d{2}\.\d{2})(@sha256:[0-9a-f]{64})?",
+        stage.base,
+    )
+    assert found is not None, stage.base
+    labels: dict[str, str] = {}
+    for rest in stage.args("LABEL"):
+        labels.update(assignments(rest))
+    assert labels["org.opencontainers.image.base.name"] == stage.base.split("@", 1)[0]
+    assert labels["org.opencontainers.image.title"] == f"tessera-{DATABASE_BOOTSTRAP}"
+
+
+def test_the_bootstrap_installs_its_hashed_lock_into_the_task_root_and_nothing_else() -> None:
+    (stage,) = stages(DATABASE_BOOTSTRAP)
+    installs = [r for r in stage.args("RUN") if "pip install" in r]
+    assert len(installs) == 1, installs
+    words = shlex.split(installs[0].split("pip install", 1)[1].split("&&")[0])
+    assert "--require-hashes" in words and "--no-cache-dir" in words
+    assert words[words.index("--target") + 1] == "${LAMBDA_TASK_ROOT}"
+    requirements = words[words.index("-r") + 1]
+    assert [
+        w for i, w in enumerate(words) if not w.startswith("-") and words[i - 1] not in ("-r", "--target")
+    ] == []
+    copies = [shlex.split(r) for r in stage.args("COPY")]
+    assert ["images/locks/db-bootstrap.txt", requirements] in copies
+    sources = set(copied_sources((IMAGES / f"{DATABASE_BOOTSTRAP}.Dockerfile").read_text(encoding="utf-8")))
+    assert sources == {"images/locks/db-bootstrap.txt", "services/"}
+    assert [json.loads(c) for c in stage.args("CMD")] == [["services.cloud.database_roles.handler"]]

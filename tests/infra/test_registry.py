@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from infra.registry import Registry, RegistryArgs, content_tag, copied_sources
-from infra.trainer_images import BUILT_VARIANTS, TRAINER
+from infra.trainer_images import VARIANT_IMAGES
 from stacks.offline import OfflineRun
 
 REPO = "aws:ecr/repository:Repository"
@@ -300,6 +300,28 @@ def test_variants_are_built_into_the_service_repository_under_their_own_tags(
         RegistryArgs(services=SERVICES, context_dir=str(context), variants={"model-runner": ["gaudi"]})
 
 
+def test_a_service_may_hold_only_its_variants(offline: Callable[..., OfflineRun], tmp_path: Path) -> None:
+    # A stack that trains on Volta alone builds the CUDA 12 trainer, not the service's own (CUDA 13) image.
+    context = _context(tmp_path, services=(*SERVICES, "model-runner-cuda12"))
+    run = _registry(offline, context, variants={"model-runner": ["cuda12"]}, variants_only=["model-runner"])
+    assert {i.name for i in run.of_type(IMAGE)} == {
+        "ecr-model-runner-cuda12-image",
+        "ecr-sight-catalog-image",
+    }
+    assert set(run.outputs["refs"]) == {"model-runner-cuda12", "sight-catalog"}
+    assert len(run.of_type(REPO)) == 2  # the repository is still there, holding the variant
+    with pytest.raises(ValueError, match=r"variants_only names 'sight-catalog', which has no variants"):
+        RegistryArgs(services=SERVICES, context_dir=str(context), variants_only=["sight-catalog"])
+    with pytest.raises(ValueError, match="not one of the images"):
+        RegistryArgs(
+            services=SERVICES,
+            context_dir=str(context),
+            variants={"model-runner": ["cuda12"]},
+            variants_only=["model-runner"],
+            pinned_refs={"model-runner": DIGEST},
+        )
+
+
 def test_a_pinned_digest_is_run_as_is_and_never_built(
     offline: Callable[..., OfflineRun], tmp_path: Path
 ) -> None:
@@ -321,7 +343,7 @@ def test_the_real_trainers_tags_cover_their_dependency_locks(tmp_path: Path) -> 
     root = Path(__file__).resolve().parents[2]
     context = _context(tmp_path, services=())
     (context / "stacks").mkdir()
-    images = [TRAINER, *(f"{TRAINER}-{v}" for v in BUILT_VARIANTS[TRAINER])]
+    images = list(VARIANT_IMAGES.values())
     shutil.copytree(root / "images" / "locks", context / "images" / "locks")
     for image in images:
         for suffix in (".Dockerfile", ".Dockerfile.dockerignore"):
