@@ -104,7 +104,15 @@ def plan_stack(stack: str, project_dir: Path = REPO_ROOT, config: dict[str, Any]
             )
         data_run = plan_stack(data_stack, project_dir).run
         stack_outputs = data_run.outputs
-    run = run_offline(_program, config=config, stack=stack, stack_outputs=stack_outputs)
+    try:
+        run = run_offline(_program, config=config, stack=stack, stack_outputs=stack_outputs)
+    except Exception as exc:
+        # A setting checked inside an Output (one that needs the data stack's values) reaches here wrapped
+        # in the engine's "While processing resource ..." errors: show the user the message, not the chain.
+        cause = _setting_error(exc)
+        if cause is None:
+            raise
+        raise ConfigError(str(cause)) from None
     return Plan(
         stack=stack,
         settings=settings,
@@ -113,6 +121,20 @@ def plan_stack(stack: str, project_dir: Path = REPO_ROOT, config: dict[str, Any]
         findings=audit(run, settings) + graph_findings(run, data_run),
         warnings=capacity_warnings(settings),
     )
+
+
+def _setting_error(exc: BaseException) -> BaseException | None:
+    """The first error in ``exc``'s chain of causes that names a setting to fix, if any."""
+    from infra.instances import NotOfferedError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConfigError | NotOfferedError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def short_type(type_token: str) -> str:

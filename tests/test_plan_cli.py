@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 
 from services.cli import CommandError, grafana_tunnel, main
 from stacks.cost import PriceTable
+from stacks.plan import plan_stack
+from stacks.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,3 +111,16 @@ def test_tunnel_explains_a_failing_pulumi(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "stack output --json" in done.stderr and "failed" in done.stderr
+
+
+def test_a_setting_checked_against_the_data_stack_reads_as_one_message(tmp_path: Path) -> None:
+    # The variant check needs the data stack's outputs, so it runs inside an Output: the engine wraps its
+    # error in "While processing resource ..." layers; the plan must show the setting's message alone.
+    for config in ROOT.glob("Pulumi*.yaml"):
+        shutil.copy(config, tmp_path / config.name)
+    compute = tmp_path / "Pulumi.prod-compute.yaml"
+    compute.write_text(compute.read_text().replace("dl1.24xlarge", "g5.xlarge"))
+    with pytest.raises(ConfigError) as raised:
+        plan_stack("prod-compute", tmp_path)
+    assert str(raised.value).startswith("tessera:trainingInstanceType: 'g5.xlarge' needs the 'cuda13'")
+    assert "While processing" not in str(raised.value) and raised.value.__cause__ is None
