@@ -369,6 +369,7 @@ class ComputeLayer(pulumi.ComponentResource):
                     ),
                     region=s.region,
                     instance_type=s.training_instance_type,
+                    ami_id=s.training_ami_id,
                     data_volume_gb=s.training_data_volume_gb,
                     idle_minutes=s.training_idle_minutes,
                     environment={

@@ -80,6 +80,9 @@ class Settings:
     #: Trainer variants the data layer builds (``tessera:trainerVariants``); empty: the default, the variant
     #: of ``training_instance_type`` where the stack holds compute too, every variant in a data-only stack.
     trainer_variants: tuple[str, ...] = ()
+    #: A pinned AMI for the training instance (``tessera:trainingAmiId``); None looks up the newest AWS Deep
+    #: Learning AMI whose driver fits the trainer image (see infra/training.py).
+    training_ami_id: str | None = None
     data_stack: str | None = None
 
     @property
@@ -332,8 +335,21 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
         build_images=flag("tessera:buildImages", True),
         image_refs=_image_refs("tessera:imageRefs", opt("tessera:imageRefs")),
         trainer_variants=_trainer_variants("tessera:trainerVariants", opt("tessera:trainerVariants"), layer),
+        training_ami_id=_ami_id("tessera:trainingAmiId", opt("tessera:trainingAmiId")),
         data_stack=data_stack,
     )
+
+
+def _ami_id(key: str, raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    value = raw.strip()
+    if not re.fullmatch(r"ami-[0-9a-f]{8}([0-9a-f]{9})?", value):
+        raise ConfigError(
+            f"{key}: {raw!r} is not an AMI id (ami- and 8 or 17 hex digits); "
+            + _hint(key, "ami-0123456789abcdef0")
+        )
+    return value
 
 
 def _trainer_variants(key: str, raw: str | None, layer: str) -> tuple[str, ...]:

@@ -95,6 +95,7 @@ def test_prod_compute_trains_on_dl1() -> None:
         ({"tessera:layer": "compute"}, "tessera:dataStack", "pulumi config set tessera:dataStack"),
         ({"tessera:dbInstanceClass": "t4g.micro"}, "tessera:dbInstanceClass", "db.t4g.micro"),
         ({"tessera:trainingIdleMinutes": 1}, "tessera:trainingIdleMinutes", "from 5 to 1440"),
+        ({"tessera:trainingAmiId": "ubuntu-22.04"}, "tessera:trainingAmiId", "ami-0123456789abcdef0"),
     ],
 )
 def test_bad_configuration_names_the_key_and_the_fix(change: dict[str, Any], key: str, fix: str) -> None:
@@ -116,3 +117,15 @@ def test_fleet_overrides_merge_with_defaults() -> None:
     assert s.fleets["model-runner"].max_size == 9
     assert s.fleets["model-runner"].instance_type == "g5.xlarge"
     assert "sky-generator" in s.fleets
+
+
+def test_a_pinned_training_ami_reaches_the_training_instance(offline: Any) -> None:
+    # The DLAMI look-up by name can find nothing (no image with the driver the trainer needs in a region):
+    # the user pins one instead, and the box uses it as given.
+    from stacks.plan import _program
+
+    config = load_stack_config(str(ROOT / "Pulumi.dev.yaml"))
+    assert read(minimal()).training_ami_id is None
+    run = offline(_program, config={**config, "tessera:trainingAmiId": "ami-0123456789abcdef0"}, stack="dev")
+    [box] = [r for r in run.of_type("aws:ec2/instance:Instance") if r.name.endswith("-training-instance")]
+    assert box.inputs["ami"] == "ami-0123456789abcdef0"
