@@ -16,6 +16,8 @@ from typing import Any
 
 import boto3
 
+from services.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: SQS takes at most ten entries per batch call.
@@ -63,8 +65,29 @@ def queue_settings(queue_url: str, client: Any = None) -> QueueSettings:
 
 
 def send_message(queue_url: str, body: Mapping[str, Any], client: Any = None) -> str:
-    """Send one JSON message; returns its message id."""
-    response = (client or sqs_client()).send_message(QueueUrl=queue_url, MessageBody=json.dumps(body))
+    """Send one JSON message; returns its message id. A queue that does not exist, or SQS out of reach or
+    refusing the credentials, raises UserError saying what to check."""
+    import botocore.exceptions
+
+    try:
+        response = (client or sqs_client()).send_message(QueueUrl=queue_url, MessageBody=json.dumps(body))
+    except botocore.exceptions.ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
+            raise UserError(
+                f"queue {queue_url} does not exist: check the queue URL (the stack output queueUrls) and "
+                "the region"
+            ) from None
+        raise UserError(f"SQS refused the message to {queue_url}: {code or error}") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise UserError(
+            "no AWS credentials to send to the queue: run `aws configure` / `aws sso login`, or set "
+            "AWS_PROFILE"
+        ) from None
+    except botocore.exceptions.EndpointConnectionError as error:
+        raise UserError(
+            f"cannot reach SQS ({error}); check the network, AWS_REGION and AWS_ENDPOINT_URL"
+        ) from None
     return str(response["MessageId"])
 
 

@@ -8,6 +8,7 @@ short segments so that long straight edges follow their true path in the image's
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -78,10 +79,13 @@ def _geojson_geometry(document: Any) -> BaseGeometry:
                 raise UserError("the region of interest is a Feature without a geometry")
             return _geojson_geometry(document["geometry"])
         return shape(document)
-    except (KeyError, TypeError, ValueError, AttributeError, shapely.errors.GEOSException) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, shapely.errors.ShapelyError) as error:
         if isinstance(error, UserError):
             raise
-        raise UserError(f"the region of interest is not a valid GeoJSON geometry: {error}") from error
+        raise UserError(
+            f"the region of interest is not a valid GeoJSON geometry ({error}); give a Polygon, "
+            "MultiPolygon, Feature or FeatureCollection"
+        ) from error
 
 
 def roi_pixel_polygon(
@@ -101,12 +105,19 @@ def roi_pixel_polygon(
         step = max(east - west, north - south) / _SEGMENTS_PER_EXTENT
         dense = shapely.segmentize(geometry, step) if step > 0 else geometry
         try:
-            mapped = rasterio.warp.transform_geom("EPSG:4326", crs, mapping(dense))
-        except rasterio.errors.RasterioError as error:
+            mapped = shape(rasterio.warp.transform_geom("EPSG:4326", crs, mapping(dense)))
+        # GDAL's projection errors (CPLE_*) are not RasterioErrors: any failure here means the same.
+        except Exception as error:
             raise UserError(
-                f"the region of interest cannot be projected to the image's CRS: {error}"
+                f"the region of interest cannot be projected to the image's CRS ({crs}): {error}; give an "
+                "ROI inside the area the image's projection covers, or in map coordinates"
             ) from error
-        geometry = shape(mapped)
+        if mapped.is_empty or not all(math.isfinite(v) for v in mapped.bounds):
+            raise UserError(
+                f"the region of interest lies outside the area the image's CRS ({crs}) can represent; "
+                "give an ROI over the image"
+            )
+        geometry = mapped
     inverse = ~transform
     # shapely.affine_transform takes [a, b, d, e, xoff, yoff] of x' = a x + b y + xoff, y' = d x + e y + yoff.
     pixel = affinity.affine_transform(

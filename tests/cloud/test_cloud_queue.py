@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import boto3
+import pytest
 
 from services.cloud.embedded import Resources
 from services.cloud.queue import (
@@ -16,6 +18,7 @@ from services.cloud.queue import (
     send_messages,
     set_visibility,
 )
+from services.errors import UserError
 
 
 def _receive_within(url: str, seconds: float) -> list:
@@ -97,3 +100,22 @@ def test_heartbeat_failures_do_not_reach_the_work(resources: Resources, aws: str
     with Heartbeat(message, visibility_s=3, interval_s=0.05, client=client) as beat:
         time.sleep(0.3)
     assert beat.beats == 0
+
+
+def test_sending_to_a_queue_that_does_not_exist_says_what_to_check(resources: Resources) -> None:
+    missing = resources.queue_urls["image-requests"].rsplit("/", 1)[0] + "/no-such-queue"
+    with pytest.raises(UserError, match="does not exist: check the queue URL"):
+        send_message(missing, {"hello": 1})
+
+
+def test_sending_without_reaching_sqs_says_what_to_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(UserError, match="cannot reach SQS"):
+        send_message(f"http://127.0.0.1:{port}/123456789012/q", {"hello": 1})

@@ -121,6 +121,7 @@ def test_regions_outside_the_roi_can_be_dropped_too() -> None:
         ('{"type": "Point", "coordinates": [12.1, 46.9]}', "lonlat", "with an area"),
         ('{"type": "FeatureCollection", "features": []}', "lonlat", "no features"),
         ('{"type": "Polygon", "coordinates": "nope"}', "lonlat", "not a valid GeoJSON geometry"),
+        ('{"type": "Blob", "coordinates": [[0, 0]]}', "lonlat", "give a Polygon, MultiPolygon, Feature"),
         (
             "POLYGON ((500000 5000000, 500100 5000000, 500100 4999900, 500000 5000000))",
             "lonlat",
@@ -138,3 +139,27 @@ def test_a_lonlat_roi_needs_an_image_crs() -> None:
     roi = parse_roi("POLYGON ((12 46, 13 46, 13 47, 12 46))")
     with pytest.raises(UserError, match="no CRS"):
         roi_pixel_polygon(roi, crs_of_text="lonlat", crs=None, transform=UTM_TRANSFORM)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param("gdal", id="GDAL refuses the projection"),
+        pytest.param("infinite", id="the projection gives infinite coordinates"),
+    ],
+)
+def test_an_roi_the_image_crs_cannot_take_is_a_user_error(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rasterio._err import CPLE_AppDefinedError
+
+    def transform_geom(*_: object) -> dict[str, object]:
+        if failure == "gdal":
+            raise CPLE_AppDefinedError(1, 1, "Point outside of projection domain")
+        inf = float("inf")
+        return {"type": "Polygon", "coordinates": [[(0, 0), (inf, 0), (inf, inf), (0, 0)]]}
+
+    monkeypatch.setattr(rasterio.warp, "transform_geom", transform_geom)
+    roi = parse_roi("POLYGON ((12 46, 13 46, 13 47, 12 46))")
+    with pytest.raises(UserError, match="region of interest"):
+        roi_pixel_polygon(roi, crs_of_text="lonlat", crs="EPSG:32633", transform=UTM_TRANSFORM)
