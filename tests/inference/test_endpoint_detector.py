@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
+import inspect
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,11 +24,15 @@ from services.errors import UserError
 from services.inference.detections import Detections
 from services.inference.detector import Detector, OnnxDetector
 from services.inference.endpoint import (
+    MAX_BODY_ENV,
+    TIMEOUT_ENV,
+    TOKEN_ENV,
     EndpointDetector,
     EndpointUnavailableError,
     encode_tile,
     endpoint_server,
     parse_features,
+    serve_endpoint,
 )
 
 # Multiples of 1/255, so the 8-bit image on the wire carries the tiles exactly.
@@ -275,3 +283,194 @@ def test_single_band_tiles_round_trip(contract_path: Path, make_model: Callable[
     (want,) = local.detect(tiles)
     assert isinstance(got, Detections)
     np.testing.assert_array_equal(got.boxes, want.boxes)
+
+
+# The trust boundary: loopback by default, a bearer token, bounded bodies, and a client that gives up.
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(autouse=True)
+def no_endpoint_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests say which token, timeout and body limit they mean; the environment does not."""
+    for name in (TOKEN_ENV, TIMEOUT_ENV, MAX_BODY_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+def raw_post(url: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """POST /invocations with exactly these headers (no Content-Length unless given) and body."""
+    port = int(url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.putrequest("POST", "/invocations", skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def test_the_server_binds_loopback_by_default(contract_path: Path) -> None:
+    for serve in (endpoint_server, serve_endpoint):
+        assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    server = endpoint_server(OnnxDetector(contract_path, providers="cpu"), port=0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "", "::", "192.0.2.7", "model.internal"])
+def test_a_non_loopback_bind_without_a_token_is_refused(contract_path: Path, host: str) -> None:
+    local = OnnxDetector(contract_path, providers="cpu")
+    with pytest.raises(UserError, match=f"refusing to serve .* without a token.*{TOKEN_ENV}"):
+        endpoint_server(local, host, 0)
+    with pytest.raises(UserError, match="without a token"):
+        serve_endpoint(local, host, 0)
+
+
+def test_a_non_loopback_bind_with_a_token_serves(
+    contract_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = OnnxDetector(contract_path, providers="cpu")
+    endpoint_server(local, "0.0.0.0", 0, token=TOKEN).server_close()
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    endpoint_server(local, "0.0.0.0", 0).server_close()
+
+
+def test_requests_without_the_token_get_401(contract_path: Path) -> None:
+    local = OnnxDetector(contract_path, providers="cpu")
+    tile = encode_tile(tiles_of_means([1.0])[0])
+    with running(endpoint_server(local, "127.0.0.1", 0, token=TOKEN)) as url:
+        length = {"Content-Length": str(len(tile))}
+        for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"X-Token": TOKEN}):
+            status, headers, body = raw_post(url, {**length, **auth}, tile)
+            assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+            assert json.loads(body) == {"error": "missing or wrong bearer token"}
+        with pytest.raises(urllib.error.HTTPError) as ping:
+            urllib.request.urlopen(f"{url}/ping")
+        assert ping.value.code == 401
+        assert not endpoint(url).ping()
+        status, _, body = raw_post(url, {**length, "Authorization": f"bearer {TOKEN}"}, tile)
+        assert status == 200 and json.loads(body)["features"]
+        # The client reports it, without retrying: no token, and a wrong one.
+        with pytest.raises(UserError, match=f"HTTP 401.*got no token.*set {TOKEN_ENV}"):
+            endpoint(url, retries=3).detect(tiles_of_means([1.0]))
+        with pytest.raises(UserError, match=r"HTTP 401.*a token that it does not accept"):
+            endpoint(url, token="wrong").detect(tiles_of_means([1.0]))
+
+
+def test_the_client_with_the_token_gets_the_local_detections(
+    contract_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = OnnxDetector(contract_path, providers="cpu", batch_size=2)
+    tiles = tiles_of_means(MEANS)
+    expected = local.detect(tiles)
+    with running(endpoint_server(local, "127.0.0.1", 0, token=TOKEN)) as url:
+        remote = endpoint(url, class_names=CLASS_NAMES, token=TOKEN)
+        assert remote.ping()
+        got = remote.detect(tiles)
+        # As the model runner builds it: no token argument, the token from the environment.
+        monkeypatch.setenv(TOKEN_ENV, TOKEN)
+        from_env = endpoint(url, class_names=CLASS_NAMES).detect(tiles)
+    assert TOKEN not in repr(remote)
+    assert sum(len(d) for d in got) > 0
+    for g, f, e in zip(got, from_env, expected, strict=True):
+        np.testing.assert_array_equal(g.boxes, e.boxes)
+        np.testing.assert_array_equal(f.boxes, e.boxes)
+        np.testing.assert_array_equal(g.scores, e.scores)
+        np.testing.assert_array_equal(g.labels, e.labels)
+
+
+def test_an_oversized_body_gets_413_without_being_read(contract_path: Path) -> None:
+    local = OnnxDetector(contract_path, providers="cpu")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with running(endpoint_server(local, "127.0.0.1", 0, token=TOKEN, max_body_bytes=1000)) as url:
+        started = time.monotonic()
+        # Claims a gigabyte, sends four bytes: a server that read the body would wait for the rest.
+        status, headers, body = raw_post(url, {**auth, "Content-Length": str(10**9)}, b"tiny")
+        assert time.monotonic() - started < 2
+        assert status == 413 and b"1000-byte limit" in body and headers["Connection"] == "close"
+        # The client says what to change.
+        with pytest.raises(UserError, match=r"refused a \d+-byte PNG tile as too large \(HTTP 413\)"):
+            noise = np.random.default_rng(0).random((1, 3, TILE, TILE), dtype=np.float32)  # ~3 KB as PNG
+            endpoint(url, token=TOKEN).detect(noise)
+        # Under the limit is served.
+        small = encode_tile(np.zeros((3, 4, 4), np.float32))
+        assert raw_post(url, {**auth, "Content-Length": str(len(small))}, small)[0] == 200
+
+
+def test_max_body_bytes_from_the_environment(contract_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = OnnxDetector(contract_path, providers="cpu")
+    monkeypatch.setenv(MAX_BODY_ENV, "10")
+    with running(endpoint_server(local, "127.0.0.1", 0)) as url:
+        assert raw_post(url, {"Content-Length": "11"}, b"x" * 11)[0] == 413
+    monkeypatch.setenv(MAX_BODY_ENV, "lots")
+    with pytest.raises(UserError, match=f"{MAX_BODY_ENV} must be a number"):
+        endpoint_server(local, "127.0.0.1", 0)
+
+
+def test_a_body_without_a_length_gets_411(contract_path: Path) -> None:
+    local = OnnxDetector(contract_path, providers="cpu")
+    with running(endpoint_server(local, "127.0.0.1", 0)) as url:
+        status, _, body = raw_post(url, {})
+        assert status == 411 and b"Content-Length is required" in body
+        chunked = b"4\r\ntiny\r\n0\r\n\r\n"
+        assert raw_post(url, {"Transfer-Encoding": "chunked"}, chunked)[0] == 411
+        status, _, body = raw_post(url, {"Content-Length": "-5"}, b"")
+        assert status == 400 and b"whole number" in body
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\x00garbage\xff" * 10, b"not an image Pillow can read"),
+        # A real PNG header (the size fits) with the pixel data cut off.
+        (encode_tile(np.full((3, 16, 16), 0.5, np.float32))[:60], b"not an image Pillow can decode"),
+        (b"", b"not an image Pillow can read"),
+    ],
+)
+def test_a_malformed_body_gets_400_and_a_short_message(
+    contract_path: Path, body: bytes, message: bytes
+) -> None:
+    local = OnnxDetector(contract_path, providers="cpu")
+    with running(endpoint_server(local, "127.0.0.1", 0)) as url:
+        status, _, answer = raw_post(url, {"Content-Length": str(len(body))}, body)
+    assert status == 400 and message in answer
+    assert b"Traceback" not in answer and len(answer) < 300
+    assert set(json.loads(answer)) == {"error"}
+
+
+@contextmanager
+def hung_endpoint() -> Iterator[str]:
+    """A port that takes connections (the kernel's backlog) and never answers."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_a_hung_endpoint_fails_the_batch_within_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    with hung_endpoint() as url:
+        remote = endpoint(url, timeout_s=0.5, retries=3, token=TOKEN)
+        started = time.monotonic()
+        with pytest.raises(EndpointUnavailableError, match=r"did not answer within 0.5 s.*" + TIMEOUT_ENV):
+            remote.detect(tiles_of_means([0.5, 0.6]))
+        assert time.monotonic() - started < 2.5  # not retried: a hung model hangs every retry
+        monkeypatch.setenv(TIMEOUT_ENV, "0.3")
+        assert endpoint(url).timeout_s == 0.3
+        with pytest.raises(EndpointUnavailableError, match=r"within 0.3 s"):
+            endpoint(url).detect(tiles_of_means([0.5]))
+    assert endpoint(url).timeout_s == 0.3
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(UserError, match=f"{TIMEOUT_ENV} must be a number"):
+        endpoint(url)
+    with pytest.raises(UserError, match="must be more than 0"):
+        endpoint(url, timeout_s=0)
+    with pytest.raises(UserError, match="printable ASCII"):
+        endpoint(url, timeout_s=1, token="two words")
