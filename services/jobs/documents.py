@@ -4,7 +4,9 @@ A service describes its document with a :class:`DocumentChecker` subclass: it re
 :meth:`DocumentChecker.problem` with the JSON path of each bad one, and finally :meth:`DocumentChecker.done`
 raises one :class:`~services.errors.UserError` listing them all (``$.merge.iou: must be a number 0..1``), so
 a client fixes a document in one round trip. The pieces every document has (``schema``, ``job_id``, unknown
-fields, names, S3 URLs) are checked here the same way for every service.
+fields, names, S3 URLs) are checked here the same way for every service, and so are the trust rules of
+:mod:`~services.jobs.trust` (where a request may read, write and connect): :meth:`DocumentChecker.trusted`
+applies one and files its refusal under the field's JSON path.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from services.errors import UserError
+from services.jobs.trust import TrustError, TrustPolicy
 
 #: Job ids and names (safe in S3 keys and paths).
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -114,6 +117,17 @@ class DocumentChecker:
             return value
         self.problem(path, f"must be {NAME_RULE}; got {kind(value)}")
         return None
+
+    def trusted(
+        self, path: str, check: Callable[..., str], value: str, policy: TrustPolicy, **options: Any
+    ) -> str | None:
+        """``check(value, policy, **options)`` (a :mod:`~services.jobs.trust` rule): the value to use, or
+        None with the refusal recorded as the problem of ``path``."""
+        try:
+            return check(value, policy, **options)
+        except TrustError as refusal:
+            self.problem(path, str(refusal))
+            return None
 
     def done(self) -> None:
         """Raise one UserError listing every problem found, if any."""

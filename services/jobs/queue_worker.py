@@ -6,6 +6,11 @@ it until :meth:`QueueWorker.stop` (SIGTERM) or ``max_messages``, and rides out a
 unreachable. :func:`settle` deletes a handled message, or hides it for a while; a message whose handling
 raised is left alone, so SQS delivers it again and, after ``maxReceiveCount`` deliveries
 (:func:`last_delivery`), moves it to the dead-letter queue.
+
+Every message is untrusted input: each subclass's :meth:`QueueWorker.poll` runs inside
+:func:`services.jobs.trust.confined` with the worker's :class:`~services.jobs.trust.TrustPolicy` (read from
+the environment when the worker starts), so the document checkers it calls confine what a request may read,
+write and connect to without each service wiring it up.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import math
 import os
 import socket
 import threading
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 import psycopg
 
 from services.cloud import database
 from services.cloud.queue import Message, QueueSettings, delete_message, set_visibility
+from services.jobs.trust import TrustPolicy, confined
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,17 @@ def settle(message: Message, client: Any, *, delete: bool, defer_s: float | None
         set_visibility(message, seconds, client)
 
 
+def _confined_poll(poll: Callable[..., bool]) -> Callable[..., bool]:
+    """``poll`` run under its worker's trust policy (whoever calls it: ``serve`` or a test)."""
+
+    @wraps(poll)
+    def confined_poll(self: QueueWorker, *args: Any, **kwargs: Any) -> bool:
+        with confined(self.trust):
+            return poll(self, *args, **kwargs)
+
+    return confined_poll
+
+
 def reconnected(conn: psycopg.Connection[Any], database_url: str) -> psycopg.Connection[Any]:
     """``conn``, or a new connection to ``database_url`` when it was closed or broken."""
     return database.connect(database_url) if conn.closed or conn.broken else conn
@@ -58,11 +77,21 @@ def reconnected(conn: psycopg.Connection[Any], database_url: str) -> psycopg.Con
 class QueueWorker:
     """Serves messages one at a time until stopped (or ``max_messages`` are handled)."""
 
-    def __init__(self, worker_id: str = "", max_messages: int | None = None) -> None:
+    def __init__(
+        self, worker_id: str = "", max_messages: int | None = None, trust: TrustPolicy | None = None
+    ) -> None:
         self.worker_id = worker_id or default_worker_id()
         self.max_messages = max_messages
         self.handled = 0
         self.stop_event = threading.Event()
+        #: What the requests this worker handles may touch (see services.jobs.trust).
+        self.trust = trust or TrustPolicy.from_environment()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Wrapped here, not in serve(), so no caller of poll (a CLI's --once, a test's crew) skips the policy.
+        if "poll" in cls.__dict__:
+            cls.poll = _confined_poll(cls.__dict__["poll"])  # type: ignore[method-assign]
 
     def poll(self, wait_s: int | None = None) -> bool:
         """Receive and handle at most one message; False when there was none."""

@@ -33,6 +33,14 @@ latter. Detections scoring below ``score_threshold`` are never kept.
 
 Unknown fields and bad values raise one :class:`~services.errors.UserError` listing every problem with its
 JSON path (``$.merge.iou: ...``).
+
+Trust: ``image``, ``model``, ``endpoint.url`` and ``outputs`` are checked against a
+:class:`~services.jobs.trust.TrustPolicy` (the rules live in :mod:`services.jobs.trust`). A request taken
+from a queue is confined (buckets of the deployment, local files only under ``TESSERA_LOCAL_ROOT``,
+``outputs.path`` only under ``TESSERA_OUTPUT_ROOT``, endpoints only from ``TESSERA_ENDPOINT_URLS``; never
+GDAL ``/vsi*`` paths, ``..`` or URL tricks); ``tessera run`` checks with the local policy (the user's own
+paths). Without ``policy``, :func:`parse_request` applies :func:`~services.jobs.trust.policy_in_force`:
+the worker's queue policy while a queue worker handles a message, else the local one.
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.jobs.documents import S3_URL_PATTERN, DocumentChecker, is_int, kind, load_document
+from services.jobs import trust
+from services.jobs.documents import DocumentChecker, is_int, kind, load_document
+from services.jobs.trust import TrustPolicy
 from services.registry import is_registry_ref
 
 SCHEMA = "tessera.image-request/v1"
@@ -160,13 +170,19 @@ class ImageRequest:
         return body
 
 
-def parse_request(data: str | bytes | Mapping[str, Any]) -> ImageRequest:
-    """Validate an image request (JSON text or a decoded object); UserError lists every problem."""
-    return _Checker("the image request").request(load_document(data, "the image request"))
+def parse_request(data: str | bytes | Mapping[str, Any], policy: TrustPolicy | None = None) -> ImageRequest:
+    """Validate an image request (JSON text or a decoded object) under ``policy`` (default: the policy in
+    force, see the module doc); UserError lists every problem."""
+    checker = _Checker("the image request", policy or trust.policy_in_force())
+    return checker.request(load_document(data, "the image request"))
 
 
 class _Checker(DocumentChecker):
     """The image request's fields (see the module doc)."""
+
+    def __init__(self, what: str, policy: TrustPolicy) -> None:
+        super().__init__(what)
+        self.policy = policy
 
     def request(self, data: Mapping[str, Any]) -> ImageRequest:
         job_id = self.header(data, fields=_TOP, schema=SCHEMA, reader="this model runner")
@@ -210,12 +226,7 @@ class _Checker(DocumentChecker):
         if not isinstance(image, str) or not image.strip():
             self.problem("$.image", f"must be a path or an s3:// URL, got {kind(image)}")
             return ""
-        scheme = image.split("://", 1)[0] if "://" in image else ""
-        if scheme not in {"", "s3", "file"}:
-            self.problem("$.image", f"{image!r}: the image must be a local path, file:// or s3:// URL")
-        if scheme == "s3" and not image[len("s3://") :].split("/", 1)[0]:
-            self.problem("$.image", f"{image!r} names no bucket; write s3://BUCKET/KEY")
-        return image
+        return self.trusted("$.image", trust.source, image, self.policy, what="the image") or image
 
     def model(self, model: Any, has_endpoint: bool) -> str | None:
         if model is None:
@@ -230,21 +241,23 @@ class _Checker(DocumentChecker):
         if not isinstance(model, str) or not model.strip():
             self.problem("$.model", f"must be a path, file:// or s3:// URI, got {kind(model)}")
             return None
-        if "://" in model:
-            scheme = model.split("://", 1)[0]
-            if scheme not in {"file", "s3"}:
-                self.problem(
-                    "$.model",
-                    f"{model!r}: models are read from a path, file:// or s3://; "
-                    "for a model served over HTTP give endpoint instead",
-                )
-        elif "/" not in model and not model.lower().endswith(".onnx") and not is_registry_ref(model):
+        if model.startswith(("http://", "https://")):
             self.problem(
                 "$.model",
-                f"{model!r} is neither a path, a file:// or s3:// URI nor a model registry name "
-                "(NAME or NAME:VERSION, letters, digits, '.', '_' and '-')",
+                f"{model[:64]!r}: models are read from a path, file:// or s3://; "
+                "for a model served over HTTP give endpoint instead",
             )
-        return model
+            return model
+        if "/" not in model and not model.lower().endswith(".onnx"):
+            # A registry name is pinned to the URI the registry (not the request) holds.
+            if not is_registry_ref(model):
+                self.problem(
+                    "$.model",
+                    f"{model[:64]!r} is neither a path, a file:// or s3:// URI nor a model registry name "
+                    "(NAME or NAME:VERSION, letters, digits, '.', '_' and '-')",
+                )
+            return model
+        return self.trusted("$.model", trust.source, model, self.policy, what="the model") or model
 
     def endpoint(self, endpoint: Any) -> Endpoint | None:
         if not isinstance(endpoint, Mapping):
@@ -254,8 +267,10 @@ class _Checker(DocumentChecker):
             return None
         self.unknown_fields("$.endpoint", endpoint, ("url", "tile_size", "class_names"))
         url = endpoint.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        if not isinstance(url, str):
             self.problem("$.endpoint.url", f"must be an http:// or https:// URL, got {kind(url)}")
+        else:
+            url = self.trusted("$.endpoint.url", trust.endpoint_url, url, self.policy) or url
         tile = self.size("$.endpoint.tile_size", endpoint.get("tile_size"), 1)
         names = endpoint.get("class_names", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -342,12 +357,18 @@ class _Checker(DocumentChecker):
             return Outputs()
         self.unknown_fields("$.outputs", outputs, ("s3", "path"))
         s3, path = outputs.get("s3"), outputs.get("path")
-        if s3 is not None and (not isinstance(s3, str) or not S3_URL_PATTERN.match(s3)):
-            self.problem("$.outputs.s3", f"must be s3://BUCKET or s3://BUCKET/PREFIX, got {kind(s3)}")
-            s3 = None
-        if path is not None and (not isinstance(path, str) or not path.strip()):
-            self.problem("$.outputs.path", f"must be a file path, got {kind(path)}")
-            path = None
+        if s3 is not None:
+            if not isinstance(s3, str):
+                self.problem("$.outputs.s3", f"must be s3://BUCKET or s3://BUCKET/PREFIX, got {kind(s3)}")
+                s3 = None
+            else:
+                s3 = self.trusted("$.outputs.s3", trust.output_s3, s3, self.policy)
+        if path is not None:
+            if not isinstance(path, str) or not path.strip():
+                self.problem("$.outputs.path", f"must be a file path, got {kind(path)}")
+                path = None
+            else:
+                path = self.trusted("$.outputs.path", trust.output_path, path, self.policy)
         if s3 is None and path is None and not any(k in outputs for k in ("s3", "path")):
             self.problem("$.outputs", "give s3 (s3://bucket/prefix) and/or path (a local .geojson file)")
         return Outputs(s3=s3, path=path)

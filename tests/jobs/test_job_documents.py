@@ -76,7 +76,8 @@ def test_job_id_of_reads_a_usable_id_even_from_an_invalid_document() -> None:
 
 
 def test_values_are_named_as_a_user_wrote_them() -> None:
-    assert [kind(v) for v in (None, True, 3, 2.5, "x", [], {})] == [
+    values: tuple[Any, ...] = (None, True, 3, 2.5, "x", [], {})
+    assert [kind(v) for v in values] == [
         "null",
         "a boolean",
         "the number 3",

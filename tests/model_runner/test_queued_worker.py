@@ -108,8 +108,18 @@ def test_duplicate_and_redelivered_messages_do_no_work_twice(
 
 @pytest.mark.usefixtures("runner_env")
 def test_bad_inputs_fail_their_job_and_the_worker_goes_on(
-    resources: Resources, database_url: str, square_model: Path, tmp_path: Path
+    resources: Resources,
+    database_url: str,
+    square_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # This deployment reads local models under tmp_path and may write to a bucket that does not exist, so
+    # that the rows below reach the checks past the trust rules (tests/model_runner/test_queued_trust.py).
+    monkeypatch.setenv("TESSERA_LOCAL_ROOT", str(tmp_path))
+    monkeypatch.setenv(
+        "TESSERA_ALLOWED_BUCKETS", ",".join([*resources.buckets.values(), "no-such-bucket-here"])
+    )
     scene = upload_scene(resources, tmp_path, square_model)
     s3 = boto3.client("s3")
     imagery, models = resources.buckets["imagery"], resources.buckets["models"]
