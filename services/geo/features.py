@@ -5,7 +5,9 @@ pixel. Its four corners go through the raster's affine transform to map coordina
 ``rasterio.warp.transform`` to longitude/latitude (EPSG:4326, longitude first), all as arrays. Each box
 becomes a closed 5-point Polygon ring wound counter-clockwise (RFC 7946's right-hand rule), whatever the
 transform's orientation. Coordinates are written with 7 decimals (about 1 cm), scores with 4, pixel boxes
-with 2; NaN scores are written as 0.
+with 2. The output is always valid JSON: a NaN or infinite score or pixel coordinate is refused
+(:class:`NonFiniteError`, nothing of that chunk written), never written as ``nan`` (detections are checked
+where they leave the model, services/inference/detections.py ``check_boxes``, so this is a last guard).
 
 An image without a CRS cannot be placed on the Earth: its features get ``"geometry": null`` (allowed by
 RFC 7946) and keep ``pixel_bbox``. A box whose corners cannot be projected also gets a null geometry.
@@ -33,6 +35,10 @@ RESERVED_PROPERTIES = ("class", "score", "pixel_bbox", "model", "job")
 COORDINATE_DECIMALS = 7
 SCORE_DECIMALS = 4
 PIXEL_DECIMALS = 2
+
+
+class NonFiniteError(ValueError):
+    """Detections hold a NaN or infinite number, which JSON cannot carry."""
 
 
 class DetectionColumns(Protocol):
@@ -156,10 +162,16 @@ class FeatureWriter:
         count = len(boxes)
         if count == 0:
             return
+        bad = ~(np.isfinite(scores.astype(np.float64)) & np.isfinite(boxes.astype(np.float64)).all(axis=1))
+        if bad.any():
+            raise NonFiniteError(
+                f"{int(bad.sum())} detection(s) hold a NaN or infinite score or pixel coordinate, which JSON "
+                f"cannot carry (the first: box {boxes[bad][0].tolist()}, score {scores[bad][0].item()})"
+            )
         # One row of template arguments per feature: ring (10), class, score, pixel box (4).
         columns = np.empty((count, 16), dtype=object)
         columns[:, 10] = self._class_names(labels.astype(np.int64))
-        columns[:, 11] = np.nan_to_num(scores.astype(np.float64), nan=0.0)
+        columns[:, 11] = scores.astype(np.float64)
         columns[:, 12:] = boxes.astype(np.float64)
         if self._crs is None:
             finite = np.zeros(count, dtype=bool)

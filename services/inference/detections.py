@@ -80,3 +80,83 @@ class Detections:
     def above(self, score_threshold: float) -> Detections:
         """The detections scoring at least ``score_threshold``."""
         return self.select(self.scores >= score_threshold)
+
+
+@dataclass(frozen=True)
+class BoxChecks:
+    """What :func:`check_boxes` did to a model's boxes: how many it dropped, and why, and how many it changed.
+
+    ``non_finite``: a NaN or infinite coordinate or score (dropped). ``inverted``: ``x2 <= x1`` or
+    ``y2 <= y1``, inverted or without extent (dropped: which corner was meant is not knowable).
+    ``outside``: no part inside the tile (dropped). ``clipped``: partly outside the tile (clipped to it).
+    ``score_clamped``: a score outside [0, 1] (clamped to it: a model's rounding past 1 keeps its box).
+    """
+
+    non_finite: int = 0
+    inverted: int = 0
+    outside: int = 0
+    clipped: int = 0
+    score_clamped: int = 0
+
+    def __add__(self, other: BoxChecks) -> BoxChecks:
+        return BoxChecks(
+            self.non_finite + other.non_finite,
+            self.inverted + other.inverted,
+            self.outside + other.outside,
+            self.clipped + other.clipped,
+            self.score_clamped + other.score_clamped,
+        )
+
+    @property
+    def dropped(self) -> int:
+        """Boxes dropped, for any reason."""
+        return self.non_finite + self.inverted + self.outside
+
+    @property
+    def changed(self) -> int:
+        """Boxes kept but altered (clipped or score clamped; one box may count twice)."""
+        return self.clipped + self.score_clamped
+
+    def metrics(self) -> dict[str, float]:
+        """The counts as metric values (names in services/model_runner/metrics.py)."""
+        return {
+            "DroppedNonFinite": self.non_finite,
+            "DroppedInverted": self.inverted,
+            "DroppedOutsideTile": self.outside,
+            "ClippedToTile": self.clipped,
+            "ScoresClamped": self.score_clamped,
+        }
+
+
+def check_boxes(detections: Detections, width: float, height: float) -> tuple[Detections, BoxChecks]:
+    """A model's detections on a ``width`` x ``height`` tile made safe to place and to write, and counts.
+
+    Boxes with a non-finite coordinate or score, inverted or empty boxes and boxes wholly outside the tile
+    are dropped; boxes partly outside are clipped to it; scores outside [0, 1] are clamped to it (see
+    :class:`BoxChecks`). Already valid detections come back as they are.
+    """
+    if not len(detections):
+        return detections, BoxChecks()
+    boxes, scores = detections.boxes, detections.scores
+    finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
+    x1, y1, x2, y2 = (np.where(finite, boxes[:, i], 0.0) for i in range(4))
+    inverted = finite & ((x2 <= x1) | (y2 <= y1))
+    outside = finite & ~inverted & ((x2 <= 0) | (y2 <= 0) | (x1 >= width) | (y1 >= height))
+    keep = finite & ~inverted & ~outside
+    partly = keep & ((x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height))
+    unscaled = keep & ((scores < 0) | (scores > 1))
+    checks = BoxChecks(
+        non_finite=int((~finite).sum()),
+        inverted=int(inverted.sum()),
+        outside=int(outside.sum()),
+        clipped=int(partly.sum()),
+        score_clamped=int(unscaled.sum()),
+    )
+    if checks == BoxChecks():
+        return detections, checks
+    kept = detections.select(keep)
+    limits = np.array([width, height, width, height], dtype=np.float32)
+    return (
+        Detections(np.clip(kept.boxes, 0, limits), np.clip(kept.scores, 0, 1), kept.labels),
+        checks,
+    )

@@ -25,6 +25,11 @@ A tessera detector is an ONNX model with
 
 Anything else is refused when the model is loaded, with a UserError that says what the model has and what
 the contract expects.
+
+What a model returns is checked before it leaves the detector
+(:func:`~services.inference.detections.check_boxes`): boxes with a NaN or infinite coordinate or score,
+inverted or empty boxes and boxes wholly outside the tile are dropped, boxes partly outside are clipped to
+the tile, scores outside [0, 1] are clamped to it; each kind is counted and handed to ``on_checks``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +46,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.errors import UserError
-from services.inference.detections import Detections
+from services.inference.detections import BoxChecks, Detections, check_boxes
 from services.inference.session import CPU, create_session
 from services.inference.yolo import decode_yolo, ultralytics_class_names
 
@@ -193,9 +198,12 @@ class OnnxDetector:
         """The class name of ``label``, or the label as text when the model names no such class."""
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
 
-    def detect(self, pixels: np.ndarray) -> list[Detections]:
+    def detect(
+        self, pixels: np.ndarray, *, on_checks: Callable[[BoxChecks], None] | None = None
+    ) -> list[Detections]:
         """Detections in tile pixels, one :class:`Detections` per tile of ``pixels`` ``[B, C, H, W]``
-        (float32, scaled per the contract). Runs in batches of ``batch_size``, padding the last one."""
+        (float32, scaled per the contract). Runs in batches of ``batch_size``, padding the last one.
+        ``on_checks`` is called with what the output checks dropped and changed, once per batch."""
         pixels = np.asarray(pixels, dtype=np.float32)
         expected = (self.channels, self.tile_height, self.tile_width)
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
@@ -207,38 +215,51 @@ class OnnxDetector:
         if len(self._sessions) == 1:
             results: list[Detections] = []
             for start in range(0, pixels.shape[0], bs):
-                results.extend(self._run(self._session, pixels[start : start + bs]))
+                found, checks = self._run(self._session, pixels[start : start + bs])
+                if on_checks is not None:
+                    on_checks(checks)
+                results.extend(found)
             return results
         batches = (pixels[start : start + bs] for start in range(0, pixels.shape[0], bs))
-        return [found for batch in self.detect_many(batches) for found in batch]
+        return [found for batch in self.detect_many(batches, on_checks=on_checks) for found in batch]
 
     @property
     def sessions(self) -> int:
         """How many sessions run batches side by side (1 on CUDA)."""
         return len(self._sessions)
 
-    def detect_many(self, batches: Iterable[np.ndarray]) -> Iterator[list[Detections]]:
+    def detect_many(
+        self, batches: Iterable[np.ndarray], *, on_checks: Callable[[BoxChecks], None] | None = None
+    ) -> Iterator[list[Detections]]:
         """Detections for each batch of ``batches`` (float32 ``[B, C, H, W]``, ``B <= batch_size``), in order.
+        ``on_checks`` is called with what the output checks did to each batch, in the caller's thread.
 
         With several sessions, batches are handed to them round-robin, at most one in flight per session;
         ``batches`` is drawn lazily, at most ``sessions`` ahead of the results taken.
         """
+
+        def handed(result: tuple[list[Detections], BoxChecks]) -> list[Detections]:
+            found, checks = result
+            if on_checks is not None:
+                on_checks(checks)
+            return found
+
         if len(self._sessions) == 1:
             for batch in batches:
-                yield self._run(self._session, self._checked(batch))
+                yield handed(self._run(self._session, self._checked(batch)))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=len(self._sessions), thread_name_prefix="ort-session")
-        pending: deque[Future[list[Detections]]] = deque()
+        pending: deque[Future[tuple[list[Detections], BoxChecks]]] = deque()
         try:
             for index, batch in enumerate(batches):
                 if len(pending) == len(self._sessions):
                     # The oldest batch ran on the session this one is handed to: it is free once that is done.
-                    yield pending.popleft().result()
+                    yield handed(pending.popleft().result())
                 session = self._sessions[index % len(self._sessions)]
                 pending.append(self._pool.submit(self._run, session, self._checked(batch)))
             while pending:
-                yield pending.popleft().result()
+                yield handed(pending.popleft().result())
         finally:
             for (
                 future
@@ -268,15 +289,16 @@ class OnnxDetector:
             )
         return batch
 
-    def _run(self, session: Any, batch: np.ndarray) -> list[Detections]:
-        """One batch (``B <= batch_size`` tiles) on ``session``, padded with zeros to the batch shape."""
+    def _run(self, session: Any, batch: np.ndarray) -> tuple[list[Detections], BoxChecks]:
+        """One batch (``B <= batch_size`` tiles) on ``session``, padded with zeros to the batch shape; its
+        checked detections and what the checks did."""
         n, bs = batch.shape[0], self.batch_size
         if n < bs:
             batch = np.concatenate([batch, np.zeros((bs - n, *batch.shape[1:]), dtype=np.float32)])
         raw = session.run(None, {self._input_name: np.ascontiguousarray(batch)})
         return self._decode(raw, n)
 
-    def _decode(self, raw: Sequence[np.ndarray], n: int) -> list[Detections]:
+    def _decode(self, raw: Sequence[np.ndarray], n: int) -> tuple[list[Detections], BoxChecks]:
         o = self._outputs
         if o.yolo:
             head = np.asarray(raw[0])
@@ -310,8 +332,19 @@ class OnnxDetector:
         if labels.dtype.kind == "f":
             labels = np.rint(np.nan_to_num(labels, nan=-1.0))
         labels = labels.astype(np.int64)
-        keep = (scores >= self.score_threshold) & (labels >= 0)
-        return [Detections(boxes[i][keep[i]], scores[i][keep[i]], labels[i][keep[i]]) for i in range(n)]
+        # Padding: a score below the threshold or a negative label. A NaN score is no padding: it is
+        # counted by the checks as a non-finite detection.
+        keep = ~(scores < self.score_threshold) & (labels >= 0)
+        out, checks = [], BoxChecks()
+        for i in range(n):
+            valid, found = check_boxes(
+                Detections(boxes[i][keep[i]], scores[i][keep[i]], labels[i][keep[i]]),
+                self.tile_width,
+                self.tile_height,
+            )
+            out.append(valid)
+            checks += found
+        return out, checks
 
     def _check_input(self, tile_size: tuple[int, int] | None) -> tuple[str, int | None, int, int, int]:
         inputs = self._session.get_inputs()

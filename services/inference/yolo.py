@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from services.inference.detections import Detections
+from services.inference.detections import BoxChecks, Detections, check_boxes
 from services.inference.merge import merge_detections
 
 
@@ -22,26 +22,27 @@ def decode_yolo(
     iou_threshold: float,
     tile_width: int,
     tile_height: int,
-) -> list[Detections]:
-    """Per tile: best class and its score per anchor, scores below ``score_threshold`` dropped,
-    class-aware greedy NMS at ``iou_threshold``, boxes clipped to the tile (as Ultralytics does)."""
+) -> tuple[list[Detections], BoxChecks]:
+    """Per tile: best class and its score per anchor, scores below ``score_threshold`` dropped, the rest
+    checked (:func:`check_boxes`: non-finite, inverted and off-tile boxes dropped, boxes clipped to the tile,
+    as Ultralytics clips), then class-aware greedy NMS at ``iou_threshold``. Also what the checks did."""
     raw = np.asarray(raw, dtype=np.float32)
     class_scores = raw[:, 4:, :]
     labels = class_scores.argmax(axis=1)  # [N, anchors]
     scores = np.take_along_axis(class_scores, labels[:, None, :], axis=1)[:, 0, :]
     out: list[Detections] = []
+    checks = BoxChecks()
     for i in range(raw.shape[0]):
-        keep = np.flatnonzero(scores[i] >= score_threshold)
+        # A NaN score is not "below the threshold": it goes on to be counted as non-finite.
+        keep = np.flatnonzero(~(scores[i] < score_threshold))
         cx, cy, w, h = raw[i, :4, keep].T if keep.size else np.zeros((4, 0), np.float32)
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-        d = merge_detections(
-            Detections(boxes, scores[i, keep], labels[i, keep]), iou_threshold=iou_threshold, algorithm="nms"
+        valid, found = check_boxes(
+            Detections(boxes, scores[i, keep], labels[i, keep]), tile_width, tile_height
         )
-        clipped = np.clip(
-            d.boxes, 0, np.array([tile_width, tile_height, tile_width, tile_height], np.float32)
-        )
-        out.append(Detections(clipped, d.scores, d.labels))
-    return out
+        checks += found
+        out.append(merge_detections(valid, iou_threshold=iou_threshold, algorithm="nms"))
+    return out, checks
 
 
 def ultralytics_class_names(metadata: dict[str, str], n_classes: int) -> list[str] | None:

@@ -45,6 +45,11 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         request["region_size"] = _pair(args.region)
     if args.batch is not None:
         request["batch_size"] = args.batch
+    if getattr(args, "scale", None):
+        from services.tiling.scaling import ScalingRule, rule_to_json
+
+        rule = ScalingRule.parse(args.scale)
+        request["scaling"] = rule_to_json(rule) if rule is not None else None
     merge: dict[str, Any] = {}
     if args.score is not None:
         merge["score_threshold"] = args.score
@@ -89,6 +94,13 @@ def _add_request_options(parser: argparse.ArgumentParser, *, out_help: str) -> N
         "--region", type=int, nargs="+", metavar="PX", help="region size, W [H] pixels (default: 8192)"
     )
     parser.add_argument("--batch", type=int, help="tiles per model call (default: 8)")
+    parser.add_argument(
+        "--scale",
+        metavar="RULE",
+        help="how pixels become model input where the model's metadata does not say (float, signed or "
+        "1-band images): MIN,MAX (that range is the model's), 'none' (values as they are), or 'replicate' "
+        "(one band fed to every channel)",
+    )
     parser.add_argument("--score", type=float, help="drop detections scoring below this (default: 0.25)")
     parser.add_argument("--merge", choices=["nms+ios", "nms"], help="duplicate merge (default: nms+ios)")
     parser.add_argument("--iou", type=float, help="NMS IoU threshold (default: 0.5)")
@@ -146,11 +158,25 @@ def _run(args: argparse.Namespace) -> int:
             progress.update(task, rate=f"{speed:.1f} tiles/s")
 
     with progress:
-        summary = run_image(request, providers=args.providers, on_plan=on_plan, on_tiles=on_tiles)
+        summary = run_image(
+            request,
+            providers=args.providers,
+            on_plan=on_plan,
+            on_tiles=on_tiles,
+            scaling_rule=request.scaling,
+        )
     print(f"job        {summary.job_id}")
     print(f"regions    {summary.regions}")
     print(f"tiles      {summary.tiles} ({summary.skipped} all-nodata skipped)")
     print(f"detections {summary.detections}")
+    checks = summary.checks
+    if checks.dropped or checks.changed:
+        # What the model returned that could not be written as it was (see services/inference/detections).
+        print(
+            f"model boxes dropped {checks.dropped} (non-finite {checks.non_finite}, inverted "
+            f"{checks.inverted}, outside the tile {checks.outside}); clipped to the tile {checks.clipped}, "
+            f"scores clamped {checks.score_clamped}"
+        )
     print(f"speed      {summary.tiles_per_second:.1f} tiles/s end to end ({summary.seconds:.1f} s)")
     print(f"provider   {summary.provider}")
     for uri in summary.outputs:

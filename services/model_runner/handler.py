@@ -288,6 +288,7 @@ def handle_region_request(ctx: Context, message: Message, leases: Leases) -> Out
         try:
             request = parse_request(job.request)
             detector, scaling = ctx.detectors.get(request)
+            scaling = scaling.with_rule(request.scaling)  # the request's rule wins over the model's metadata
             with RasterSource.open(request.image, s3_endpoint=ctx.s3_endpoint) as source:
                 grid = settle_grid(request, detector)
                 tiles = region_tiles(
@@ -323,6 +324,8 @@ def handle_region_request(ctx: Context, message: Message, leases: Leases) -> Out
             "Tiles": outcome.tiles,
             "Detections": len(outcome.detections),
             "RegionSeconds": outcome.seconds,
+            # Boxes the model returned that were dropped or changed at the model boundary.
+            **outcome.checks.metrics(),
         },
         JobId=job_id,
         Region=index,

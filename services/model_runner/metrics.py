@@ -3,7 +3,9 @@
 The CloudWatch agent (or the awslogs driver into a log group) turns each line into metrics in the
 ``tessera`` namespace with the dimensions ``Service`` and ``Stack``; that is what the Grafana dashboards
 read. Names: ``TilesPerSecond`` (Count/Second), ``ModelLatency`` (Milliseconds per batch), ``QueueLag``
-(Seconds from SentTimestamp to receive), ``Detections`` and ``Tiles`` (Count), ``RegionSeconds``.
+(Seconds from SentTimestamp to receive), ``Detections`` and ``Tiles`` (Count), ``RegionSeconds``; what the
+checks on a model's output did in a region (Count, from ``RegionOutcome.checks.metrics()``):
+``DroppedNonFinite``, ``DroppedInverted``, ``DroppedOutsideTile``, ``ClippedToTile``, ``ScoresClamped``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ UNITS = {
     "Detections": "Count",
     "Tiles": "Count",
     "RegionSeconds": "Seconds",
+    "DroppedNonFinite": "Count",
+    "DroppedInverted": "Count",
+    "DroppedOutsideTile": "Count",
+    "ClippedToTile": "Count",
+    "ScoresClamped": "Count",
 }
 
 

@@ -11,11 +11,13 @@ Memory is bounded by the region (its strips, batches and detections), never by t
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,8 +28,8 @@ from shapely.geometry.base import BaseGeometry
 
 from services.cloud import objects
 from services.errors import UserError
-from services.geo.features import FeatureWriter
-from services.inference.detections import Detections
+from services.geo.features import FeatureWriter, NonFiniteError
+from services.inference.detections import BoxChecks, Detections, check_boxes
 from services.inference.detector import Detector, OnnxDetector, usable_cores
 from services.inference.endpoint import EndpointDetector
 from services.inference.merge import drop_edge_truncated, image_edges, merge_detections
@@ -35,8 +37,10 @@ from services.inference.session import CPU
 from services.model_runner.request import ImageRequest, MergeSettings, Outputs
 from services.tiling.reader import RasterSource, iter_tile_batches
 from services.tiling.roi import RoiCoordinates, parse_roi, roi_pixel_polygon, tiles_in_roi
-from services.tiling.scaling import InputScaling
+from services.tiling.scaling import InputScaling, ScalingRule
 from services.tiling.windows import Window, region_windows, tiles_of_region
+
+log = logging.getLogger(__name__)
 
 #: Called with the number of tiles just finished (detected or skipped as nodata).
 TileProgress = Callable[[int], None]
@@ -82,6 +86,8 @@ class RegionOutcome:
 
     ``model_seconds``: wall seconds the region waited on the model (with batches run side by side on
     several CPU sessions, the time the model added, not the sum of the batches' own run times).
+    ``checks``: what the checks on the model's output dropped and changed
+    (:func:`~services.inference.detections.check_boxes`); ``checks.metrics()`` are its metric values.
     """
 
     detections: Detections
@@ -90,6 +96,7 @@ class RegionOutcome:
     seconds: float
     model_seconds: float
     batches: int
+    checks: BoxChecks = field(default_factory=BoxChecks)
 
     @property
     def tiles_per_second(self) -> float:
@@ -140,11 +147,12 @@ def open_detector(
     )
 
 
-def input_scaling(detector: Detector) -> InputScaling:
-    """How image pixels are scaled for this detector: from an ONNX model's metadata; [0, 1] for endpoints."""
+def input_scaling(detector: Detector, rule: ScalingRule | None = None) -> InputScaling:
+    """How image pixels are scaled for this detector: from an ONNX model's metadata; [0, 1] for endpoints;
+    a request's ``rule`` wins (services/tiling/scaling.py)."""
     if isinstance(detector, OnnxDetector):
-        return InputScaling.from_metadata(detector.metadata, channels=detector.channels)
-    return InputScaling(channels=detector.channels)
+        return InputScaling.from_metadata(detector.metadata, channels=detector.channels, rule=rule)
+    return InputScaling(channels=detector.channels).with_rule(rule)
 
 
 def settle_grid(request: ImageRequest, detector: Detector) -> Grid:
@@ -229,6 +237,8 @@ def detect_region(
 
     Per tile, boxes cut by an interior tile side are dropped (``merge.edge_margin``); the rest are shifted to
     image pixels and merged (``merge.algorithm``). Tiles that are all nodata are skipped (and counted).
+    What the model returns is checked first (non-finite, inverted and off-tile boxes dropped, boxes clipped
+    to the tile; :func:`~services.inference.detections.check_boxes`), and the counts logged and returned.
     ``threads`` decode strips (default: :func:`reader_threads`); ``prefetch`` batches are prepared ahead.
     """
     started = time.perf_counter()
@@ -265,9 +275,15 @@ def detect_region(
                 on_tiles(batch.skipped)
         reading += time.perf_counter() - tick
 
+    checks = BoxChecks()
+
+    def count(found: BoxChecks) -> None:
+        nonlocal checks
+        checks += found
+
     waited = 0.0
     fed = feed()
-    results = detect_batches(detector, fed)
+    results = detect_batches(detector, fed, on_checks=count)
     try:
         while True:
             tick = time.perf_counter()
@@ -288,6 +304,18 @@ def detect_region(
         results.close()
         fed.close()
     model_seconds = max(0.0, waited - reading)
+    if checks != BoxChecks():
+        log.warning(
+            "model %s returned unusable boxes: %d dropped (%d non-finite, %d inverted or empty, %d outside "
+            "the tile), %d clipped to the tile, %d scores clamped to [0, 1]",
+            detector.name,
+            checks.dropped,
+            checks.non_finite,
+            checks.inverted,
+            checks.outside,
+            checks.clipped,
+            checks.score_clamped,
+        )
     merged = merge_detections(
         Detections.concat(parts), iou_threshold=merge.iou, ios_threshold=merge.ios, algorithm=merge.algorithm
     )
@@ -298,19 +326,27 @@ def detect_region(
         seconds=time.perf_counter() - started,
         model_seconds=model_seconds,
         batches=batches,
+        checks=checks,
     )
 
 
 def detect_batches(
-    detector: Detector, batches: Iterable[np.ndarray]
+    detector: Detector,
+    batches: Iterable[np.ndarray],
+    *,
+    on_checks: Callable[[BoxChecks], None] | None = None,
 ) -> Generator[list[Detections], None, None]:
-    """Each batch's detections, in order: side by side on an :class:`OnnxDetector`'s CPU sessions
-    (:meth:`OnnxDetector.detect_many`), one batch after another on any other detector."""
+    """Each batch's checked detections, in order: side by side on an :class:`OnnxDetector`'s CPU sessions
+    (:meth:`OnnxDetector.detect_many`, which checks its model's output), one batch after another on any
+    other detector (an endpoint), whose output is checked here. ``on_checks`` gets what the checks did."""
     if isinstance(detector, OnnxDetector):
-        yield from detector.detect_many(batches)
+        yield from detector.detect_many(batches, on_checks=on_checks)
         return
     for batch in batches:
-        yield detector.detect(batch)
+        checked = [check_boxes(d, detector.tile_width, detector.tile_height) for d in detector.detect(batch)]
+        if on_checks is not None:
+            on_checks(sum((c for _, c in checked), BoxChecks()))
+        yield [d for d, _ in checked]
 
 
 def _whole_boxes(seen: Detections, tile: Window, source: RasterSource, margin: float | None) -> Detections:
@@ -393,42 +429,97 @@ def write_outputs(
 ) -> list[str]:
     """Write the job's GeoJSON to every output the request names; returns their URIs.
 
-    The collection is spooled to a temporary file once (never held as one string) and copied to each output.
+    The collection is written once, to a temporary file (beside ``outputs.path`` when there is one, so the
+    last step is a rename on one filesystem), flushed to disk, uploaded to ``outputs.s3`` (the upload has
+    completed when this returns) and then renamed onto ``outputs.path``: a reader of the path sees the old
+    file or the whole new one, never a truncated one. On any failure the temporary file is removed and
+    nothing is left at the path; a disk or write error, or an S3 error the request's author must fix, is a
+    UserError.
     """
     uris = output_uris(request.outputs, request.job_id)
-    with tempfile.TemporaryFile() as spool:
-        write_geojson(
-            spool,
-            detections,
-            source,
-            class_names=class_names,
-            model=request.model_name,
-            job_id=request.job_id,
-            properties=dict(request.properties),
+    if not uris:
+        return []
+    local = Path(request.outputs.path) if request.outputs.path else None
+    current = str(local) if local is not None else uris[0]  # what a failure names
+    temporary: str | None = None
+    try:
+        if local is not None:
+            local.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(
+            prefix=f".{local.name}." if local is not None else f"{request.job_id}.",
+            suffix=".partial",
+            dir=local.parent if local is not None else None,
         )
+        with os.fdopen(descriptor, "wb") as stream:
+            # mkstemp makes the file private (0600); the output gets the mode a plain open() would give.
+            os.fchmod(stream.fileno(), 0o666 & ~_umask())
+            write_geojson(
+                stream,
+                detections,
+                source,
+                class_names=class_names,
+                model=request.model_name,
+                job_id=request.job_id,
+                properties=dict(request.properties),
+            )
+            stream.flush()
+            os.fsync(stream.fileno())
         for uri in uris:
-            spool.seek(0)
-            try:
-                if uri.startswith("s3://"):
-                    bucket, key = objects.split_s3_url(uri)
-                    client = s3_client or objects.s3_client()
-                    client.upload_fileobj(
-                        spool, bucket, key, ExtraArgs={"ContentType": "application/geo+json"}
-                    )
-                else:
-                    path = Path(uri)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    with path.open("wb") as out:
-                        while chunk := spool.read(1 << 20):
-                            out.write(chunk)
-            except OSError as error:
-                raise UserError(f"cannot write the output {uri}: {error.strerror or error}") from None
-            except (ClientError, S3UploadFailedError) as error:
-                code = _s3_error_code(error)
-                if code in _USER_S3_ERRORS:
-                    raise UserError(f"cannot write the output {uri}: {code}; check outputs.s3") from None
-                raise
+            current = uri
+            if uri.startswith("s3://"):
+                _upload(temporary, uri, s3_client)
+        if local is not None:
+            current = str(local)
+            os.replace(temporary, local)
+            temporary = None
+            _sync_directory(local.parent)
+    except OSError as error:
+        raise UserError(f"cannot write the output {current}: {error.strerror or error}") from None
+    except NonFiniteError as error:
+        raise UserError(f"cannot write the output {current}: {error}") from None
+    finally:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
     return uris
+
+
+def _upload(path: str, uri: str, s3_client: Any) -> None:
+    """Upload the file at ``path`` to ``uri`` (returns once S3 has the whole object)."""
+    bucket, key = objects.split_s3_url(uri)
+    client = s3_client or objects.s3_client()
+    try:
+        # From the path, not a file object: boto3 closes a file object it is handed.
+        client.upload_file(path, bucket, key, ExtraArgs={"ContentType": "application/geo+json"})
+    except (ClientError, S3UploadFailedError) as error:
+        code = _s3_error_code(error)
+        if code in _USER_S3_ERRORS:
+            raise UserError(f"cannot write the output {uri}: {code}; check outputs.s3") from None
+        raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for a moment, in every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (where the platform can open a directory)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 #: S3 errors on writing the output that the request's author must fix (everything else is retried).
@@ -458,6 +549,8 @@ class RunSummary:
     model_seconds: float
     provider: str
     outputs: list[str]
+    #: What the checks on the model's output dropped and changed, over all regions.
+    checks: BoxChecks = field(default_factory=BoxChecks)
 
     @property
     def tiles_per_second(self) -> float:
@@ -472,18 +565,23 @@ def run_image(
     on_plan: Callable[[JobPlan], None] | None = None,
     on_tiles: TileProgress | None = None,
     s3_endpoint: str | None = None,
+    scaling_rule: ScalingRule | None = None,
 ) -> RunSummary:
-    """Run a whole request in this process (no queues, no database): every region, seam merge, outputs."""
+    """Run a whole request in this process (no queues, no database): every region, seam merge, outputs.
+
+    ``scaling_rule`` states how the image's pixels become model input where the model's metadata does not
+    cover them (float, signed or single-band images; services/tiling/scaling.py).
+    """
     started = time.perf_counter()
     detector = open_detector(request, providers=providers)
-    scaling = input_scaling(detector)
+    scaling = input_scaling(detector, scaling_rule)
     with RasterSource.open(request.image, s3_endpoint=s3_endpoint) as source:
         grid = settle_grid(request, detector)
         roi = roi_polygon(request, source)
         plan = plan_job(grid, source, roi)
         if on_plan is not None:
             on_plan(plan)
-        parts, skipped, model_seconds = [], 0, 0.0
+        parts, skipped, model_seconds, checks = [], 0, 0.0, BoxChecks()
         for region in plan.regions:
             outcome = detect_region(
                 source,
@@ -497,6 +595,7 @@ def run_image(
             parts.append(outcome.detections)
             skipped += outcome.skipped
             model_seconds += outcome.model_seconds
+            checks += outcome.checks
         detections = merge_seams(parts, plan.regions, grid, request.merge)
         uris = write_outputs(detections, source, request, class_names=detector.class_names)
     return RunSummary(
@@ -509,4 +608,5 @@ def run_image(
         model_seconds=model_seconds,
         provider=detector.provider,
         outputs=uris,
+        checks=checks,
     )

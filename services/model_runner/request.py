@@ -50,10 +50,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.errors import UserError
 from services.jobs import trust
 from services.jobs.documents import DocumentChecker, is_int, kind, load_document
 from services.jobs.trust import TrustPolicy
 from services.registry import is_registry_ref
+from services.tiling.scaling import ScalingRule, rule_to_json
 
 SCHEMA = "tessera.image-request/v1"
 MERGE_ALGORITHMS = ("nms+ios", "nms")
@@ -65,6 +67,7 @@ MAX_BATCH = 256
 MAX_SIDE = 16384
 _TOP = (
     "schema",
+    "scaling",
     "job_id",
     "image",
     "model",
@@ -133,6 +136,9 @@ class ImageRequest:
     merge: MergeSettings = MergeSettings()
     properties: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 8
+    #: How the image's pixels become model input where the model's metadata does not say (float, signed or
+    #: single-band images): ``{"mode": "range", "min", "max"}``, ``{"mode": "none"}``, ``"bands"``.
+    scaling: ScalingRule | None = None
 
     @property
     def model_name(self) -> str:
@@ -167,6 +173,8 @@ class ImageRequest:
         body["outputs"] = {k: v for k, v in (("s3", self.outputs.s3), ("path", self.outputs.path)) if v}
         body["properties"] = dict(self.properties)
         body["batch_size"] = self.batch_size
+        if self.scaling is not None:
+            body["scaling"] = rule_to_json(self.scaling)
         return body
 
 
@@ -203,6 +211,7 @@ class _Checker(DocumentChecker):
         batch = data.get("batch_size", 8)
         if not is_int(batch) or not 1 <= batch <= MAX_BATCH:
             self.problem("$.batch_size", f"must be a whole number 1..{MAX_BATCH}, got {kind(batch)}")
+        scaling = self.scaling(data["scaling"]) if "scaling" in data else None
         self.done()
         return ImageRequest(
             job_id=job_id,
@@ -217,7 +226,21 @@ class _Checker(DocumentChecker):
             merge=merge,
             properties=properties,
             batch_size=batch,
+            scaling=scaling,
         )
+
+    def scaling(self, value: Any) -> ScalingRule | None:
+        if not isinstance(value, Mapping):
+            self.problem(
+                "$.scaling",
+                'must be an object such as {"mode": "range", "min": 0, "max": 4095}, got ' + kind(value),
+            )
+            return None
+        try:
+            return ScalingRule.parse(value)
+        except UserError as error:
+            self.problem("$.scaling", str(error))
+            return None
 
     def image(self, image: Any) -> str:
         if image is None:

@@ -109,6 +109,9 @@ class RasterSource:
         dtypes = set(dataset.dtypes)
         self.dtype: str = str(np.result_type(*dtypes)) if len(dtypes) > 1 else dataset.dtypes[0]
         self.nodata: float | None = dataset.nodata
+        # The bit depth the file declares (GDAL NBITS, e.g. 12-bit data in uint16): the scaling's range.
+        bits = dataset.tags(1, ns="IMAGE_STRUCTURE").get("NBITS") if dataset.count else None
+        self.nbits: int | None = int(bits) if bits and bits.isdigit() else None
         self.transform = dataset.transform
         self.crs = dataset.crs
         block_rows, block_cols = dataset.block_shapes[0]
@@ -342,6 +345,8 @@ def iter_tile_batches(
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if not tiles:
         return
+    # Refuse an image the scaling's rules do not cover before any read (see services/tiling/scaling.py).
+    scaling = scaling.for_image(source.dtype, source.count, nbits=source.nbits, bands=bands)
     feed = scaling.band_indexes(source.count, bands)
     read_bands = sorted(set(feed))
     channel_of = np.array([read_bands.index(b) for b in feed])

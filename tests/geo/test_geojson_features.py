@@ -15,7 +15,7 @@ import rasterio
 from rasterio.transform import Affine, from_origin
 
 from services.errors import UserError
-from services.geo.features import FeatureWriter, box_rings
+from services.geo.features import FeatureWriter, NonFiniteError, box_rings
 
 # WGS 84 and UTM constants, for projecting the known points independently of GDAL/PROJ.
 A, F, K0 = 6_378_137.0, 1 / 298.257223563, 0.9996
@@ -68,9 +68,17 @@ def write_features(boxes: Any, scores: Any, labels: Any, **kwargs: Any) -> dict[
         writer.write(
             np.asarray(boxes, np.float32), np.asarray(scores, np.float32), np.asarray(labels, np.int32)
         )
-    stream.seek(0)
-    document: dict[str, Any] = json.load(stream)
+    document: dict[str, Any] = strict_json(stream.getvalue())
     return document
+
+
+def strict_json(text: bytes) -> Any:
+    """JSON as RFC 8259 has it: ``NaN``, ``Infinity`` and ``-Infinity`` are refused."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def signed_area(ring: list[list[float]]) -> float:
@@ -244,3 +252,22 @@ def test_many_detections_are_streamed_in_chunks() -> None:
     np.testing.assert_allclose(got, boxes, atol=0.005)
     with pytest.raises(ValueError, match="closed"):
         writer.write(boxes[:1], scores[:1], labels[:1])
+
+
+@pytest.mark.parametrize(
+    ("box", "score"),
+    [([1, 2, 3, 4], float("nan")), ([1, float("nan"), 3, 4], 0.5), ([1, 2, float("inf"), 4], 0.5)],
+    ids=["nan-score", "nan-coordinate", "infinite-coordinate"],
+)
+def test_a_non_finite_number_is_refused_not_written(box: list[float], score: float) -> None:
+    stream = io.BytesIO()
+    writer = FeatureWriter(
+        stream, transform=from_origin(0, 10, 1, 1), crs="EPSG:4326", class_names=["car"], model="m", job="j"
+    )
+    writer.write(np.array([[0, 0, 1, 1]], np.float32), np.array([0.9], np.float32), np.array([0], np.int32))
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        writer.write(np.array([box], np.float32), np.array([score], np.float32), np.array([0], np.int32))
+    writer.close()
+    # The refused chunk wrote nothing: what was written before is still one valid collection.
+    assert len(strict_json(stream.getvalue())["features"]) == 1
+    assert b"nan" not in stream.getvalue().lower() and b"inf" not in stream.getvalue().lower()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.inference.detections import Detections
+from services.inference.detections import BoxChecks, Detections, check_boxes
 
 
 def sample() -> Detections:
@@ -55,3 +55,46 @@ def test_shifted_moves_boxes_only() -> None:
     np.testing.assert_array_equal(moved.boxes[0], [1000, 2000, 1010, 2010])
     np.testing.assert_array_equal(moved.scores, d.scores)
     np.testing.assert_array_equal(d.boxes[0], [0, 0, 10, 10])  # the original is untouched
+
+
+def test_check_boxes_drops_clips_and_clamps_and_counts_each_kind() -> None:
+    nan, inf = float("nan"), float("inf")
+    rows = np.array(
+        [
+            [2, 2, 8, 8, 0.9],  # valid
+            [nan, 2, 8, 8, 0.9],  # non-finite coordinate
+            [2, 2, 8, 8, nan],  # non-finite score
+            [2, 2, -inf, 8, 0.9],  # infinite coordinate
+            [8, 2, 2, 8, 0.9],  # inverted x
+            [2, 8, 8, 2, 0.9],  # inverted y
+            [4, 4, 4, 9, 0.9],  # no width
+            [40, 2, 50, 8, 0.9],  # right of the tile
+            [-9, -9, -1, -1, 0.9],  # above-left of the tile
+            [32, 0, 40, 8, 0.9],  # touching the right side only: outside
+            [-4, 20, 6, 40, 0.8],  # partly outside: clipped
+            [1, 1, 3, 3, 1.25],  # score past 1: clamped
+            [1, 1, 3, 3, -0.5],  # negative score: clamped to 0
+        ],
+        dtype=np.float32,
+    )
+    d = Detections(rows[:, :4], rows[:, 4], np.arange(len(rows)))
+    checked, checks = check_boxes(d, 32, 30)
+    assert checks == BoxChecks(non_finite=3, inverted=3, outside=3, clipped=1, score_clamped=2)
+    assert checks.dropped == 9 and checks.changed == 3
+    np.testing.assert_array_equal(checked.labels, [0, 10, 11, 12])
+    np.testing.assert_array_equal(checked.boxes, [[2, 2, 8, 8], [0, 20, 6, 30], [1, 1, 3, 3], [1, 1, 3, 3]])
+    np.testing.assert_allclose(checked.scores, [0.9, 0.8, 1.0, 0.0])
+    assert np.isfinite(checked.boxes).all() and np.isfinite(checked.scores).all()
+
+
+def test_check_boxes_passes_valid_detections_through_untouched() -> None:
+    d = sample()
+    checked, checks = check_boxes(d, 200, 100)
+    assert checked is d and checks == BoxChecks() and checks.dropped == 0
+    assert check_boxes(Detections.empty(), 10, 10)[1] == BoxChecks()
+
+
+def test_box_checks_add_up() -> None:
+    total = BoxChecks(1, 2, 3, 4, 5) + BoxChecks(non_finite=1)
+    assert total == BoxChecks(2, 2, 3, 4, 5)
+    assert total.metrics()["DroppedNonFinite"] == 2 and total.metrics()["ScoresClamped"] == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from onnx_builders import (
     CLASS_NAMES,
     LABELS,
     TILE,
+    const,
     contract_model,
     expected_contract,
     graph_model,
@@ -22,13 +24,15 @@ from onnx_builders import (
 )
 
 from services.errors import UserError
+from services.inference.detections import BoxChecks
 from services.inference.detector import OnnxDetector
 
 MEANS = [0.9, 0.3, 0.0, 0.6, 1.0]  # 0.3: the 0.25-scaled box drops below the threshold; 0.0: no boxes
 
 
-def assert_tile(d: object, mean: float, threshold: float) -> None:
+def assert_tile(d: object, mean: float, threshold: float, size: tuple[int, int] = (TILE, TILE)) -> None:
     boxes, scores, labels = expected_contract(mean, threshold)
+    boxes = np.clip(boxes, 0, np.array([*size, *size], np.float32))  # the detector clips boxes to the tile
     np.testing.assert_allclose(d.boxes, boxes, atol=1e-3)  # type: ignore[attr-defined]
     np.testing.assert_allclose(d.scores, scores, atol=1e-4)  # type: ignore[attr-defined]
     np.testing.assert_array_equal(d.labels, labels)  # type: ignore[attr-defined]
@@ -86,7 +90,7 @@ def test_dynamic_tile_size_needs_and_uses_tile_size(make_model: Callable[..., Pa
     det = OnnxDetector(path, providers="cpu", tile_size=(48, 40))
     assert (det.tile_width, det.tile_height) == (48, 40)
     (d,) = det.detect(np.full((1, 3, 40, 48), 0.5, np.float32))
-    assert_tile(d, 0.5, 0.25)
+    assert_tile(d, 0.5, 0.25, size=(48, 40))
 
 
 def test_tile_size_must_match_a_fixed_model(contract_path: Path) -> None:
@@ -248,3 +252,90 @@ def test_cpu_sessions_run_batches_side_by_side_in_input_order(contract_path: Pat
     det.close()
     # An explicit intra-op thread count keeps one session.
     assert OnnxDetector(contract_path, providers="cpu", intra_op_threads=2).sessions == 1
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def constant_model(outputs: dict[str, np.ndarray]) -> Any:
+    """A model on [N, 3, TILE, TILE] tiles whose float outputs are ``outputs`` (``[1, ...]``, broadcast over
+    the batch; NaN and infinities survive) and, for a ``scores`` output, int64 ``labels`` of zeros."""
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 3, TILE, TILE])
+    nodes = [
+        helper.make_node("ReduceMean", ["pixels"], ["mean4"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Mul", ["mean4", "zero"], ["zero4"]),
+    ]
+    inits, outs = [const("zero", np.zeros((1, 1, 1, 1), np.float32))], []
+    for name, value in outputs.items():
+        shape = [-1, *value.shape[1:]]
+        nodes.append(helper.make_node("Reshape", ["zero4", f"{name}_ones"], [f"{name}_zero"]))
+        nodes.append(helper.make_node("Add", [f"{name}_zero", f"{name}_value"], [name]))
+        inits.append(const(f"{name}_ones", np.array([-1, *[1] * (value.ndim - 1)], np.int64)))
+        inits.append(const(f"{name}_value", value.astype(np.float32)))
+        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape[1:]]))
+    if "scores" in outputs:
+        nodes.append(helper.make_node("Shape", ["scores"], ["nk"]))
+        nodes.append(helper.make_node("Expand", ["labels_row", "nk"], ["labels"]))
+        inits.append(const("labels_row", np.zeros((1, 1), np.int64)))
+        outs.append(
+            helper.make_tensor_value_info("labels", TensorProto.INT64, ["N", outputs["scores"].shape[1]])
+        )
+    return graph_model(nodes, [x], outs, inits)
+
+
+def test_nan_inverted_and_off_tile_boxes_never_leave_the_detector(make_model: Callable[..., Path]) -> None:
+    rows = np.array(
+        [
+            [4, 4, 12, 12, 0.9],  # valid
+            [NAN, 4, 12, 12, 0.9],  # NaN coordinate
+            [4, 4, 12, 12, NAN],  # NaN score (no padding: NaN is not below the threshold)
+            [4, 4, 12, INF, 0.9],  # infinite coordinate
+            [12, 4, 4, 12, 0.9],  # inverted
+            [40, 4, 50, 12, 0.9],  # wholly right of the 32 px tile
+            [20, 20, 40, 36, 0.8],  # partly outside: clipped
+            [1, 1, 5, 5, 1.5],  # score past 1: clamped
+            [1, 1, 5, 5, 0.1],  # below the threshold: padding
+        ],
+        np.float32,
+    )
+    model = constant_model({"boxes": rows[None, :, :4], "scores": rows[None, :, 4]})
+    det = OnnxDetector(make_model(model, "bad_boxes"), providers="cpu", batch_size=2, sessions=2)
+    seen: list[BoxChecks] = []
+    out = det.detect(tiles_of_means([0.5, 0.5, 0.5]), on_checks=seen.append)
+    assert len(seen) == 2  # one report per batch
+    assert sum(seen, BoxChecks()) == BoxChecks(
+        non_finite=9, inverted=3, outside=3, clipped=3, score_clamped=3
+    )
+    for d in out:
+        np.testing.assert_array_equal(d.boxes, [[4, 4, 12, 12], [20, 20, 32, 32], [1, 1, 5, 5]])
+        np.testing.assert_allclose(d.scores, [0.9, 0.8, 1.0])
+    # The same checks on the one-session path, and through detect_many.
+    single = OnnxDetector(make_model(model, "bad_boxes_1"), providers="cpu", batch_size=3, sessions=1)
+    many: list[BoxChecks] = []
+    (batch,) = list(single.detect_many([tiles_of_means([0.5])], on_checks=many.append))
+    assert many == [BoxChecks(non_finite=3, inverted=1, outside=1, clipped=1, score_clamped=1)]
+    assert np.isfinite(batch[0].boxes).all()
+    det.close()
+
+
+def test_a_yolo_head_with_nan_and_inverted_anchors(make_model: Callable[..., Path]) -> None:
+    anchors = np.array(
+        [
+            [10, 10, 8, 8, 0.9, 0.0],  # kept
+            [NAN, 10, 8, 8, 0.9, 0.0],  # NaN centre
+            [20, 20, 6, 6, NAN, 0.0],  # NaN score
+            [20, 20, -6, 6, 0.0, 0.8],  # negative width: inverted
+            [40, 10, 4, 4, 0.0, 0.7],  # wholly outside
+            [30, 5, 10, 4, 0.0, 0.6],  # partly outside: clipped to x2 = 32
+            [5, 5, 2, 2, 0.1, 0.0],  # below the threshold
+        ],
+        np.float32,
+    )
+    model = constant_model({"output0": anchors.T[None]})
+    det = OnnxDetector(make_model(model, "bad_yolo"), providers="cpu", batch_size=1)
+    assert det.is_yolo
+    seen: list[BoxChecks] = []
+    (d,) = det.detect(tiles_of_means([0.5]), on_checks=seen.append)
+    assert seen == [BoxChecks(non_finite=2, inverted=1, outside=1, clipped=1)]
+    np.testing.assert_array_equal(d.boxes, [[6, 6, 14, 14], [25, 3, 32, 7]])
+    np.testing.assert_array_equal(d.labels, [0, 1])

@@ -17,6 +17,7 @@ from services.inference.detections import Detections
 from services.model_runner.commands import main as commands_main
 from services.model_runner.pipeline import Grid, merge_seams, run_image
 from services.model_runner.request import MergeSettings, parse_request
+from services.tiling.scaling import ScalingRule
 
 WIDTH, HEIGHT = 403, 297
 #: tile 64, overlap 16: stride 48; regions of 96 px (two strides) put region seams at 96, 192, 288.
@@ -151,7 +152,9 @@ def test_band_counts_dtypes_and_crss(
         transform=transform,
     )
     out = tmp_path / "o.geojson"
-    run_image(parse_request(_request(image, square_model, out)))
+    # A 1-band image feeds the 3-channel model only when the request asks for it (scaling never guesses).
+    rule = ScalingRule(bands="replicate") if bands == 1 else None
+    run_image(parse_request(_request(image, square_model, out)), scaling_rule=rule)
     assert feature_boxes(json.loads(out.read_text())) == square_boxes(squares)
 
 

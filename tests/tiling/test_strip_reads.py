@@ -96,7 +96,8 @@ def test_batches_hold_exactly_the_pixels_rasterio_reads(make_raster: RasterMaker
     path, _ = make_raster(
         width=width, height=height, count=count, dtype=dtype, tiled=tiled, crs=crs, rows_per_strip=7
     )
-    scaling = InputScaling(channels=3)
+    # A 1-band image feeds a 3-channel model only when asked to (scaling never guesses).
+    scaling = InputScaling(channels=3, replicate=count == 1)
     feed = scaling.band_indexes(count)
     with RasterSource.open(str(path)) as source:
         for region in region_windows(width, height, 600, 600, *tile, overlap, overlap):
@@ -190,7 +191,8 @@ def test_a_raster_of_nodata_reports_its_skips_in_one_empty_batch(make_raster: Ra
     path, _ = make_raster(width=300, height=300, count=1, dtype="uint16", data=data, nodata=7)
     tiles = tiles_of_region(Window(0, 0, 300, 300), 300, 300, 128, 128, 0, 0)
     with RasterSource.open(str(path)) as source:
-        batches = list(iter_tile_batches(source, tiles, 4, InputScaling(), tile_shape=(128, 128)))
+        scaling = InputScaling(replicate=True)  # one band, three channels: asked for
+        batches = list(iter_tile_batches(source, tiles, 4, scaling, tile_shape=(128, 128)))
     assert len(batches) == 1 and batches[0].tiles == [] and batches[0].skipped == len(tiles) == 9
     assert batches[0].pixels.shape == (0, 3, 128, 128)
 
@@ -199,7 +201,9 @@ def test_a_small_image_is_padded_to_the_model_tile(make_raster: RasterMaker) -> 
     path, data = make_raster(width=100, height=60, count=1, tiled=False)
     tiles = tiles_of_region(Window(0, 0, 100, 60), 100, 60, 128, 96, 16, 16)
     with RasterSource.open(str(path)) as source:
-        (batch,) = list(iter_tile_batches(source, tiles, 2, InputScaling(), tile_shape=(96, 128)))
+        (batch,) = list(
+            iter_tile_batches(source, tiles, 2, InputScaling(replicate=True), tile_shape=(96, 128))
+        )
     assert batch.tiles == [Window(0, 0, 100, 60)]
     assert batch.pixels.shape == (1, 3, 96, 128)
     for channel in range(3):
@@ -257,7 +261,7 @@ def test_memory_does_not_grow_with_the_image(make_raster: RasterMaker) -> None:
             tiles = tiles_of_region(Window(0, 0, 2048, height), 2048, height, 256, 256, 32, 32)
             tracemalloc.start()
             try:
-                for _ in iter_tile_batches(source, tiles, 2, InputScaling()):
+                for _ in iter_tile_batches(source, tiles, 2, InputScaling(replicate=True)):
                     pass
                 return tracemalloc.get_traced_memory()[1]
             finally:
