@@ -146,13 +146,19 @@ class QueueSpec:
         check_retention(f"QueueSpec({self.purpose!r}).message_retention_s", self.message_retention_s)
 
 
+RECOVERY_S = 60
+"""How soon the work of a worker that died (SIGKILL, a lost instance) is handed to another: the visibility
+timeout of the queue-fed services' queues. Workers extend a message's visibility with a heartbeat every
+third of it while they work, so a live worker keeps its message however long the work takes; with
+``max_receive_count`` 3 a message that kills every worker reaches the dead-letter queue in ~3 minutes."""
+
 DEFAULT_QUEUES: tuple[QueueSpec, ...] = (
-    QueueSpec("image-requests", visibility_timeout_s=900),
-    # Region and training workers extend their messages' visibility with a heartbeat while they run.
-    QueueSpec("region-requests", visibility_timeout_s=600),
-    QueueSpec("training-jobs", visibility_timeout_s=1800),
-    QueueSpec("sky-requests", visibility_timeout_s=900),
-    QueueSpec("fits-frames", visibility_timeout_s=300),
+    QueueSpec("image-requests", visibility_timeout_s=RECOVERY_S),
+    QueueSpec("region-requests", visibility_timeout_s=RECOVERY_S),
+    # One training box: a job waits for it to come back rather than running twice; still under 5 minutes.
+    QueueSpec("training-jobs", visibility_timeout_s=300),
+    QueueSpec("sky-requests", visibility_timeout_s=RECOVERY_S),
+    QueueSpec("fits-frames", visibility_timeout_s=RECOVERY_S),
 )
 
 

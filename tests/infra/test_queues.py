@@ -15,11 +15,11 @@ from stacks.offline import Declared, OfflineRun
 QUEUE = "aws:sqs/queue:Queue"
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/0000-queues"
 VISIBILITY = {
-    "image-requests": 900,
-    "region-requests": 600,
-    "training-jobs": 1800,
-    "sky-requests": 900,
-    "fits-frames": 300,
+    "image-requests": 60,
+    "region-requests": 60,
+    "training-jobs": 300,
+    "sky-requests": 60,
+    "fits-frames": 60,
 }
 FOURTEEN_DAYS = 14 * 24 * 3600
 
@@ -137,3 +137,17 @@ def test_protect_reaches_every_queue(offline: Callable[..., OfflineRun]) -> None
     children = [r for r in run.resources if r.type != "tessera:infra:Queues"]
     assert len(children) == 5 * 4  # pair component, queue, DLQ, redrive-allow policy
     assert all(r.protect for r in children)
+
+
+def test_a_dead_workers_message_returns_within_a_minute_and_poison_reaches_the_dlq_within_five(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    # A SIGKILLed worker extends nothing: its message comes back after one visibility timeout. A message
+    # that kills every worker is received max_receive_count times before the dead-letter queue takes it.
+    run = _queues(offline)
+    for purpose in ("image-requests", "region-requests", "sky-requests", "fits-frames"):
+        queue = _queue(run, run.outputs["urls"][purpose])
+        visibility = queue.inputs["visibilityTimeoutSeconds"]
+        receives = json.loads(queue.inputs["redrivePolicy"])["maxReceiveCount"]
+        assert visibility <= 60, purpose
+        assert visibility * receives <= 5 * 60, purpose
