@@ -15,11 +15,11 @@ from stacks.offline import Declared, OfflineRun
 QUEUE = "aws:sqs/queue:Queue"
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/0000-queues"
 VISIBILITY = {
-    "image-requests": 60,
-    "region-requests": 60,
+    "image-requests": 55,
+    "region-requests": 55,
     "training-jobs": 300,
-    "sky-requests": 60,
-    "fits-frames": 60,
+    "sky-requests": 55,
+    "fits-frames": 55,
 }
 FOURTEEN_DAYS = 14 * 24 * 3600
 
@@ -149,5 +149,5 @@ def test_a_dead_workers_message_returns_within_a_minute_and_poison_reaches_the_d
         queue = _queue(run, run.outputs["urls"][purpose])
         visibility = queue.inputs["visibilityTimeoutSeconds"]
         receives = json.loads(queue.inputs["redrivePolicy"])["maxReceiveCount"]
-        assert visibility <= 60, purpose
+        assert visibility <= 60 - 5, purpose  # the worker's poll after the message is visible again
         assert visibility * receives <= 5 * 60, purpose
