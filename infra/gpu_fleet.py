@@ -40,6 +40,8 @@ ROOT_DEVICE = "/dev/xvda"  # the root device of both Amazon Linux 2023 AMIs
 AGENT_CONFIG_PATH = "/opt/aws/amazon-cloudwatch-agent/etc/amazon-cloudwatch-agent.json"
 AGENT_CTL = "/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Seconds `docker stop` waits after SIGTERM before SIGKILL (docker's default is 10).
+CONTAINER_STOP_TIMEOUT_S = 30
 _ECR_HOST = re.compile(r"^\d{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
 
 
@@ -145,6 +147,9 @@ def worker_user_data(
         "docker run --detach",
         f"--name {q('tessera-' + service)}",
         "--restart unless-stopped",
+        # `docker stop` (a redeploy, a reboot) gives the worker this long after SIGTERM: its drain time
+        # (TESSERA_DRAIN_S, 20 s) to finish the message in hand, then the hand-back.
+        f"--stop-timeout {CONTAINER_STOP_TIMEOUT_S}",
     ]
     if gpu:
         run += ["--gpus all", "--shm-size 2g"]  # torch data loaders share batches through /dev/shm

@@ -148,6 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, ConfigError) as exc:
         print(f"tessera {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The work in flight was stopped on the way out (a model's batches, the tile reader's threads);
+        # outputs are written whole or not at all, so nothing half-written is left.
+        print(f"tessera {args.command}: interrupted; nothing more was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

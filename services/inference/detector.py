@@ -30,6 +30,12 @@ What a model returns is checked before it leaves the detector
 (:func:`~services.inference.detections.check_boxes`): boxes with a NaN or infinite coordinate or score,
 inverted or empty boxes and boxes wholly outside the tile are dropped, boxes partly outside are clipped to
 the tile, scores outside [0, 1] are clamped to it; each kind is counted and handed to ``on_checks``.
+
+Every batch runs under a :class:`~services.inference.run_control.RunControl`: a batch that outlives
+``batch_timeout_s`` (``TESSERA_BATCH_TIMEOUT_S``) is stopped and fails with a
+:class:`~services.inference.run_control.ModelTimeoutError`; :meth:`OnnxDetector.stop` stops the batches
+in flight (a worker draining); batches run on pool threads, so the caller's thread stays free to take
+Ctrl-C, and the batches in flight are stopped when it does.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +55,7 @@ import numpy as np
 
 from services.errors import UserError
 from services.inference.detections import BoxChecks, Detections, check_boxes
+from services.inference.run_control import STOP_GRACE_S, Run, RunControl
 from services.inference.session import CPU, create_session
 from services.inference.yolo import decode_yolo, ultralytics_class_names
 
@@ -141,6 +150,7 @@ class OnnxDetector:
         tile_size: tuple[int, int] | None = None,
         yolo_iou_threshold: float = 0.45,
         sessions: int | None = None,
+        batch_timeout_s: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
@@ -182,6 +192,8 @@ class OnnxDetector:
         self.batch_size: int = fixed_batch or batch_size
         self._outputs = self._check_outputs()
         self.class_names: list[str] = self._class_names()
+        #: Timeouts and stops of this model's batches (``batch_timeout_s``, else TESSERA_BATCH_TIMEOUT_S).
+        self.control = RunControl(self.name, batch_timeout_s)
 
     def __repr__(self) -> str:
         return (
@@ -212,14 +224,6 @@ class OnnxDetector:
                 f"got {list(pixels.shape)}"
             )
         bs = self.batch_size
-        if len(self._sessions) == 1:
-            results: list[Detections] = []
-            for start in range(0, pixels.shape[0], bs):
-                found, checks = self._run(self._session, pixels[start : start + bs])
-                if on_checks is not None:
-                    on_checks(checks)
-                results.extend(found)
-            return results
         batches = (pixels[start : start + bs] for start in range(0, pixels.shape[0], bs))
         return [found for batch in self.detect_many(batches, on_checks=on_checks) for found in batch]
 
@@ -244,35 +248,52 @@ class OnnxDetector:
                 on_checks(checks)
             return found
 
-        if len(self._sessions) == 1:
-            for batch in batches:
-                yield handed(self._run(self._session, self._checked(batch)))
-            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=len(self._sessions), thread_name_prefix="ort-session")
-        pending: deque[Future[tuple[list[Detections], BoxChecks]]] = deque()
+        pending: deque[tuple[Future[tuple[list[Detections], BoxChecks]], Run]] = deque()
+
+        def oldest() -> list[Detections]:
+            future, _ = pending[0]
+            try:
+                result = future.result(timeout=self.control.result_wait_s)
+            except FutureTimeout:
+                raise self.control.gave_up() from None
+            pending.popleft()
+            return handed(result)
+
         try:
             for index, batch in enumerate(batches):
                 if len(pending) == len(self._sessions):
                     # The oldest batch ran on the session this one is handed to: it is free once that is done.
-                    yield handed(pending.popleft().result())
+                    yield oldest()
                 session = self._sessions[index % len(self._sessions)]
-                pending.append(self._pool.submit(self._run, session, self._checked(batch)))
+                checked = self._checked(batch)
+                run = self.control.start()
+                pending.append((self._pool.submit(self._run, session, checked, run), run))
             while pending:
-                yield handed(pending.popleft().result())
+                yield oldest()
         finally:
-            for (
-                future
-            ) in pending:  # the consumer stopped early or a batch failed: wait for the runs in flight
-                future.cancel()
-            for future in pending:
-                if not future.cancelled():
-                    future.exception()
+            if pending:  # the consumer stopped early (an error, Ctrl-C): stop the runs in flight, then wait
+                self.control.cancel([run for _, run in pending], "the caller stopped waiting for it")
+                if not self.control.stuck:
+                    _, left = wait_for([future for future, _ in pending], timeout=STOP_GRACE_S)
+                    if left:
+                        self.control.stuck = True
+
+    def stop(self, reason: str) -> None:
+        """Stop the batches in flight (between two operators) and refuse new ones: they fail with
+        :class:`~services.inference.run_control.RunStoppedError` carrying ``reason``."""
+        self.control.stop(reason)
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a batch outlived its timeout and did not stop: a thread of this process is lost to it."""
+        return self.control.stuck
 
     def close(self) -> None:
         """Stop the threads that run batches side by side (a later call starts them again)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=not self.control.stuck, cancel_futures=True)
             self._pool = None
 
     def _checked(self, batch: np.ndarray) -> np.ndarray:
@@ -289,13 +310,18 @@ class OnnxDetector:
             )
         return batch
 
-    def _run(self, session: Any, batch: np.ndarray) -> tuple[list[Detections], BoxChecks]:
-        """One batch (``B <= batch_size`` tiles) on ``session``, padded with zeros to the batch shape; its
-        checked detections and what the checks did."""
+    def _run(self, session: Any, batch: np.ndarray, run: Run) -> tuple[list[Detections], BoxChecks]:
+        """One batch (``B <= batch_size`` tiles) on ``session`` under ``run``'s options, padded with zeros
+        to the batch shape; its checked detections and what the checks did."""
         n, bs = batch.shape[0], self.batch_size
         if n < bs:
             batch = np.concatenate([batch, np.zeros((bs - n, *batch.shape[1:]), dtype=np.float32)])
-        raw = session.run(None, {self._input_name: np.ascontiguousarray(batch)})
+        try:
+            raw = session.run(None, {self._input_name: np.ascontiguousarray(batch)}, run.options)
+        except Exception as error:  # ONNX Runtime's own types; a stop or timeout is re-raised as such
+            self.control.finish(run, error)
+            raise
+        self.control.finish(run, None)
         return self._decode(raw, n)
 
     def _decode(self, raw: Sequence[np.ndarray], n: int) -> tuple[list[Detections], BoxChecks]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.errors import UserError
-from services.jobs.queue_worker import QueueWorker
+from services.jobs.queue_worker import EXIT_RESTART, QueueWorker
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -55,12 +57,26 @@ def log_to_stderr() -> None:
 
 def serve_until_stopped(worker: QueueWorker, *, on_signal: str, once: bool = False) -> int:
     """Serve (or, with ``once``, poll once) until done; SIGTERM or SIGINT calls ``worker.stop()`` (logged
-    with ``on_signal``: what the worker does next). The worker is closed and the signal handlers restored
-    afterwards. Returns 0."""
+    with ``on_signal``: what the worker does next) and, ``worker.drain_s`` seconds later or at a second
+    signal, ``worker.abort()``. The worker is closed and the signal handlers restored afterwards. Returns 0,
+    or exits the process with :data:`~services.jobs.queue_worker.EXIT_RESTART` when the worker holds work
+    it cannot stop (a thread lost to a model run: only a new process gets it back)."""
+    log = logging.getLogger(__name__)
+    timers: list[threading.Timer] = []
 
     def stop(signum: int, frame: Any) -> None:
-        logging.getLogger(__name__).info("signal %d: %s", signum, on_signal)
+        if worker.stop_event.is_set():
+            log.info("signal %d again: giving the work in hand back now", signum)
+            worker.abort("stopped again")
+            return
+        log.info("signal %d: %s (for up to %g s)", signum, on_signal, worker.drain_s)
         worker.stop()
+        timer = threading.Timer(
+            worker.drain_s, worker.abort, (f"the {worker.drain_s:g} s drain time ran out",)
+        )
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -69,9 +85,19 @@ def serve_until_stopped(worker: QueueWorker, *, on_signal: str, once: bool = Fal
         else:
             worker.serve()
     finally:
+        for timer in timers:
+            timer.cancel()
         worker.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if worker.restart_needed:
+        log.error(
+            "exiting with status %d so the worker is started again: %s", EXIT_RESTART, worker.restart_reason()
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_RESTART)  # a plain exit would wait for the thread that cannot be stopped
     return 0
 
 

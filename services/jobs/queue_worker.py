@@ -3,7 +3,16 @@
 A service's worker subclasses :class:`QueueWorker` and implements :meth:`QueueWorker.poll` (receive at most
 one message and handle it under a :class:`~services.cloud.queue.Heartbeat`); :meth:`QueueWorker.serve` runs
 it until :meth:`QueueWorker.stop` (SIGTERM) or ``max_messages``, and rides out a database that is briefly
-unreachable. :func:`settle` deletes a handled message, or hides it for a while; a message whose handling
+unreachable.
+
+Stopping drains: after :meth:`QueueWorker.stop` no new message is taken and the one in hand may finish for
+``drain_s`` seconds (``TESSERA_DRAIN_S``, default :data:`DEFAULT_DRAIN_S`, inside the container's stop
+timeout); then :meth:`QueueWorker.abort` tells the service to give the work in hand back (the model runner
+stops its model's batches and hands the region and its message back at once). A worker whose work cannot be
+stopped in-process (:attr:`QueueWorker.restart_needed`) stops serving, and its command exits with
+:data:`EXIT_RESTART` so the container is started again.
+
+:func:`settle` deletes a handled message, or hides it for a while; a message whose handling
 raised is left alone, so SQS delivers it again and, after ``maxReceiveCount`` deliveries
 (:func:`last_delivery`), moves it to the dead-letter queue.
 
@@ -28,6 +37,7 @@ import psycopg
 
 from services.cloud import database
 from services.cloud.queue import Message, QueueSettings, delete_message, set_visibility
+from services.errors import UserError
 from services.jobs.trust import TrustPolicy, confined
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,24 @@ log = logging.getLogger(__name__)
 MAX_VISIBILITY_S = 43_200
 #: Seconds to wait before polling again when the database was unreachable.
 DATABASE_RETRY_S = 1.0
+DRAIN_ENV = "TESSERA_DRAIN_S"
+#: The work in hand may finish for this long after SIGTERM; the fleet's containers are stopped with a
+#: timeout of 30 s (infra/gpu_fleet.py), so the hand-back that follows has ten seconds.
+DEFAULT_DRAIN_S = 20.0
+#: Exit status (EX_TEMPFAIL) of a worker that must be restarted: a run it cannot get back holds a thread.
+EXIT_RESTART = 75
+
+
+def drain_seconds(environ: Any = None) -> float:
+    """``TESSERA_DRAIN_S`` (seconds the work in hand may finish after SIGTERM), or the default."""
+    text = (os.environ if environ is None else environ).get(DRAIN_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_DRAIN_S
+    except ValueError:
+        raise UserError(f"{DRAIN_ENV} must be a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise UserError(f"{DRAIN_ENV} must be 0 or more seconds, got {value}")
+    return value
 
 
 def default_worker_id() -> str:
@@ -86,6 +114,8 @@ class QueueWorker:
         self.stop_event = threading.Event()
         #: What the requests this worker handles may touch (see services.jobs.trust).
         self.trust = trust or TrustPolicy.from_environment()
+        #: Seconds the work in hand may finish after :meth:`stop` before :meth:`abort` (TESSERA_DRAIN_S).
+        self.drain_s = drain_seconds()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -107,6 +137,9 @@ class QueueWorker:
         while not self.stop_event.is_set():
             if self.max_messages is not None and self.handled >= self.max_messages:
                 break
+            if self.restart_needed:
+                log.error("worker %s must be restarted: %s", self.worker_id, self.restart_reason())
+                break
             try:
                 self.poll()
             except psycopg.OperationalError:
@@ -117,6 +150,19 @@ class QueueWorker:
     def stop(self) -> None:
         """Finish the message in hand, then return from :meth:`serve`."""
         self.stop_event.set()
+
+    def abort(self, reason: str) -> None:
+        """Give the work in hand back now (its drain time is over); nothing by default."""
+        log.warning("worker %s: %s; the message in hand is left to the queue", self.worker_id, reason)
+
+    @property
+    def restart_needed(self) -> bool:
+        """Whether this process holds work it cannot stop (it should exit and be started again)."""
+        return False
+
+    def restart_reason(self) -> str:
+        """Why :attr:`restart_needed` holds."""
+        return "the work in hand could not be stopped"
 
     def close(self) -> None:
         """Release what the worker holds (connections); nothing by default."""

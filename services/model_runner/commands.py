@@ -120,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from services.inference.run_control import ModelStuckError
     from services.model_runner.pipeline import JobPlan, run_image
     from services.model_runner.request import parse_request
     from services.registry import is_registry_ref
@@ -150,6 +151,10 @@ def _run(args: argparse.Namespace) -> int:
 
     def on_plan(plan: JobPlan) -> None:
         progress.update(task, total=plan.tiles_total)
+        console.print(
+            f"{plan.tiles_total} tiles in {len(plan.regions)} regions of {plan.image_width}x"
+            f"{plan.image_height} px; Ctrl-C stops"
+        )
 
     def on_tiles(count: int) -> None:
         progress.advance(task, count)
@@ -158,13 +163,20 @@ def _run(args: argparse.Namespace) -> int:
             progress.update(task, rate=f"{speed:.1f} tiles/s")
 
     with progress:
-        summary = run_image(
-            request,
-            providers=args.providers,
-            on_plan=on_plan,
-            on_tiles=on_tiles,
-            scaling_rule=request.scaling,
-        )
+        try:
+            summary = run_image(
+                request,
+                providers=args.providers,
+                on_plan=on_plan,
+                on_tiles=on_tiles,
+                scaling_rule=request.scaling,
+            )
+        except ModelStuckError as error:
+            # A thread still runs the batch that would not stop, and a normal exit would wait for it.
+            progress.stop()
+            print(f"tessera run: {error}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
     print(f"job        {summary.job_id}")
     print(f"regions    {summary.regions}")
     print(f"tiles      {summary.tiles} ({summary.skipped} all-nodata skipped)")

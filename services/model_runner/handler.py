@@ -27,7 +27,8 @@ import psycopg
 from services.cloud import objects
 from services.cloud.queue import Message, send_messages
 from services.errors import UserError
-from services.inference.detector import Detector
+from services.inference.detector import Detector, OnnxDetector
+from services.inference.run_control import RunStoppedError
 from services.jobs.documents import job_id_of, new_job_id
 from services.model_runner import jobs
 from services.model_runner.metrics import Metrics
@@ -75,6 +76,8 @@ class DetectorCache:
         self.size = size
         self.s3_client = s3_client
         self._entries: OrderedDict[tuple[Any, ...], tuple[Detector, InputScaling]] = OrderedDict()
+        self._stop_reason: str | None = None
+        self._stuck = False
 
     def get(self, request: ImageRequest) -> tuple[Detector, InputScaling]:
         """The detector and input scaling for a request (UserError when the model is missing or unfit)."""
@@ -97,12 +100,38 @@ class DetectorCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
+        if self._stop_reason is not None:
+            raise RunStoppedError(self._stop_reason)
         detector = open_detector(request, providers=self.providers, s3_client=self.s3_client)
         entry = (detector, input_scaling(detector))
         self._entries[key] = entry
         while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+            self._close(self._entries.popitem(last=False)[1][0])
         return entry
+
+    def stop(self, reason: str) -> None:
+        """Stop every cached detector's batches in flight and refuse new ones (a worker draining)."""
+        self._stop_reason = reason
+        for detector, _ in list(self._entries.values()):
+            if isinstance(detector, OnnxDetector):
+                detector.stop(reason)
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a detector's batch outlived its timeout and did not stop (see run_control)."""
+        return self._stuck or any(
+            isinstance(d, OnnxDetector) and d.stuck for d, _ in list(self._entries.values())
+        )
+
+    def _close(self, detector: Detector) -> None:
+        if isinstance(detector, OnnxDetector):
+            self._stuck = self._stuck or detector.stuck
+            detector.close()
+
+    def close(self) -> None:
+        """Stop the detectors' threads."""
+        while self._entries:
+            self._close(self._entries.popitem()[1][0])
 
     def _version(self, model: str) -> str:
         if model.startswith("s3://"):

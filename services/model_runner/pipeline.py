@@ -574,6 +574,22 @@ def run_image(
     """
     started = time.perf_counter()
     detector = open_detector(request, providers=providers)
+    try:
+        return _run_opened(request, detector, started, on_plan, on_tiles, s3_endpoint, scaling_rule)
+    finally:
+        if isinstance(detector, OnnxDetector):
+            detector.close()
+
+
+def _run_opened(  # noqa: PLR0917 - run_image's arguments, passed on
+    request: ImageRequest,
+    detector: Detector,
+    started: float,
+    on_plan: Callable[[JobPlan], None] | None,
+    on_tiles: TileProgress | None,
+    s3_endpoint: str | None,
+    scaling_rule: ScalingRule | None,
+) -> RunSummary:
     scaling = input_scaling(detector, scaling_rule)
     with RasterSource.open(request.image, s3_endpoint=s3_endpoint) as source:
         grid = settle_grid(request, detector)

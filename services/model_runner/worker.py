@@ -5,6 +5,11 @@ the message holds). The message is deleted once its work is recorded; a message 
 with is hidden until that worker's lease lapses; after an unexpected error the message is left alone, so
 SQS delivers it again and, after ``maxReceiveCount`` deliveries, moves it to the dead-letter queue.
 
+Stopping (SIGTERM) drains: the region in hand may finish for the drain time; then its model's batches are
+stopped, the region is handed back (PENDING) and its message made visible at once, so another worker takes
+it over without waiting for the visibility timeout. A batch that runs past ``TESSERA_BATCH_TIMEOUT_S`` fails
+its region with the reason; one that cannot even be stopped makes the worker exit to be restarted.
+
 Run it as ``tessera worker model-runner`` (or ``python -m services.model_runner.worker``); it reads the
 environment the platform gives the container (see ``services/cloud/embedded.py`` for the names).
 """
@@ -28,8 +33,9 @@ from services.cloud.queue import (
     sqs_client,
 )
 from services.errors import UserError
+from services.inference.run_control import RunStoppedError
 from services.jobs.queue_worker import QueueWorker, last_delivery, reconnected, settle
-from services.model_runner import handler
+from services.model_runner import handler, jobs
 from services.model_runner.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -134,6 +140,9 @@ class Worker(QueueWorker):
                     outcome = handler.handle_region_request(ctx, message, leases)
                 else:
                     outcome = handler.handle_image_request(ctx, message)
+        except RunStoppedError as stopped:
+            self._hand_back(kind, message, str(stopped))
+            return
         except Exception as error:
             last = last_delivery(message, queue)
             log.exception(
@@ -154,12 +163,47 @@ class Worker(QueueWorker):
         log.info("%s message %s: %s", kind, message.message_id, outcome.note)
         settle(message, self.sqs, delete=outcome.delete, defer_s=outcome.defer_s)
 
+    def abort(self, reason: str) -> None:
+        """Stop the batches of the region in hand; :meth:`handle` hands the region and its message back."""
+        log.warning(
+            "worker %s: %s; stopping the model and handing the region in hand back", self.worker_id, reason
+        )
+        self.detectors.stop(f"the worker is stopping ({reason})")
+
+    @property
+    def restart_needed(self) -> bool:
+        """Whether a model batch outlived its timeout and did not stop (a thread is lost to this process)."""
+        return self.detectors.stuck
+
+    def restart_reason(self) -> str:
+        """Which limit the lost batch outlived."""
+        return "a model batch ran past TESSERA_BATCH_TIMEOUT_S and did not stop when told"
+
+    def _hand_back(self, kind: str, message: Message, reason: str) -> None:
+        """The work was stopped before it was done: its region back to PENDING, its message visible now."""
+        try:
+            self._reconnect_if_needed()
+            if kind == "region":
+                region = handler.parse_region_request(message.body)
+                jobs.release_region(
+                    self.conn, region.job_id, region.index, self.worker_id, f"handed back: {reason}"
+                )
+            settle(message, self.sqs, delete=False, defer_s=0)
+            log.info("%s message %s handed back: %s", kind, message.message_id, reason)
+        except Exception:
+            log.exception(
+                "handing %s message %s back failed; it returns after its visibility timeout",
+                kind,
+                message.message_id,
+            )
+
     def describe(self) -> str:
         """The queues, in the order they are served."""
         return f"{self.settings.region_queue_url} then {self.settings.image_queue_url or '(no image queue)'}"
 
     def close(self) -> None:
-        """Close the database connections."""
+        """Close the detectors' threads and the database connections."""
+        self.detectors.close()
         for conn in (self.conn, self.lease_conn):
             conn.close()
 

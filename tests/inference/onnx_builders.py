@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from model_stall import endless_loop
 from onnx import TensorProto, helper, numpy_helper
 
 TILE = 32
@@ -88,6 +89,11 @@ def contract_model(
         helper.make_tensor_value_info(names[2], label_type, [batch, k]),
     ]
     return graph_model(nodes, [x], [outs[i] for i in order], inits)
+
+
+def hanging_model(trips: int = 2**62) -> onnx.ModelProto:
+    """A contract detector that never returns (see ``model_stall.endless_loop``)."""
+    return endless_loop(contract_model(), "pixels", trips=trips)
 
 
 def expected_contract(mean: float, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,7 +15,15 @@ import pulumi
 import pulumi_aws as aws
 import pytest
 
-from infra.gpu_fleet import CPU_AMI_PARAMETER, GPU_AMI_NAME, WorkerFleet, WorkerFleetArgs, worker_user_data
+from infra.gpu_fleet import (
+    CONTAINER_STOP_TIMEOUT_S,
+    CPU_AMI_PARAMETER,
+    GPU_AMI_NAME,
+    WorkerFleet,
+    WorkerFleetArgs,
+    worker_user_data,
+)
+from services.jobs.queue_worker import DEFAULT_DRAIN_S
 from stacks.offline import OfflineRun
 
 LT = "aws:ec2/launchTemplate:LaunchTemplate"
@@ -108,6 +116,9 @@ def test_gpu_workers_run_the_image_with_every_gpu(offline: Callable[..., Offline
     assert f"IMAGE={IMAGE}" in script
     assert "--gpus all" in script
     assert "--restart unless-stopped" in script
+    # docker stop waits out the worker's drain time and its hand-back before SIGKILL.
+    assert f"--stop-timeout {CONTAINER_STOP_TIMEOUT_S}" in script
+    assert CONTAINER_STOP_TIMEOUT_S >= DEFAULT_DRAIN_S + 10
     assert "--log-driver awslogs" in script and "awslogs-group=/tessera/dev/model-runner" in script
     assert (
         "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com" in script
