@@ -149,12 +149,18 @@ def _run(args: argparse.Namespace) -> int:
     )
     task = progress.add_task("tiles", total=None, rate="")
 
+    shown: list[bool] = []
+
     def on_plan(plan: JobPlan) -> None:
-        progress.update(task, total=plan.tiles_total)
+        # The bar starts once the plan is known: an error found before (a bad output, model or image) is
+        # the only line printed.
         console.print(
             f"{plan.tiles_total} tiles in {len(plan.regions)} regions of {plan.image_width}x"
             f"{plan.image_height} px; Ctrl-C stops"
         )
+        progress.update(task, total=plan.tiles_total)
+        progress.start()
+        shown.append(True)
 
     def on_tiles(count: int) -> None:
         progress.advance(task, count)
@@ -162,21 +168,24 @@ def _run(args: argparse.Namespace) -> int:
         if speed:
             progress.update(task, rate=f"{speed:.1f} tiles/s")
 
-    with progress:
-        try:
-            summary = run_image(
-                request,
-                providers=args.providers,
-                on_plan=on_plan,
-                on_tiles=on_tiles,
-                scaling_rule=request.scaling,
-            )
-        except ModelStuckError as error:
-            # A thread still runs the batch that would not stop, and a normal exit would wait for it.
+    try:
+        summary = run_image(
+            request,
+            providers=args.providers,
+            on_plan=on_plan,
+            on_tiles=on_tiles,
+            scaling_rule=request.scaling,
+        )
+    except ModelStuckError as error:
+        # A thread still runs the batch that would not stop, and a normal exit would wait for it.
+        if shown:
             progress.stop()
-            print(f"tessera run: {error}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(2)
+        print(f"tessera run: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+    finally:
+        if shown:
+            progress.stop()
     print(f"job        {summary.job_id}")
     print(f"regions    {summary.regions}")
     print(f"tiles      {summary.tiles} ({summary.skipped} all-nodata skipped)")

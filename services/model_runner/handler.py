@@ -32,6 +32,7 @@ from services.inference.run_control import RunStoppedError
 from services.jobs.documents import job_id_of, new_job_id
 from services.model_runner import jobs
 from services.model_runner.metrics import Metrics
+from services.model_runner.outputs import write_outputs
 from services.model_runner.pipeline import (
     detect_region,
     input_scaling,
@@ -41,7 +42,6 @@ from services.model_runner.pipeline import (
     region_tiles,
     roi_polygon,
     settle_grid,
-    write_outputs,
 )
 from services.model_runner.request import ImageRequest, parse_request
 from services.registry import is_registry_ref, resolve_model_uri

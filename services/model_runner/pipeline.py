@@ -13,28 +13,25 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
-from boto3.exceptions import S3UploadFailedError
-from botocore.exceptions import ClientError
 from shapely.geometry.base import BaseGeometry
 
 from services.cloud import objects
 from services.errors import UserError
-from services.geo.features import FeatureWriter, NonFiniteError
 from services.inference.detections import BoxChecks, Detections, check_boxes
 from services.inference.detector import Detector, OnnxDetector, usable_cores
 from services.inference.endpoint import EndpointDetector
 from services.inference.merge import drop_edge_truncated, image_edges, merge_detections
 from services.inference.session import CPU
-from services.model_runner.request import ImageRequest, MergeSettings, Outputs
+from services.model_runner.outputs import check_outputs, write_outputs
+from services.model_runner.request import ImageRequest, MergeSettings
 from services.tiling.reader import RasterSource, iter_tile_batches
 from services.tiling.roi import RoiCoordinates, parse_roi, roi_pixel_polygon, tiles_in_roi
 from services.tiling.scaling import InputScaling, ScalingRule
@@ -50,6 +47,10 @@ TileProgress = Callable[[int], None]
 READER_THREADS_BESIDE_CPU_MODEL = 2
 #: The most strip-decoding threads when the model runs elsewhere (a GPU, an endpoint).
 MAX_READER_THREADS = 8
+MAX_BATCH_ENV = "TESSERA_MAX_BATCH_MB"
+#: One batch of float32 input may take this much (512 px x 512 px x 3 x 8 tiles is 24 MiB; the reader, the
+#: prefetch and each session hold batches, so a worker's peak is a few times this).
+DEFAULT_MAX_BATCH_MB = 512.0
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,43 @@ def input_scaling(detector: Detector, rule: ScalingRule | None = None) -> InputS
     return InputScaling(channels=detector.channels).with_rule(rule)
 
 
+def batch_limit_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """The most bytes one batch of model input may take (``TESSERA_MAX_BATCH_MB``, default 512 MiB)."""
+    text = (os.environ if environ is None else environ).get(MAX_BATCH_ENV, "").strip()
+    try:
+        megabytes = float(text) if text else DEFAULT_MAX_BATCH_MB
+    except ValueError:
+        raise UserError(f"{MAX_BATCH_ENV} must be a number of MiB, got {text!r}") from None
+    if not megabytes > 0:
+        raise UserError(f"{MAX_BATCH_ENV} must be more than 0 MiB, got {text!r}")
+    return int(megabytes * 2**20)
+
+
+def check_batch_size(detector: Detector, limit: int | None = None) -> None:
+    """Refuse a tile size x batch whose float32 input would not fit the batch limit (a 16384 px tile is
+    3 GiB a tile): the reader, the sessions and the prefetch each hold batches, so one must stay small."""
+    limit = batch_limit_bytes() if limit is None else limit
+    tile = detector.tile_width * detector.tile_height * detector.channels * 4
+    if tile * detector.batch_size <= limit:
+        return
+    fits = limit // tile
+    fix = (
+        f"use batch_size (tessera run --batch) {fits} or less, or smaller tiles"
+        if fits >= 1
+        else f"use smaller tiles (one {detector.tile_width}x{detector.tile_height} tile is over the limit)"
+    )
+    raise UserError(
+        f"a batch of {detector.batch_size} tiles of {detector.tile_width}x{detector.tile_height}x"
+        f"{detector.channels} float32 is {tile * detector.batch_size / 2**20:,.0f} MiB, over the "
+        f"{limit / 2**20:,.0f} MiB a batch may take ({MAX_BATCH_ENV}); {fix}"
+    )
+
+
 def settle_grid(request: ImageRequest, detector: Detector) -> Grid:
     """Tile size (the model's, which the detector checked against the request's), overlap (the request's,
-    else an eighth of the tile) and region size."""
+    else an eighth of the tile) and region size; a tile x batch too big for memory is refused
+    (:func:`check_batch_size`)."""
+    check_batch_size(detector)
     tile_w, tile_h = detector.tile_width, detector.tile_height
     overlap_x, overlap_y = request.overlap if request.overlap is not None else (tile_w // 8, tile_h // 8)
     if overlap_x >= tile_w or overlap_y >= tile_h:
@@ -384,158 +419,6 @@ def merge_seams(
     return Detections.concat([everything.select(~near), merged])
 
 
-def output_uris(outputs: Outputs, job_id: str) -> list[str]:
-    """Where a job's GeoJSON goes: ``<s3 prefix>/<job_id>.geojson`` and/or the local path."""
-    uris = []
-    if outputs.s3:
-        bucket, prefix = objects.split_s3_url(outputs.s3.rstrip("/") + "/")
-        uris.append(f"s3://{bucket}/{objects.join_key(prefix, f'{job_id}.geojson')}")
-    if outputs.path:
-        uris.append(str(Path(outputs.path)))
-    return uris
-
-
-def write_geojson(
-    stream: BinaryIO,
-    detections: Detections,
-    source: RasterSource,
-    *,
-    class_names: Sequence[str],
-    model: str,
-    job_id: str,
-    properties: dict[str, Any] | None = None,
-) -> int:
-    """Stream ``detections`` (image pixels) as a GeoJSON FeatureCollection; returns the feature count."""
-    with FeatureWriter(
-        stream,
-        transform=source.transform,
-        crs=source.crs,
-        class_names=list(class_names),
-        model=model,
-        job=job_id,
-        properties=properties,
-    ) as writer:
-        writer.write_detections(detections)
-        return writer.count
-
-
-def write_outputs(
-    detections: Detections,
-    source: RasterSource,
-    request: ImageRequest,
-    *,
-    class_names: Sequence[str],
-    s3_client: Any = None,
-) -> list[str]:
-    """Write the job's GeoJSON to every output the request names; returns their URIs.
-
-    The collection is written once, to a temporary file (beside ``outputs.path`` when there is one, so the
-    last step is a rename on one filesystem), flushed to disk, uploaded to ``outputs.s3`` (the upload has
-    completed when this returns) and then renamed onto ``outputs.path``: a reader of the path sees the old
-    file or the whole new one, never a truncated one. On any failure the temporary file is removed and
-    nothing is left at the path; a disk or write error, or an S3 error the request's author must fix, is a
-    UserError.
-    """
-    uris = output_uris(request.outputs, request.job_id)
-    if not uris:
-        return []
-    local = Path(request.outputs.path) if request.outputs.path else None
-    current = str(local) if local is not None else uris[0]  # what a failure names
-    temporary: str | None = None
-    try:
-        if local is not None:
-            local.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=f".{local.name}." if local is not None else f"{request.job_id}.",
-            suffix=".partial",
-            dir=local.parent if local is not None else None,
-        )
-        with os.fdopen(descriptor, "wb") as stream:
-            # mkstemp makes the file private (0600); the output gets the mode a plain open() would give.
-            os.fchmod(stream.fileno(), 0o666 & ~_umask())
-            write_geojson(
-                stream,
-                detections,
-                source,
-                class_names=class_names,
-                model=request.model_name,
-                job_id=request.job_id,
-                properties=dict(request.properties),
-            )
-            stream.flush()
-            os.fsync(stream.fileno())
-        for uri in uris:
-            current = uri
-            if uri.startswith("s3://"):
-                _upload(temporary, uri, s3_client)
-        if local is not None:
-            current = str(local)
-            os.replace(temporary, local)
-            temporary = None
-            _sync_directory(local.parent)
-    except OSError as error:
-        raise UserError(f"cannot write the output {current}: {error.strerror or error}") from None
-    except NonFiniteError as error:
-        raise UserError(f"cannot write the output {current}: {error}") from None
-    finally:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
-    return uris
-
-
-def _upload(path: str, uri: str, s3_client: Any) -> None:
-    """Upload the file at ``path`` to ``uri`` (returns once S3 has the whole object)."""
-    bucket, key = objects.split_s3_url(uri)
-    client = s3_client or objects.s3_client()
-    try:
-        # From the path, not a file object: boto3 closes a file object it is handed.
-        client.upload_file(path, bucket, key, ExtraArgs={"ContentType": "application/geo+json"})
-    except (ClientError, S3UploadFailedError) as error:
-        code = _s3_error_code(error)
-        if code in _USER_S3_ERRORS:
-            raise UserError(f"cannot write the output {uri}: {code}; check outputs.s3") from None
-        raise
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it (os.umask would, for a moment, in every thread)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (where the platform can open a directory)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-#: S3 errors on writing the output that the request's author must fix (everything else is retried).
-_USER_S3_ERRORS = ("NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidBucketName")
-
-
-def _s3_error_code(error: BaseException) -> str:
-    """The S3 error code of a failed write; boto3's transfer manager wraps the ClientError."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, ClientError):
-            return str(cause.response.get("Error", {}).get("Code", ""))
-        cause = cause.__cause__ or cause.__context__
-    return next((code for code in _USER_S3_ERRORS if code in str(error)), "")
-
-
 @dataclass(frozen=True)
 class RunSummary:
     """What ``tessera run`` reports."""
@@ -573,6 +456,7 @@ def run_image(
     cover them (float, signed or single-band images; services/tiling/scaling.py).
     """
     started = time.perf_counter()
+    check_outputs(request.outputs, request.job_id)
     detector = open_detector(request, providers=providers)
     try:
         return _run_opened(request, detector, started, on_plan, on_tiles, s3_endpoint, scaling_rule)
