@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.errors import UserError
-from services.jobs.queue_worker import EXIT_RESTART, QueueWorker
+from services.jobs.queue_worker import EXIT_RESTART, QueueWorker, start_with_backoff
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -55,16 +55,24 @@ def log_to_stderr() -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
-def serve_until_stopped(worker: QueueWorker, *, on_signal: str, once: bool = False) -> int:
-    """Serve (or, with ``once``, poll once) until done; SIGTERM or SIGINT calls ``worker.stop()`` (logged
-    with ``on_signal``: what the worker does next) and, ``worker.drain_s`` seconds later or at a second
-    signal, ``worker.abort()``. The worker is closed and the signal handlers restored afterwards. Returns 0,
-    or exits the process with :data:`~services.jobs.queue_worker.EXIT_RESTART` when the worker holds work
-    it cannot stop (a thread lost to a model run: only a new process gets it back)."""
+def serve_until_stopped(make: Callable[[], QueueWorker], *, on_signal: str, once: bool = False) -> int:
+    """Start the worker ``make`` returns (retried with backoff while its database or queues are down) and
+    serve (or, with ``once``, poll once) until done. SIGTERM or SIGINT calls ``worker.stop()`` (logged with
+    ``on_signal``: what the worker does next) and, ``worker.drain_s`` seconds later or at a second signal,
+    ``worker.abort()``. The worker is closed and the signal handlers restored afterwards. Returns 0, or
+    exits the process with :data:`~services.jobs.queue_worker.EXIT_RESTART` when the worker holds work it
+    cannot stop (a thread lost to a model run: only a new process gets it back)."""
     log = logging.getLogger(__name__)
     timers: list[threading.Timer] = []
+    starting = threading.Event()  # set by a signal that arrives before the worker has started
+    started: list[QueueWorker] = []
 
     def stop(signum: int, frame: Any) -> None:
+        if not started:
+            log.info("signal %d: not started yet; stopping", signum)
+            starting.set()
+            return
+        worker = started[0]
         if worker.stop_event.is_set():
             log.info("signal %d again: giving the work in hand back now", signum)
             worker.abort("stopped again")
@@ -79,7 +87,12 @@ def serve_until_stopped(worker: QueueWorker, *, on_signal: str, once: bool = Fal
         timers.append(timer)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    worker: QueueWorker | None = None
     try:
+        worker = start_with_backoff(make, starting)
+        if worker is None:
+            return 0
+        started.append(worker)
         if once:
             worker.poll()
         else:
@@ -87,7 +100,8 @@ def serve_until_stopped(worker: QueueWorker, *, on_signal: str, once: bool = Fal
     finally:
         for timer in timers:
             timer.cancel()
-        worker.close()
+        if worker is not None:
+            worker.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if worker.restart_needed:

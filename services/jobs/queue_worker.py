@@ -2,8 +2,11 @@
 
 A service's worker subclasses :class:`QueueWorker` and implements :meth:`QueueWorker.poll` (receive at most
 one message and handle it under a :class:`~services.cloud.queue.Heartbeat`); :meth:`QueueWorker.serve` runs
-it until :meth:`QueueWorker.stop` (SIGTERM) or ``max_messages``, and rides out a database that is briefly
-unreachable.
+it until :meth:`QueueWorker.stop` (SIGTERM) or ``max_messages``. A dependency that is down (the database,
+SQS or S3 unreachable: :func:`outage`) never kills it: each failed poll is logged with what is down and
+retried after a delay that doubles from 1 s to :data:`MAX_BACKOFF_S` (:class:`Backoff`); the work in hand
+stays on its queue meanwhile. :func:`start_with_backoff` does the same for a worker whose dependencies are
+down when it starts.
 
 Stopping drains: after :meth:`QueueWorker.stop` no new message is taken and the one in hand may finish for
 ``drain_s`` seconds (``TESSERA_DRAIN_S``, default :data:`DEFAULT_DRAIN_S`, inside the container's stop
@@ -34,6 +37,8 @@ from functools import wraps
 from typing import Any
 
 import psycopg
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as AwsConnectionError
 
 from services.cloud import database
 from services.cloud.queue import Message, QueueSettings, delete_message, set_visibility
@@ -44,8 +49,9 @@ log = logging.getLogger(__name__)
 
 #: SQS refuses visibility timeouts above 12 hours.
 MAX_VISIBILITY_S = 43_200
-#: Seconds to wait before polling again when the database was unreachable.
-DATABASE_RETRY_S = 1.0
+#: The first retry after a dependency outage waits this long; each further failure doubles it up to the max.
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
 DRAIN_ENV = "TESSERA_DRAIN_S"
 #: The work in hand may finish for this long after SIGTERM; the fleet's containers are stopped with a
 #: timeout of 30 s (infra/gpu_fleet.py), so the hand-back that follows has ten seconds.
@@ -64,6 +70,61 @@ def drain_seconds(environ: Any = None) -> float:
     if value < 0:
         raise UserError(f"{DRAIN_ENV} must be 0 or more seconds, got {value}")
     return value
+
+
+def outage(error: BaseException) -> str | None:
+    """What is down when ``error`` says a dependency cannot be reached (the database, an AWS endpoint, or
+    AWS answering 5xx); ``None`` for any other error."""
+    if isinstance(error, psycopg.OperationalError):
+        return f"the database is unreachable ({_first_line(error)})"
+    if isinstance(error, AwsConnectionError | HTTPClientError):
+        return f"AWS is unreachable ({_first_line(error)})"
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if isinstance(status, int) and status >= 500:
+            return f"AWS answers {status} ({_first_line(error)})"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+class Backoff:
+    """Delays between retries: :data:`FIRST_BACKOFF_S`, doubling up to :data:`MAX_BACKOFF_S`."""
+
+    def __init__(self, first_s: float = FIRST_BACKOFF_S, max_s: float = MAX_BACKOFF_S) -> None:
+        self.first_s, self.max_s = first_s, max_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """Count a failure; the seconds to wait before the next try."""
+        self.failures += 1
+        return float(min(self.max_s, self.first_s * 2 ** (self.failures - 1)))
+
+    def reset(self) -> None:
+        """A try succeeded: the next failure waits the first delay again."""
+        self.failures = 0
+
+
+def start_with_backoff(
+    make: Callable[[], QueueWorker], stop: threading.Event, backoff: Backoff | None = None
+) -> QueueWorker | None:
+    """``make()``, retried with backoff while its dependencies are down (:func:`outage`); None when ``stop``
+    was set while waiting. Any other error is raised."""
+    backoff = backoff or Backoff()
+    while True:
+        try:
+            return make()
+        except Exception as error:
+            what = outage(error)
+            if what is None:
+                raise
+            delay = backoff.next_delay()
+            log.warning("cannot start the worker: %s; retry %d in %g s", what, backoff.failures, delay)
+            if stop.wait(delay):
+                return None
 
 
 def default_worker_id() -> str:
@@ -134,6 +195,7 @@ class QueueWorker:
     def serve(self) -> int:
         """Handle messages until :meth:`stop` (or ``max_messages``); returns how many were handled."""
         log.info("worker %s serving %s", self.worker_id, self.describe())
+        backoff = Backoff()
         while not self.stop_event.is_set():
             if self.max_messages is not None and self.handled >= self.max_messages:
                 break
@@ -142,9 +204,17 @@ class QueueWorker:
                 break
             try:
                 self.poll()
-            except psycopg.OperationalError:
-                log.exception("database unreachable; retrying")
-                self.stop_event.wait(DATABASE_RETRY_S)
+            except Exception as error:
+                what = outage(error)
+                if what is None:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("worker %s: %s; retry %d in %g s", self.worker_id, what, backoff.failures, delay)
+                self.stop_event.wait(delay)
+            else:
+                if backoff.failures:
+                    log.info("worker %s: reachable again after %d retries", self.worker_id, backoff.failures)
+                backoff.reset()
         return self.handled
 
     def stop(self) -> None:

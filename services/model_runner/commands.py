@@ -240,9 +240,9 @@ def _worker(args: argparse.Namespace) -> int:
     from services.model_runner.worker import Worker, WorkerSettings
 
     log_to_stderr()
-    worker = Worker(WorkerSettings.from_env(providers=args.providers, **worker_overrides(args)))
+    settings = WorkerSettings.from_env(providers=args.providers, **worker_overrides(args))
     return serve_until_stopped(
-        worker, on_signal="finishing the message in hand, then stopping", once=args.once
+        lambda: Worker(settings), on_signal="finishing the message in hand, then stopping", once=args.once
     )
 
 

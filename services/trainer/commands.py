@@ -178,8 +178,10 @@ def _worker(args: argparse.Namespace) -> int:
     overrides = worker_overrides(args)
     if getattr(args, "state_file", None):
         overrides["state_path"] = args.state_file
-    worker = Worker(WorkerSettings.from_env(**overrides))
-    return serve_until_stopped(worker, on_signal="checkpointing the job in hand, then stopping")
+    settings = WorkerSettings.from_env(**overrides)
+    return serve_until_stopped(
+        lambda: Worker(settings), on_signal="checkpointing the job in hand, then stopping"
+    )
 
 
 def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = None) -> None:

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any
 
 import boto3
 import psycopg
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from services.cloud.queue import Message, QueueSettings, receive_messages, send_message
-from services.jobs.queue_worker import MAX_VISIBILITY_S, QueueWorker, last_delivery, settle
+from services.jobs.queue_worker import (
+    MAX_BACKOFF_S,
+    MAX_VISIBILITY_S,
+    Backoff,
+    QueueWorker,
+    last_delivery,
+    outage,
+    settle,
+    start_with_backoff,
+)
 
 
 def make_queue(endpoint: str, name: str) -> tuple[Any, str]:
@@ -88,10 +100,69 @@ def test_serve_stops_after_max_messages() -> None:
     assert worker.polls == 3 and worker.worker_id  # host:pid by default
 
 
-def test_serve_rides_out_an_unreachable_database_and_stops_when_told(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("services.jobs.queue_worker.DATABASE_RETRY_S", 0.01)
-    worker = Scripted([psycopg.OperationalError("gone"), True, psycopg.OperationalError("again"), True])
-    assert worker.serve() == 2 and worker.polls == 4
+def test_serve_rides_out_unreachable_dependencies_with_backoff(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    waits: list[float] = []
+    worker = Scripted(
+        [
+            psycopg.OperationalError("connection refused"),
+            EndpointConnectionError(endpoint_url="http://sqs"),
+            ReadTimeoutError(endpoint_url="http://sqs"),
+            _client_error(503, "ServiceUnavailable"),
+            True,
+            psycopg.OperationalError("again"),
+            True,
+        ]
+    )
+    monkeypatch.setattr(worker.stop_event, "wait", lambda seconds: waits.append(seconds) or False)
+    with caplog.at_level(logging.WARNING):
+        assert worker.serve() == 2 and worker.polls == 7
+    assert waits == [1.0, 2.0, 4.0, 8.0, 1.0]  # doubling, and back to the first delay after a success
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "the database is unreachable (connection refused); retry 1 in 1 s" in lines[0]
+    assert "AWS is unreachable" in lines[1] and "AWS answers 503" in lines[3]
+
+
+def test_the_backoff_stops_at_its_max() -> None:
+    backoff = Backoff()
+    delays = [backoff.next_delay() for _ in range(8)]
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30] and MAX_BACKOFF_S == 30
+
+
+def test_a_client_error_that_is_the_request_is_not_an_outage() -> None:
+    assert outage(_client_error(400, "AWS.SimpleQueueService.NonExistentQueue")) is None
+    assert outage(ZeroDivisionError("bug")) is None
+    with pytest.raises(ClientError):
+        Scripted([_client_error(403, "AccessDenied")]).serve()
+
+
+def test_start_with_backoff_waits_for_the_dependencies_and_gives_up_when_stopped() -> None:
+    attempts: list[int] = []
+
+    def make() -> Scripted:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise psycopg.OperationalError("not yet")
+        return Scripted([])
+
+    stop = threading.Event()
+    assert isinstance(start_with_backoff(make, stop, Backoff(first_s=0.01)), Scripted)
+    assert len(attempts) == 3
+    stop.set()
+
+    def never() -> Scripted:
+        raise EndpointConnectionError(endpoint_url="http://sqs")
+
+    assert start_with_backoff(never, stop, Backoff(first_s=0.01)) is None
+    with pytest.raises(ValueError):
+        start_with_backoff(lambda: (_ for _ in ()).throw(ValueError("a bug")), threading.Event())
+
+
+def _client_error(status: int, code: str) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Receive"
+    )
 
 
 def test_other_errors_are_not_swallowed_by_the_loop() -> None:
