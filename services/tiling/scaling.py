@@ -15,8 +15,9 @@ Values
       ``(x - low) / (high - low)``, clipped to ``[0, 1]``;
     - else uint8: ``x / 255``;
     - else other unsigned integers: ``x / (2**nbits - 1)`` when the file declares its bit depth (GDAL
-      ``NBITS``, e.g. 12 for 12-bit data in uint16), else ``x / max(dtype)`` (uint16: ``x / 65535``).
-      12-bit data stored as uint16 without ``NBITS`` comes out dark: state ``min 0, max 4095``;
+      ``NBITS``, e.g. 12 for 12-bit data in uint16; 16 for the whole uint16 range). **Undeclared**, a
+      uint16 (or wider) image is a UserError: dividing by 65535 would make 12-bit data (most satellite
+      sensors) 16 times too dark, so the request states ``--scale 0,65535`` or ``--scale 0,4095``;
     - **signed integers** (e.g. int16 with negative values) and **floats** (``0..1``, ``0..255``,
       reflectance ``0..10000``, ...) have no range to assume: they are a UserError until a rule states
       the range, or ``"none"`` says the values already are the model's input (passed unchanged).
@@ -231,7 +232,15 @@ class InputScaling:
         ``nbits`` of unsigned pixels becomes the range). UserError when the rules do not cover the image."""
         self.band_indexes(band_count, bands)
         kind = np.dtype(dtype)
-        if self.value_range is None and not self.passthrough and kind.kind == "u" and nbits:
+        if self.value_range is None and not self.passthrough and kind.kind == "u" and kind.itemsize > 1:
+            if not nbits:
+                raise UserError(
+                    f"the image is {kind} with no declared bit depth (GDAL NBITS) and the model takes "
+                    f"{self._expects()}: 16-bit data would be divided by {np.iinfo(kind).max}, but 12-bit "
+                    f"data stored as {kind} would then come out 16 times too dark; state the range: "
+                    f"--scale 0,{np.iinfo(kind).max} (all {kind.itemsize * 8} bits) or --scale 0,4095 "
+                    f'(12-bit) (a request: "scaling": {{"mode": "range", "min": 0, "max": ...}})'
+                )
             if not 0 < nbits < kind.itemsize * 8:
                 return self  # the full width of the dtype: its own range
             return replace(self, value_range=(0.0, float(2**nbits - 1)))

@@ -152,8 +152,9 @@ def test_band_counts_dtypes_and_crss(
         transform=transform,
     )
     out = tmp_path / "o.geojson"
-    # A 1-band image feeds the 3-channel model only when the request asks for it (scaling never guesses).
-    rule = ScalingRule(bands="replicate") if bands == 1 else None
+    # A 1-band image feeds the 3-channel model only when the request asks for it, and uint16 with no
+    # declared bit depth needs its range (scaling never guesses).
+    rule = ScalingRule(bands="replicate") if bands == 1 else ScalingRule.parse("0,65535")
     run_image(parse_request(_request(image, square_model, out)), scaling_rule=rule)
     assert feature_boxes(json.loads(out.read_text())) == square_boxes(squares)
 

@@ -60,7 +60,9 @@ def test_a_declared_bit_depth_is_the_range_of_unsigned_pixels() -> None:
     assert scaling.value_range == (0.0, 4095.0)
     raw = np.array([0, 2048, 4095, 5000], dtype=np.uint16)
     np.testing.assert_allclose(scaling.apply(raw), [0.0, 2048 / 4095, 1.0, 1.0], rtol=1e-6)
-    assert InputScaling().for_image("uint16", 3).value_range is None  # undeclared: x / 65535
+    with pytest.raises(UserError, match=r"no declared bit depth.*--scale 0,65535.*--scale 0,4095"):
+        InputScaling().for_image("uint16", 3)  # undeclared: 12-bit or 16-bit? stated, never guessed
+    assert InputScaling(value_range=(0, 65535)).for_image("uint16", 3).value_range == (0, 65535)
     assert InputScaling().for_image("uint16", 3, nbits=16).value_range is None
     stated = InputScaling(value_range=(0, 2047)).for_image("uint16", 3, nbits=12)
     assert stated.value_range == (0, 2047)  # a stated range wins over the file's bit depth

@@ -97,7 +97,9 @@ def test_batches_hold_exactly_the_pixels_rasterio_reads(make_raster: RasterMaker
         width=width, height=height, count=count, dtype=dtype, tiled=tiled, crs=crs, rows_per_strip=7
     )
     # A 1-band image feeds a 3-channel model only when asked to (scaling never guesses).
-    scaling = InputScaling(channels=3, replicate=count == 1)
+    # uint16 with no declared bit depth needs its range stated (scaling never guesses).
+    stated = (0.0, 65535.0) if dtype == "uint16" else None
+    scaling = InputScaling(channels=3, replicate=count == 1, value_range=stated)
     feed = scaling.band_indexes(count)
     with RasterSource.open(str(path)) as source:
         for region in region_windows(width, height, 600, 600, *tile, overlap, overlap):
@@ -191,7 +193,7 @@ def test_a_raster_of_nodata_reports_its_skips_in_one_empty_batch(make_raster: Ra
     path, _ = make_raster(width=300, height=300, count=1, dtype="uint16", data=data, nodata=7)
     tiles = tiles_of_region(Window(0, 0, 300, 300), 300, 300, 128, 128, 0, 0)
     with RasterSource.open(str(path)) as source:
-        scaling = InputScaling(replicate=True)  # one band, three channels: asked for
+        scaling = InputScaling(replicate=True, value_range=(0, 65535))  # one band, three channels: asked for
         batches = list(iter_tile_batches(source, tiles, 4, scaling, tile_shape=(128, 128)))
     assert len(batches) == 1 and batches[0].tiles == [] and batches[0].skipped == len(tiles) == 9
     assert batches[0].pixels.shape == (0, 3, 128, 128)
@@ -215,7 +217,9 @@ def test_band_choice_reaches_the_model_channels(make_raster: RasterMaker) -> Non
     path, data = make_raster(width=300, height=200, count=4, dtype="uint16")
     tiles = [Window(0, 0, 128, 128), Window(150, 50, 128, 128)]
     with RasterSource.open(str(path)) as source:
-        got, pixels, _ = collect(iter_tile_batches(source, tiles, 8, InputScaling(), bands=[4, 2, 2]))
+        got, pixels, _ = collect(
+            iter_tile_batches(source, tiles, 8, InputScaling(value_range=(0, 65535)), bands=[4, 2, 2])
+        )
     for window, tile_pixels in zip(got, pixels, strict=True):
         raw = data[[3, 1, 1], window.row_off : window.row_end, window.col_off : window.col_end]
         np.testing.assert_allclose(tile_pixels, raw / 65535.0, rtol=1e-6)
