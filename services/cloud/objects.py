@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import boto3
+from botocore.exceptions import NoCredentialsError
 
 from services.errors import UserError
 
@@ -35,6 +36,13 @@ def join_key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
+#: What to do when no AWS credentials are found, said in every such error.
+CREDENTIALS_HELP = (
+    "set AWS_PROFILE (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), or run where an instance role "
+    "gives them"
+)
+
+
 def read_object(url: str, client: Any = None) -> bytes:
     """The whole object at ``url`` (meant for small objects: models, results; never imagery).
 
@@ -48,6 +56,15 @@ def read_object(url: str, client: Any = None) -> bytes:
         raise UserError(f"{url} does not exist; upload it or fix the URL") from None
     except s3.exceptions.NoSuchBucket:
         raise UserError(f"the bucket of {url} does not exist; fix the URL") from None
+    except NoCredentialsError:
+        raise UserError(f"no AWS credentials to read {url}: {CREDENTIALS_HELP}") from None
+    except s3.exceptions.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            raise UserError(
+                f"not allowed to read {url} ({code}); check the credentials and the URL"
+            ) from None
+        raise
 
 
 def object_etag(url: str, client: Any = None) -> str:
@@ -61,6 +78,8 @@ def object_etag(url: str, client: Any = None) -> str:
         if code in {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}:
             raise UserError(f"{url} does not exist; upload it or fix the URL") from None
         raise
+    except NoCredentialsError:
+        raise UserError(f"no AWS credentials to read {url}: {CREDENTIALS_HELP}") from None
 
 
 def write_object(

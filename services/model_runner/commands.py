@@ -26,10 +26,12 @@ from services.jobs.commands import (
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
-def _pair(values: Sequence[int] | None) -> list[int] | None:
+def _pair(values: Sequence[int] | None, option: str) -> list[int] | None:
     if values is None:
         return None
-    return [values[0], values[0]] if len(values) == 1 else list(values[:2])
+    if len(values) > 2:
+        raise UserError(f"{option} takes X [Y]: one number for both, or two; got {len(values)}")
+    return [values[0], values[0]] if len(values) == 1 else list(values)
 
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,9 +42,9 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.tile:
         request["tile_size"] = list(args.tile)
     if args.overlap:
-        request["overlap"] = _pair(args.overlap)
+        request["overlap"] = _pair(args.overlap, "--overlap")
     if args.region:
-        request["region_size"] = _pair(args.region)
+        request["region_size"] = _pair(args.region, "--region")
     if args.batch is not None:
         request["batch_size"] = args.batch
     if getattr(args, "scale", None):
@@ -66,6 +68,10 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
             text = Path(args.roi).read_text(encoding="utf-8")
         except OSError as error:
             raise UserError(f"cannot read the region of interest {args.roi}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(
+                f"the region of interest {args.roi} is not UTF-8 text; give GeoJSON or WKT in a text file"
+            ) from None
         request["roi"] = {"geometry": text, "crs": args.roi_crs}
     properties = {}
     for item in args.property or []:
@@ -76,6 +82,8 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if properties:
         request["properties"] = properties
     out = args.out
+    if "://" in out and not out.startswith("s3://"):
+        raise UserError(f"--out {out}: give a local path or s3://BUCKET/PREFIX, not {out.split('://')[0]}://")
     request["outputs"] = {"s3": out} if out.startswith("s3://") else {"path": out}
     return request
 

@@ -25,21 +25,32 @@ from services.inference.detections import Detections
 from services.model_runner.request import ImageRequest, Outputs
 from services.tiling.reader import RasterSource
 
+#: What a local output may be called: it holds GeoJSON.
+OUTPUT_SUFFIXES = (".geojson", ".json")
 
-def check_outputs(outputs: Outputs, job_id: str, *, s3_client: Any = None) -> None:
-    """Refuse, before any work, outputs that cannot be written: a local path that is a directory or whose
-    nearest existing parent is not a writable directory; an ``s3://`` prefix with no AWS credentials here,
-    a bucket that does not exist, or an S3 that cannot be reached. (A bucket whose existence this identity
-    may not ask about passes: the write itself says more.)"""
+
+def check_outputs(outputs: Outputs, job_id: str, *, image: str | None = None, s3_client: Any = None) -> None:
+    """Refuse, before any work, outputs that cannot or must not be written: a local path not named
+    ``.geojson``/``.json``, the input ``image`` itself, a directory, or one whose nearest existing parent is
+    not a writable directory; an ``s3://`` prefix with no AWS credentials here, a bucket that does not
+    exist, or an S3 that cannot be reached. (A bucket whose existence this identity may not ask about
+    passes: the write itself says more.)"""
     if outputs.path:
-        _check_local(Path(outputs.path))
+        path = Path(outputs.path)
+        if path.is_dir():
+            raise UserError(f"the output {path} is a directory; give the path of the .geojson file to write")
+        if path.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise UserError(
+                f"the output {path} would hold GeoJSON under another name; give a path ending in .geojson"
+            )
+        if image is not None and path.exists() and Path(image).exists() and path.samefile(image):
+            raise UserError(f"the output {path} is the input image; give another path")
+        _check_local(path)
     if outputs.s3:
         _check_s3(output_uris(Outputs(s3=outputs.s3), job_id)[0], s3_client)
 
 
 def _check_local(path: Path) -> None:
-    if path.is_dir():
-        raise UserError(f"the output {path} is a directory; give the path of the .geojson file to write")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -53,8 +64,7 @@ def _check_s3(uri: str, s3_client: Any) -> None:
     bucket, _ = objects.split_s3_url(uri)
     if s3_client is None and boto3.Session().get_credentials() is None:
         raise UserError(
-            f"no AWS credentials to write the output {uri}: set AWS_PROFILE (or AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY), run where an instance role gives them, or write to a local --out"
+            f"no AWS credentials to write the output {uri}: {objects.CREDENTIALS_HELP}; or write a local path"
         )
     client = s3_client or objects.s3_client()
     try:

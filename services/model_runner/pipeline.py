@@ -456,7 +456,7 @@ def run_image(
     cover them (float, signed or single-band images; services/tiling/scaling.py).
     """
     started = time.perf_counter()
-    check_outputs(request.outputs, request.job_id)
+    check_outputs(request.outputs, request.job_id, image=request.image)
     detector = open_detector(request, providers=providers)
     try:
         return _run_opened(request, detector, started, on_plan, on_tiles, s3_endpoint, scaling_rule)

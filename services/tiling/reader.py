@@ -167,7 +167,12 @@ class RasterSource:
                 data: np.ndarray = dataset.read(indexes, window=gdal_window, out_dtype=self.dtype)
             return data
         except rasterio.errors.RasterioError as error:
-            raise UserError(f"reading {self.url} failed at {window}: {error}") from error
+            detail = str(error)
+            if "previous exception" in detail and (error.__cause__ or error.__context__):
+                detail = str(error.__cause__ or error.__context__)  # GDAL's own words
+            raise UserError(
+                f"reading {self.url} failed at {window}: {detail}; the file may be truncated or corrupt"
+            ) from error
         finally:
             self._free.put(dataset)
 

@@ -195,7 +195,13 @@ class InputScaling:
             # The scale is what an 8-bit pixel is multiplied by: 1/255 -> [0, 1]; 1 -> [0, 255].
             output_scale = scale * 255.0
         if value_range is None and metadata.get(INPUT_RANGE_KEY):
-            value_range = parse_value_range(metadata[INPUT_RANGE_KEY])
+            try:
+                value_range = parse_value_range(metadata[INPUT_RANGE_KEY])
+            except UserError as error:
+                raise UserError(
+                    f"the model's metadata {INPUT_RANGE_KEY} is wrong: {error}; fix the model (or state the "
+                    f"range with --scale LOW,HIGH / the request's scaling)"
+                ) from None
         scaling = cls(
             channels=channels,
             value_range=value_range,
