@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from services.errors import UserError
+from services.sky_generator.job import Camera, Sample
 
 STARS_FILE = Path(__file__).with_name("bright_stars.csv")
 #: Stars at least this bright are predicted and must be found.
@@ -40,19 +41,6 @@ MIN_MATCHED_SHARE = 0.7
 MIN_PREDICTED = 3
 #: Stars this close to the image border are not predicted (a disc cut by the border centroids off).
 BORDER_PX = 6
-
-
-@dataclass(frozen=True)
-class Camera:
-    """What the geometry needs of a frame's camera."""
-
-    altitude: float
-    azimuth: float
-    fov: float
-    projection: str
-    width: int
-    height: int
-    atmosphere: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,8 +101,11 @@ def bright_stars(max_magnitude: float = MAX_MAGNITUDE) -> tuple[tuple[str, float
     return tuple(s for s in stars if s[3] <= max_magnitude)
 
 
-def predict(lat: float, lon: float, when: datetime, camera: Camera) -> list[StarPixel]:
-    """The bright stars inside the frame of ``camera`` for an observer at ``lat``, ``lon`` at ``when``."""
+def predict(
+    lat: float, lon: float, when: datetime, camera: Camera, *, atmosphere: bool = False
+) -> list[StarPixel]:
+    """The bright stars inside the frame of ``camera`` for an observer at ``lat``, ``lon`` at ``when``
+    (refracted by a standard atmosphere when ``atmosphere``)."""
     if not -90 <= lat <= 90:
         raise ValueError(f"latitude {lat} is outside -90..90")
     from astropy import units as u
@@ -129,7 +120,7 @@ def predict(lat: float, lon: float, when: datetime, camera: Camera) -> list[Star
     frame = AltAz(
         obstime=Time(when),
         location=EarthLocation.from_geodetic(lon * u.deg, lat * u.deg, 0 * u.m),
-        pressure=(1013.25 if camera.atmosphere else 0.0) * u.hPa,
+        pressure=(1013.25 if atmosphere else 0.0) * u.hPa,
         temperature=15 * u.deg_C,
         relative_humidity=0,
         obswl=0.55 * u.micron,
@@ -224,10 +215,10 @@ def find_blobs(pixels: np.ndarray, *, count: int = 60, window: int = 9, reach: i
     return np.array(kept, np.float32).reshape(-1, 3)
 
 
-def check_frame(
-    image: Path | np.ndarray, lat: float, lon: float, when: datetime, camera: Camera
-) -> FrameGeometry:
-    """Predict the frame's bright stars and match them to its blobs (see the module docstring)."""
+def check_frame(image: Path | np.ndarray, frame: Sample, *, swapped: bool = False) -> FrameGeometry:
+    """Predict ``frame``'s bright stars from its label and match them to the image's blobs (see the module
+    docstring). ``swapped`` checks the label with latitude and longitude exchanged (the counter-test)."""
+    lat, lon = (frame.lon, frame.lat) if swapped else (frame.lat, frame.lon)
     if isinstance(image, Path):
         from PIL import Image
 
@@ -235,7 +226,7 @@ def check_frame(
             pixels = np.asarray(png.convert("RGB"))
     else:
         pixels = image
-    predicted = predict(lat, lon, when, camera)
+    predicted = predict(lat, lon, frame.time, frame.camera, atmosphere=frame.atmosphere)
     blobs = find_blobs(pixels, count=max(60, 4 * len(predicted)))
     errors: list[float | None] = []
     for star in predicted:

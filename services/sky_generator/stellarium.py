@@ -31,11 +31,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 
 from services.errors import UserError
+from services.sky_generator.job import Camera, Sample
 
 #: Where Stellarium and xvfb-run come from, said in every "not installed" error.
 INSTALL_HINT = (
@@ -69,35 +69,13 @@ PLUGINS_OFF = (
 SETTLE_S = 0.25
 STARTUP_TIMEOUT_S = 90.0
 FRAME_TIMEOUT_S = 30.0
-#: After the last frame Stellarium quits by itself; past this it is killed (the frames are kept).
-QUIT_TIMEOUT_S = 20.0
+#: After the last frame Stellarium is given this long to quit by itself (a quit within ~4 s of its start is
+#: ignored), then its process group is stopped; the frames are whole by then (each ends with its IEND).
+QUIT_TIMEOUT_S = 2.0
 
 
 class RenderError(Exception):
     """A shard could not be rendered (Stellarium hung, failed its script or exited early); says why."""
-
-
-@dataclass(frozen=True)
-class View:
-    """Where the camera looks and what it sees: what every frame of a job shares."""
-
-    altitude: float
-    azimuth: float
-    fov: float
-    projection: str
-    width: int
-    height: int
-    atmosphere: bool = False
-
-
-@dataclass(frozen=True)
-class Shot:
-    """One frame to render: the observer and the instant, and the file the screenshot becomes."""
-
-    name: str  # the PNG's file name, ``.png`` included; no colons
-    lat: float
-    lon: float
-    time: datetime  # UTC
 
 
 def find_programs() -> tuple[str, str]:
@@ -126,9 +104,9 @@ def stellarium_version() -> str:
     return version.split("-")[0] if done.returncode == 0 and version else "unknown"
 
 
-def config_ini(view: View) -> str:
-    """Stellarium's ``config.ini`` for ``view`` (see the module docstring); other keys keep their defaults."""
-    flag = "true" if view.atmosphere else "false"
+def config_ini(camera: Camera, *, atmosphere: bool) -> str:
+    """Stellarium's ``config.ini`` for ``camera`` (see the module docstring); other keys keep defaults."""
+    flag = "true" if atmosphere else "false"
     plugins = "\n".join(f"{name} = false" for name in PLUGINS_OFF)
     return f"""[main]
 version = 0.22.2
@@ -137,8 +115,8 @@ invert_screenshots_colors = false
 
 [video]
 fullscreen = false
-screen_w = {view.width}
-screen_h = {view.height}
+screen_w = {camera.width}
+screen_h = {camera.height}
 screen_x = 0
 screen_y = 0
 maximum_fps = 10000
@@ -146,7 +124,7 @@ minimum_fps = 1
 viewport_effect = none
 
 [projection]
-type = {PROJECTIONS[view.projection]}
+type = {PROJECTIONS[camera.projection]}
 viewportMask = none
 flip_horz = false
 flip_vert = false
@@ -200,35 +178,47 @@ flag_script_allow_write_absolute_path = true
 """
 
 
-def script(shots: Sequence[Shot], view: View, screenshot_dir: Path) -> str:
-    """The SSC script that renders ``shots`` into ``screenshot_dir`` and quits Stellarium."""
+def script(frames: Sequence[Sample], screenshot_dir: Path) -> str:
+    """The SSC script that renders ``frames`` (one shard: one camera) into ``screenshot_dir`` and quits."""
+    camera, atmosphere = _shared(frames)
     lines = [
         "// tessera sky generator: one screenshot per frame, then quit.",
         "core.setGuiVisible(false);",
         "core.setTimeRate(0);",
-        f'core.setProjectionMode("{PROJECTIONS[view.projection]}");',
-        f"LandscapeMgr.setFlagAtmosphere({'true' if view.atmosphere else 'false'});",
+        f'core.setProjectionMode("{PROJECTIONS[camera.projection]}");',
+        f"LandscapeMgr.setFlagAtmosphere({'true' if atmosphere else 'false'});",
         "LandscapeMgr.setFlagLandscape(false);",
         "LandscapeMgr.setFlagFog(false);",
         "StelSkyDrawer.setFlagTwinkle(false);",
         'core.setSelectedObjectInfo("None");',
     ]
     directory = _js(str(screenshot_dir))
-    for shot in shots:
-        if ":" in shot.name or not shot.name.endswith(".png"):
-            raise ValueError(f"a frame's file name must end in .png and hold no colon: {shot.name!r}")
-        when = shot.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    for frame in frames:
+        name = frame.file_name
+        if ":" in name or not name.endswith(".png"):
+            raise ValueError(f"a frame's file name must end in .png and hold no colon: {name!r}")
+        when = frame.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
         lines += [
             # Longitude first: (longitude, latitude, altitude, duration, name, planet).
-            f'core.setObserverLocation({shot.lon:.6f}, {shot.lat:.6f}, 0, 0, "", "Earth");',
+            f'core.setObserverLocation({frame.lon:.6f}, {frame.lat:.6f}, 0, 0, "", "Earth");',
             f'core.setDate("{when}", "utc");',
-            f"core.moveToAltAzi({view.altitude:.6f}, {view.azimuth:.6f}, 0);",
-            f"StelMovementMgr.zoomTo({view.fov:.6f}, 0);",
+            f"core.moveToAltAzi({camera.altitude:.6f}, {camera.azimuth:.6f}, 0);",
+            f"StelMovementMgr.zoomTo({camera.fov:.6f}, 0);",
             f"core.wait({SETTLE_S});",
-            f'core.screenshot("{_js(shot.name[: -len(".png")])}", false, "{directory}", true);',
+            f'core.screenshot("{_js(name[: -len(".png")])}", false, "{directory}", true);',
         ]
     lines += ["core.wait(0.2);", "core.quitStellarium();", ""]
     return "\n".join(line for line in lines if line)
+
+
+def _shared(frames: Sequence[Sample]) -> tuple[Camera, bool]:
+    """The camera and atmosphere every frame of a shard shares (ValueError when they differ)."""
+    if not frames:
+        raise ValueError("a shard needs at least one frame")
+    camera, atmosphere = frames[0].camera, frames[0].atmosphere
+    if any(f.camera != camera or f.atmosphere != atmosphere for f in frames):
+        raise ValueError("the frames of one Stellarium run must share their camera and atmosphere")
+    return camera, atmosphere
 
 
 def _js(text: str) -> str:
@@ -237,15 +227,14 @@ def _js(text: str) -> str:
 
 
 def render(
-    shots: Sequence[Shot],
-    view: View,
+    frames: Sequence[Sample],
     out_dir: Path,
     *,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
     frame_timeout_s: float = FRAME_TIMEOUT_S,
     on_frame: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Render ``shots`` with one Stellarium process; the PNGs, in ``shots`` order, are in ``out_dir``.
+    """Render ``frames`` with one Stellarium process; the PNGs, in ``frames`` order, are in ``out_dir``.
 
     ``on_frame`` is called with each frame's path as it appears (progress). Raises :class:`RenderError`
     when a frame does not appear in time, the script fails or Stellarium exits before the last frame, and
@@ -253,18 +242,19 @@ def render(
     rendered again (overwritten), so a shard rendered twice gives the same files.
     """
     stellarium, xvfb = find_programs()
+    camera, atmosphere = _shared(frames)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    expected = [out_dir / shot.name for shot in shots]
+    expected = [out_dir / frame.file_name for frame in frames]
     for path in expected:
         path.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="tessera-stellarium-") as home:
         user_dir = Path(home) / "user"
         (user_dir / "scripts").mkdir(parents=True)
-        (user_dir / "config.ini").write_text(config_ini(view))
-        (user_dir / "scripts" / "shard.ssc").write_text(script(shots, view, out_dir))
+        (user_dir / "config.ini").write_text(config_ini(camera, atmosphere=atmosphere))
+        (user_dir / "scripts" / "shard.ssc").write_text(script(frames, out_dir))
         log_path = Path(home) / "stellarium.out"
-        screen = f"-screen 0 {view.width}x{view.height}x24"
+        screen = f"-screen 0 {camera.width}x{camera.height}x24"
         argv = [
             xvfb,
             "-a",
