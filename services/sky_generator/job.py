@@ -16,6 +16,7 @@ A researcher writes a job file (YAML, or JSON, which is what :meth:`SkyJob.to_js
       projection: perspective        # perspective or stereographic
       size: [640, 480]               # pixels [width, height], each 64..4096
     atmosphere: false                # optional (default false): render without atmosphere
+    night: true                      # optional (default true): only instants when the Sun is 12 deg down
     frames_per_shard: 50             # optional (default 50), 1..1000
     output: s3://bucket/prefix       # an s3:// URL or a local directory
 
@@ -28,7 +29,10 @@ Frames: frame ``index`` (``0 .. count - 1``) draws from its own generator,
 shard size, the count or the order shards are rendered in. Its observer is area-uniform on the sphere
 within the bounds (``sin(latitude)`` uniform between the sines of the bounds; longitude uniform in the
 band, wrapped across the antimeridian when written low > high, and normalised to -180..180); its instant
-is uniform over the whole UTC seconds in ``[start, end)``. Shard ``k`` holds frames
+is uniform over the whole UTC seconds in ``[start, end)`` -- with ``night`` (the default), the first of
+the frame's candidate instants (drawn one after another from its generator) at which the Sun is at least
+12 degrees below the frame's horizon (nautical night: the bright stars are out), so that every frame is a
+night sky even with an atmosphere. Shard ``k`` holds frames
 ``k * frames_per_shard .. min(count, (k + 1) * frames_per_shard) - 1``.
 """
 
@@ -49,6 +53,7 @@ import yaml
 
 from services.errors import UserError
 from services.jobs.documents import S3_URL_PATTERN, DocumentChecker, is_int, kind
+from services.sky_generator.sun import NIGHT_SUN_ALTITUDE, sun_altitude
 
 SCHEMA = "tessera.sky-job/v1"
 #: The sample job shipped with the package (``tessera`` docs and tests read it).
@@ -68,6 +73,7 @@ _TOP = (
     "time",
     "camera",
     "atmosphere",
+    "night",
     "frames_per_shard",
     "output",
 )
@@ -144,6 +150,8 @@ class SkyJob:
     atmosphere: bool
     frames_per_shard: int
     output: str
+    #: Only instants when the Sun is at least 12 degrees below the frame's horizon.
+    night: bool = True
 
     @property
     def shards(self) -> int:
@@ -162,6 +170,7 @@ class SkyJob:
             "time": [_iso(t) for t in self.time_range],
             "camera": _camera_json(self.camera),
             "atmosphere": self.atmosphere,
+            "night": self.night,
             "frames_per_shard": self.frames_per_shard,
             "output": self.output,
         }
@@ -207,8 +216,14 @@ def all_samples(job: SkyJob) -> list[Sample]:
     return [_sample(job, index) for index in range(job.count)]
 
 
+#: Candidate instants a frame draws (in blocks of this many) before its time bounds are judged nightless.
+NIGHT_TRIES = 256
+_NIGHT_BLOCK = 16
+
+
 def _sample(job: SkyJob, index: int) -> Sample:
-    u_lat, u_lon, u_time = (float(u) for u in np.random.default_rng([job.seed, index]).random(3))
+    rng = np.random.default_rng([job.seed, index])
+    u_lat, u_lon, u_time = (float(u) for u in rng.random(3))
     lat_lo, lat_hi = job.lat_range
     sin_lo, sin_hi = math.sin(math.radians(lat_lo)), math.sin(math.radians(lat_hi))
     lat = math.degrees(math.asin(sin_lo + u_lat * (sin_hi - sin_lo)))
@@ -218,7 +233,10 @@ def _sample(job: SkyJob, index: int) -> Sample:
     if lon > 180.0:
         lon -= 360.0
     first, seconds = _whole_seconds(*job.time_range)
-    when = first + timedelta(seconds=min(int(u_time * seconds), seconds - 1))
+    offset = min(int(u_time * seconds), seconds - 1)
+    if job.night:
+        offset = _night_offset(job, index, rng, lat, lon, first, seconds, offset)
+    when = first + timedelta(seconds=offset)
     camera = job.camera
     return Sample(
         job_id=job.job_id,
@@ -233,6 +251,32 @@ def _sample(job: SkyJob, index: int) -> Sample:
         width=camera.width,
         height=camera.height,
         atmosphere=job.atmosphere,
+    )
+
+
+def _night_offset(  # noqa: PLR0917 - one frame's draw, passed on
+    job: SkyJob,
+    index: int,
+    rng: np.random.Generator,
+    lat: float,
+    lon: float,
+    first: datetime,
+    seconds: int,
+    offset: int,
+) -> int:
+    """The first of the frame's candidate instants (seconds after ``first``) with the Sun at least 12 degrees
+    below its horizon; UserError when :data:`NIGHT_TRIES` candidates hold none."""
+    start = first.timestamp()
+    candidates = np.array([offset])
+    for _ in range(NIGHT_TRIES // _NIGHT_BLOCK):
+        night = sun_altitude(lat, lon, start + candidates) <= NIGHT_SUN_ALTITUDE
+        if night.any():
+            return int(candidates[int(np.argmax(night))])
+        candidates = np.minimum((rng.random(_NIGHT_BLOCK) * seconds).astype(np.int64), seconds - 1)
+    raise UserError(
+        f"frame {index} of job {job.job_id} at latitude {lat:.2f}, longitude {lon:.2f} found no night (the "
+        f"Sun {-NIGHT_SUN_ALTITUDE:g} degrees below the horizon) in {NIGHT_TRIES} instants of $.time; widen "
+        "$.time or $.latitude, or set night: false"
     )
 
 
@@ -314,6 +358,9 @@ class _Checker(DocumentChecker):
         atmosphere = data.get("atmosphere", False)
         if not isinstance(atmosphere, bool):
             self.problem("$.atmosphere", f"must be true or false, got {_kind(atmosphere)}")
+        night = data.get("night", True)
+        if not isinstance(night, bool):
+            self.problem("$.night", f"must be true or false, got {_kind(night)}")
         per_shard = self.whole(
             "$.frames_per_shard",
             data.get("frames_per_shard", DEFAULT_FRAMES_PER_SHARD),
@@ -336,6 +383,7 @@ class _Checker(DocumentChecker):
             atmosphere=atmosphere,
             frames_per_shard=per_shard,
             output=output,
+            night=night,
         )
 
     def seed(self, value: Any) -> int | None:

@@ -8,10 +8,12 @@ import json
 import math
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -27,6 +29,7 @@ from services.sky_generator.job import (
     parse_job,
     samples,
 )
+from services.sky_generator.sun import NIGHT_SUN_ALTITUDE, sun_altitude
 
 GOOD: dict[str, Any] = {
     "schema": SCHEMA,
@@ -170,7 +173,8 @@ def test_different_seeds_differ() -> None:
     ],
 )
 def test_every_sample_lies_within_the_bounds(latitude: list[float], longitude: list[float]) -> None:
-    job = job_with(count=2000, latitude=latitude, longitude=longitude)
+    # night: false here, so that polar summers and daylit bands are sampled too (the night rule is below).
+    job = job_with(count=2000, latitude=latitude, longitude=longitude, night=False)
     start, end = job.time_range
     frames = all_samples(job)
     for s in frames:
@@ -187,7 +191,14 @@ def test_every_sample_lies_within_the_bounds(latitude: list[float], longitude: l
 
 def test_latitude_is_uniform_by_area_not_by_degree() -> None:
     n = 20_000
-    frames = all_samples(job_with(count=n, frames_per_shard=1000, latitude=[0, 90], longitude=[-180, 180]))
+    body = {
+        "count": n,
+        "frames_per_shard": 1000,
+        "latitude": [0, 90],
+        "longitude": [-180, 180],
+        "night": False,
+    }
+    frames = all_samples(job_with(**body))
     above_30 = sum(s.lat > 30 for s in frames) / n
     # The cap above 30 degrees is half the hemisphere's area (sin 30 = 0.5); uniform-in-degree gives 2/3.
     # One standard deviation is sqrt(0.25 / 20000) = 0.0035.
@@ -201,7 +212,7 @@ def test_latitude_is_uniform_by_area_not_by_degree() -> None:
 
 def test_longitude_and_time_are_uniform() -> None:
     n = 20_000
-    job = job_with(count=n, frames_per_shard=1000, longitude=[150, -150])  # a 60-degree band
+    job = job_with(count=n, frames_per_shard=1000, longitude=[150, -150], night=False)  # a 60-degree band
     frames = all_samples(job)
     start, end = job.time_range
     span = (end - start).total_seconds()
@@ -424,3 +435,41 @@ def test_the_last_frame_of_the_largest_job() -> None:
     assert last[-1].file_name == "test-sky-999999.png"
     assert samples(job_with(count=1_000_000, frames_per_shard=7), 999_999 // 7)[-1] == last[-1]
     assert last[-1].time - job.time_range[0] < timedelta(hours=12)
+
+
+# --- night: the Sun at least 12 degrees down -------------------------------------------------------------
+
+
+def test_night_frames_have_the_sun_well_below_their_horizon() -> None:
+    job = job_with(
+        count=500,
+        latitude=[30, 50],
+        longitude=[-10, 10],
+        time=["2024-03-01T00:00:00Z", "2024-03-03T00:00:00Z"],
+    )
+    assert job.night  # the default
+    frames = all_samples(job)
+    altitudes = sun_altitude(
+        np.array([f.lat for f in frames]),
+        np.array([f.lon for f in frames]),
+        np.array([f.time.timestamp() for f in frames]),
+    )
+    assert altitudes.max() <= NIGHT_SUN_ALTITUDE
+    # Two whole days, about 40 % nautical night here: the rule picked nights, not a cut of the range.
+    hours = {f.time.hour for f in frames}
+    assert hours <= set(range(0, 7)) | set(range(18, 24)) and len(hours) >= 8
+    assert all_samples(job) == frames  # reproducible, like every other draw
+    daytime = all_samples(replace(job, night=False))
+    assert [(f.lat, f.lon) for f in daytime] == [(f.lat, f.lon) for f in frames]  # only the instants move
+
+
+def test_a_time_range_without_night_is_refused_with_the_fix() -> None:
+    # Tromso-ish in midsummer: the Sun never sets.
+    job = job_with(
+        count=3, latitude=[69, 70], longitude=[18, 19], time=["2024-06-21T00:00:00Z", "2024-06-22T00:00:00Z"]
+    )
+    with pytest.raises(
+        UserError, match=r"found no night .* widen \$\.time or \$\.latitude, or set night: false"
+    ):
+        samples(job, 0)
+    assert len(samples(replace(job, night=False), 0)) == 3
