@@ -116,10 +116,12 @@ def parser() -> argparse.ArgumentParser:
     tunnel.set_defaults(handler=_tunnel)
 
     from services.model_runner import commands as model_runner
+    from services.sky_generator import commands as sky_generator
     from services.trainer import commands as trainer
 
     model_runner.register(commands)
     trainer.register(commands)
+    sky_generator.register(commands)
     worker = commands.add_parser("worker", help="serve a service's queues")
     worker.add_argument("service", choices=sorted(WORKERS), help="which service")
     model_runner.add_worker_options(worker)
@@ -129,7 +131,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 #: ``tessera worker SERVICE``: the module whose ``run_worker(args)`` serves that service's queues.
-WORKERS = {"model-runner": "services.model_runner.commands", "trainer": "services.trainer.commands"}
+WORKERS = {
+    "model-runner": "services.model_runner.commands",
+    "trainer": "services.trainer.commands",
+    "sky-generator": "services.sky_generator.commands",
+}
 
 
 def _worker(args: argparse.Namespace) -> int:

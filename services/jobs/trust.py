@@ -233,6 +233,24 @@ def output_path(value: str, policy: TrustPolicy) -> str:
     return str(path)
 
 
+def output_directory(value: str, policy: TrustPolicy) -> str:
+    """A local directory a job writes many files under (confined: under the output root, returned
+    absolute; a relative path is taken from the root)."""
+    text = _text(value, "the output directory")
+    if not text:
+        raise TrustError("the output directory is empty; give s3://BUCKET/PREFIX or a directory")
+    if not policy.confined:
+        return text
+    if policy.output_root is None:
+        raise TrustError(
+            "queued jobs may not write local files on this deployment; "
+            f"give s3://BUCKET/PREFIX (or set {OUTPUT_ROOT_ENV} on the worker)"
+        )
+    if text.lower().startswith("file:") or "://" in text:
+        raise TrustError(f"{text[:64]!r} is not a directory path; give a path under {policy.output_root}")
+    return str(_under(text, policy.output_root, what="the output directory", env=OUTPUT_ROOT_ENV))
+
+
 def output_s3(value: str, policy: TrustPolicy) -> str:
     """An ``s3://BUCKET[/PREFIX]`` the job's GeoJSON goes under (``<prefix>/<job_id>.geojson``)."""
     text = _text(value, "the output prefix")

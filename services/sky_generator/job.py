@@ -52,6 +52,7 @@ import numpy as np
 import yaml
 
 from services.errors import UserError
+from services.jobs import trust
 from services.jobs.documents import S3_URL_PATTERN, DocumentChecker, is_int, kind
 from services.sky_generator.sun import NIGHT_SUN_ALTITUDE, sun_altitude
 
@@ -330,7 +331,7 @@ def _load(data: str | bytes | Mapping[str, Any], what: str) -> Mapping[str, Any]
 
 
 def _parse(data: str | bytes | Mapping[str, Any], what: str) -> SkyJob:
-    return _Checker(what).job(_load(data, what))
+    return _Checker(what, trust.policy_in_force()).job(_load(data, what))
 
 
 def _kind(value: Any) -> str:
@@ -345,7 +346,11 @@ def _is_number(value: Any) -> bool:
 
 
 class _Checker(DocumentChecker):
-    """The sky job's fields (see the module doc)."""
+    """The sky job's fields (see the module doc), under ``policy`` (a queue worker's confines ``output``)."""
+
+    def __init__(self, what: str, policy: trust.TrustPolicy) -> None:
+        super().__init__(what)
+        self.policy = policy
 
     def job(self, data: Mapping[str, Any]) -> SkyJob:
         job_id = self.header(data, fields=_TOP, schema=SCHEMA, reader="this sky generator")
@@ -551,7 +556,10 @@ class _Checker(DocumentChecker):
         if not isinstance(value, str) or not value.strip():
             self.problem("$.output", f"must be {rule}, got {_kind(value)}")
             return None
-        if value[:5].lower() == "s3://" and not S3_URL_PATTERN.match(value):
-            self.problem("$.output", f"must be s3://BUCKET or s3://BUCKET/PREFIX, got {_kind(value)}")
-            return None
-        return value
+        if value[:5].lower() == "s3://":
+            if not S3_URL_PATTERN.match(value):
+                self.problem("$.output", f"must be s3://BUCKET or s3://BUCKET/PREFIX, got {_kind(value)}")
+                return None
+            return self.trusted("$.output", trust.output_s3, value, self.policy)
+        # A queued job writes only under the worker's output root (services/jobs/trust.py).
+        return self.trusted("$.output", trust.output_directory, value, self.policy)

@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC
@@ -233,10 +234,12 @@ def render(
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
     frame_timeout_s: float = FRAME_TIMEOUT_S,
     on_frame: Callable[[Path], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[Path]:
     """Render ``frames`` with one Stellarium process; the PNGs, in ``frames`` order, are in ``out_dir``.
 
-    ``on_frame`` is called with each frame's path as it appears (progress). Raises :class:`RenderError`
+    ``on_frame`` is called with each frame's path as it appears (progress); setting ``cancel`` stops
+    Stellarium (a worker draining) with a RenderError. Raises :class:`RenderError`
     when a frame does not appear in time, the script fails or Stellarium exits before the last frame, and
     UserError when Stellarium is not installed. Frames already in ``out_dir`` under the shot names are
     rendered again (overwritten), so a shard rendered twice gives the same files.
@@ -277,7 +280,15 @@ def render(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home, start_new_session=True
             )
             try:
-                _watch(process, expected, user_dir / "log.txt", startup_timeout_s, frame_timeout_s, on_frame)
+                _watch(
+                    process,
+                    expected,
+                    user_dir / "log.txt",
+                    startup_timeout_s,
+                    frame_timeout_s,
+                    on_frame,
+                    cancel,
+                )
             except RenderError as error:
                 raise RenderError(f"{error}{_tail(user_dir / 'log.txt', log_path)}") from None
             finally:
@@ -292,11 +303,14 @@ def _watch(  # noqa: PLR0917 - render's state, passed on
     startup_timeout_s: float,
     frame_timeout_s: float,
     on_frame: Callable[[Path], None] | None,
+    cancel: threading.Event | None,
 ) -> None:
     """Wait for each frame in turn; raise RenderError as soon as one cannot come."""
     deadline = time.monotonic() + startup_timeout_s + frame_timeout_s
     for number, path in enumerate(expected, start=1):
         while not _complete(path, process):
+            if cancel is not None and cancel.is_set():
+                raise RenderError(f"stopped before frame {number} of {len(expected)}: the worker is stopping")
             if _script_failed(stellarium_log):
                 raise RenderError(f"Stellarium's script failed before frame {number} of {len(expected)}")
             if process.poll() is not None and not path.exists():

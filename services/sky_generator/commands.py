@@ -1,0 +1,159 @@
+"""``tessera sky ...``: render a sky job here (``render``), put one on the queue (``submit``), run the
+celnav loop end to end (``demo``); and ``tessera worker sky-generator``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from services.errors import UserError
+from services.jobs.commands import log_to_stderr, serve_until_stopped, user_errors, worker_overrides
+
+QUEUE_ENV = "TESSERA_QUEUE_SKY_REQUESTS_URL"
+
+
+def check_directory(directory: Path) -> None:
+    """Refuse, before any rendering, a directory that cannot be made or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tessera-probe-"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write to {directory}: {error.strerror or error}; give another --out"
+        ) from None
+
+
+def _render(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.sky_generator.job import load_job_file
+    from services.sky_generator.shards import MANIFEST, merge_parts, render_shard, write_text
+    from services.sky_generator.stellarium import find_programs, stellarium_version
+
+    job = load_job_file(args.job)
+    if args.out:
+        job_dir = Path(args.out)
+    elif job.output.startswith("s3://"):
+        raise UserError(
+            f"the job writes to {job.output}: `tessera sky render` renders here, so give --out DIR "
+            "(or `tessera sky submit` the job to the workers, which write to S3)"
+        )
+    else:
+        job_dir = Path(job.output) / job.job_id
+    shards = _chosen_shards(args.shards, job.shards)
+    find_programs()
+    check_directory(job_dir)
+    version = stellarium_version()
+    console = Console(stderr=True)
+    frames = sum(min(job.frames_per_shard, job.count - s * job.frames_per_shard) for s in shards)
+    console.print(
+        f"job {job.job_id}: {frames} frames in {len(shards)} shards of {job.frames_per_shard}, "
+        f"{job.camera.width}x{job.camera.height} px, Stellarium {version}; Ctrl-C stops"
+    )
+    progress = Progress(
+        TextColumn("[bold]frames"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task("frames", total=frames, note="")
+    started = time.monotonic()
+    results = []
+    with progress:
+        for shard in shards:
+            progress.update(task, note=f"shard {shard}")
+            results.append(
+                render_shard(job, shard, job_dir, version=version, on_frame=lambda _: progress.advance(task))
+            )
+    parts = sorted(job_dir.glob("parts/shard-*.jsonl"))
+    merged = merge_parts(p.read_text() for p in parts)
+    write_text(job_dir / MANIFEST, merged)
+    seconds = time.monotonic() - started
+    verdicts = [r["geometry"]["verdict"] for result in results for r in result.rows]
+    medians = sorted(m for result in results if (m := result.median_px) is not None)
+    worst = max((w for result in results if (w := result.worst_px) is not None), default=None)
+    print(f"job        {job.job_id}")
+    rate = len(verdicts) / seconds if seconds > 0 else 0.0
+    print(f"frames     {len(verdicts)} in {len(results)} shards ({seconds:.1f} s, {rate:.2f} frames/s)")
+    print(
+        f"geometry   {verdicts.count('pass')} frames proven, {verdicts.count('unverifiable')} with too few "
+        "bright stars to tell"
+        + (
+            f"; median error {medians[len(medians) // 2]:.2f} px, worst star {worst:.2f} px"
+            if medians
+            else ""
+        )
+    )
+    print(f"manifest   {job_dir / MANIFEST} ({len(merged.splitlines())} frames from {len(parts)} parts)")
+    print(f"frames in  {job_dir / 'frames'}")
+    return 0
+
+
+def _chosen_shards(text: str | None, total: int) -> list[int]:
+    """``--shards`` (``3``, ``0-4``, ``1,5,7``) as shard numbers, checked against the job's ``total``."""
+    if not text:
+        return list(range(total))
+    chosen: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            first, last = int(low), int(high or low)
+            chosen.update(range(first, last + 1))
+    except ValueError:
+        raise UserError(f"--shards {text!r}: give shard numbers like 3, 0-4 or 1,5,7") from None
+    bad = sorted(s for s in chosen if not 0 <= s < total)
+    if bad or not chosen:
+        raise UserError(f"--shards {text!r}: the job has shards 0..{total - 1}")
+    return sorted(chosen)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``sky`` (``render``, ``submit``, ``demo``) to the ``tessera`` command parser's subparsers."""
+    sky = subparsers.add_parser("sky", help="labelled night-sky images for celestial navigation (Stellarium)")
+    verbs = sky.add_subparsers(dest="verb", required=True, metavar="VERB")
+    render = verbs.add_parser("render", help="render a sky job here, one Stellarium per shard, with progress")
+    render.add_argument("job", help="the job file (YAML; see services/sky_generator/sample-job.yaml)")
+    render.add_argument("--out", help="the directory to write (default: the job's output/<job_id>)")
+    render.add_argument("--shards", help="only these shards: 3, 0-4 or 1,5,7 (default: all)")
+    render.set_defaults(handler=user_errors("sky render", _render))
+
+
+def add_worker_options(worker: argparse.ArgumentParser) -> None:
+    """The options of ``tessera worker sky-generator`` (shared ones are added by the other services)."""
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Serve the sky-requests queue (``tessera worker sky-generator``)."""
+    return user_errors("worker", _worker)(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from services.sky_generator.worker import Worker, WorkerSettings
+
+    log_to_stderr()
+    settings = WorkerSettings.from_env(**worker_overrides(args))
+    return serve_until_stopped(
+        lambda: Worker(settings), on_signal="finishing the shard in hand, then stopping"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m services.sky_generator.commands ...``."""
+    from services.cli import main as cli_main
+
+    return cli_main(["sky", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
