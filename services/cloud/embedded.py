@@ -25,8 +25,14 @@ import boto3
 
 #: The buckets the platform creates (``infra/storage.py`` DEFAULT_BUCKETS), by purpose.
 BUCKET_PURPOSES: tuple[str, ...] = ("imagery", "results", "models", "datasets", "logs")
-#: The model runner's queues and their visibility timeouts (``infra/queues.py`` DEFAULT_QUEUES).
-QUEUE_VISIBILITY_S: Mapping[str, int] = {"image-requests": 55, "region-requests": 55, "training-jobs": 300}
+#: The queues of the services that run here and their visibility timeouts (``infra/queues.py``
+#: DEFAULT_QUEUES).
+QUEUE_VISIBILITY_S: Mapping[str, int] = {
+    "image-requests": 55,
+    "region-requests": 55,
+    "training-jobs": 300,
+    "sky-requests": 55,
+}
 #: Receives before a message moves to its dead-letter queue (``QueuesArgs.max_receive_count``).
 MAX_RECEIVE_COUNT = 3
 REGION = "us-east-1"

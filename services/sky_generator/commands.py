@@ -99,6 +99,27 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    import json
+
+    from services.cloud.queue import send_message
+    from services.sky_generator.job import load_job_file
+
+    job = load_job_file(args.job)
+    queue_url = args.queue_url or os.environ.get(QUEUE_ENV)
+    if not queue_url:
+        raise UserError(f"no sky-requests queue: pass --queue-url or set {QUEUE_ENV}")
+    message_id = send_message(queue_url, job.to_json())
+    print(job.job_id)
+    print(
+        f"submitted sky job {job.job_id}: {job.count} frames in {job.shards} shards (message {message_id})",
+        file=sys.stderr,
+    )
+    if args.print_job:
+        print(json.dumps(job.to_json(), indent=2), file=sys.stderr)
+    return 0
+
+
 def _chosen_shards(text: str | None, total: int) -> list[int]:
     """``--shards`` (``3``, ``0-4``, ``1,5,7``) as shard numbers, checked against the job's ``total``."""
     if not text:
@@ -126,6 +147,11 @@ def register(subparsers: Any) -> None:
     render.add_argument("--out", help="the directory to write (default: the job's output/<job_id>)")
     render.add_argument("--shards", help="only these shards: 3, 0-4 or 1,5,7 (default: all)")
     render.set_defaults(handler=user_errors("sky render", _render))
+    submit = verbs.add_parser("submit", help="put a sky job on the sky generator's queue")
+    submit.add_argument("job", help="the job file (YAML)")
+    submit.add_argument("--queue-url", help=f"the sky-requests queue (default: ${QUEUE_ENV})")
+    submit.add_argument("--print-job", action="store_true", help="also print the job sent, as JSON")
+    submit.set_defaults(handler=user_errors("sky submit", _submit))
 
 
 def add_worker_options(worker: argparse.ArgumentParser) -> None:
