@@ -34,7 +34,7 @@ def _render(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from services.sky_generator.job import load_job_file
+    from services.sky_generator.job import load_job_file, samples
     from services.sky_generator.shards import MANIFEST, merge_parts, render_shard, write_text
     from services.sky_generator.stellarium import find_programs, stellarium_version
 
@@ -50,6 +50,8 @@ def _render(args: argparse.Namespace) -> int:
         job_dir = Path(job.output) / job.job_id
     shards = _chosen_shards(args.shards, job.shards)
     find_programs()
+    for shard in shards:  # every frame drawn before any is rendered: a nightless range is refused now
+        samples(job, shard)
     check_directory(job_dir)
     version = stellarium_version()
     console = Console(stderr=True)
