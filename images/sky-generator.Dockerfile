@@ -1,19 +1,13 @@
 # syntax=docker/dockerfile:1
-# tessera sky generator: samples observer positions and times from a YAML grid, renders skies with Stellarium
-# under a virtual X server, uploads the images and a labels manifest. Built by the Pulumi program
-# (infra/registry.py) with the repository root as context:
+# tessera sky generator: renders labelled night skies with Stellarium under a virtual X server (Mesa's
+# software OpenGL: a CPU fleet, see stacks/settings.py), proves each frame's geometry, uploads the frames and
+# the labels manifest. Built by the Pulumi program (infra/registry.py) with the repository root as context:
 #   docker build -f images/sky-generator.Dockerfile --platform linux/amd64 .
 
-FROM ghcr.io/astral-sh/uv:0.13.0 AS uv
-
-# ---- build: a Python 3.11 virtual environment holding tessera and its dependencies ------------------------
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS build
-ENV UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_PYTHON_PREFERENCE=only-managed \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY --from=uv /uv /usr/local/bin/uv
-# Ubuntu 24.04 ships Python 3.12; uv installs a standalone CPython 3.11 (the uv version pins which one).
-RUN uv python install 3.11 && uv venv --seed --python 3.11 /opt/venv
+# ---- build: a virtual environment holding tessera and its dependencies ---------------------------------
+FROM python:3.11.14-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
 WORKDIR /src
 # The locked dependencies first (images/locks/, made by images/lock.sh): every package pinned and hashed,
 # so a rebuild from any checkout installs the same files. Their layer stays cached while the code changes.
@@ -26,15 +20,15 @@ COPY stacks/ stacks/
 COPY services/ services/
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
-# ---- runtime: CUDA + cuDNN, Stellarium and Xvfb, the venv --------------------------------------------------
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# ---- runtime: the same Python, Stellarium (Debian 12: 0.22.2, what the tests render with), Xvfb, the venv --
+FROM python:3.11.14-slim-bookworm
 LABEL org.opencontainers.image.title="tessera-sky-generator" \
-      org.opencontainers.image.description="tessera sky generator: labelled Stellarium sky renders" \
+      org.opencontainers.image.description="tessera sky generator: labelled Stellarium sky renders (CPU)" \
       org.opencontainers.image.vendor="tessera" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04"
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
 ARG DEBIAN_FRONTEND=noninteractive
-# xvfb-run needs xauth; Mesa's software OpenGL renders where the GPU exposes no graphics capability.
+# xvfb-run (each shard starts its own Xvfb) needs xauth; libgl1-mesa-dri is Mesa's software renderer.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends stellarium xvfb xauth libgl1-mesa-dri \
     && rm -rf /var/lib/apt/lists/*
@@ -42,7 +36,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LIBGL_ALWAYS_SOFTWARE=1
-COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
 RUN groupadd --system --gid 10001 tessera \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/tessera \
@@ -50,7 +43,7 @@ RUN groupadd --system --gid 10001 tessera \
 WORKDIR /home/tessera
 USER 10001:10001
 # A queue worker serves no port: a crash ends the container, Docker's restart policy starts it again and the
-# SQS visibility timeout hands its unfinished batch to another worker.
+# SQS visibility timeout hands its shard to another worker (its lease lapses with it).
 HEALTHCHECK NONE
 ENTRYPOINT ["tessera"]
 CMD ["worker", "sky-generator"]

@@ -95,10 +95,17 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ),
     ServiceSpec(
         "sky-generator",
-        gpu=True,
+        # Stellarium renders with Mesa's software OpenGL: a CPU fleet (stacks/settings.py DEFAULT_FLEETS).
+        gpu=False,
         runs_on="fleet",
+        # Job messages fan out as shard messages on the same queue.
         consumes=("sky-requests",),
+        sends=("sky-requests",),
+        # It reads back the manifest parts its shards wrote, to merge them.
+        reads=(BucketUse("datasets", "sky/"),),
         writes=(BucketUse("datasets", "sky/"),),
+        # Its jobs and shards.
+        database=DatabaseUse("sky_generator", writes=("sky_generator",)),
     ),
     ServiceSpec(
         "fits-classifier",

@@ -101,13 +101,15 @@ class Settings:
         return self.layer in ("all", "compute")
 
 
-#: Default fleets: the GPU services that serve queues, and the CPU FITS classifier.
+#: Default fleets: the model runner on GPUs; the sky generator and the FITS classifier on CPUs. Stellarium
+#: renders with Mesa's software OpenGL, and a frame waits its settle time whatever draws it, so a GPU buys
+#: little per frame: per dollar a c6i.large wins (bench/sky_render.py, bench/README.md).
 DEFAULT_FLEETS: dict[str, FleetSettings] = {
     "model-runner": FleetSettings("g5.xlarge", 4),
-    "sky-generator": FleetSettings("g5.xlarge", 2),
+    "sky-generator": FleetSettings("c6i.large", 8, backlog_per_instance=4),
     "fits-classifier": FleetSettings("c6i.large", 2),
 }
-GPU_FLEETS = ("model-runner", "sky-generator")
+GPU_FLEETS = ("model-runner",)
 
 
 def _family(instance_type: str) -> str:
