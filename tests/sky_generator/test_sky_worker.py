@@ -254,3 +254,40 @@ def test_a_worker_killed_mid_shard_is_taken_over(sky: Resources, database_url: s
     frames = [k for k in keys(bucket, "sky/sky-kill/frames/")]
     assert frames == [f"sky/sky-kill/frames/sky-kill-{i:06d}.png" for i in range(4)]  # no duplicates
     assert len(manifest_rows(bucket, "sky/sky-kill/manifest.jsonl")) == 4
+
+
+def test_sigterm_drains_a_worker_and_hands_its_shard_back_at_once(
+    sky: Resources, database_url: str, victim_log: Path
+) -> None:
+    bucket, queue = sky.buckets["datasets"], sky.queue_urls["sky-requests"]
+    send_message(queue, job_body(bucket, "sky-drain", count=30, frames_per_shard=30))
+    with victim_log.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services.sky_generator.worker"],
+            cwd=ROOT,
+            env={**os.environ, "TESSERA_DRAIN_S": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        name = f"{socket.gethostname()}:{worker.pid}"
+        try:
+            wait_for(
+                lambda: _running_shard(database_url, name) is not None, 90, "the worker to start the shard"
+            )
+            asked = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=30)
+            took = time.monotonic() - asked
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+    output = victim_log.read_text()
+    assert worker.returncode == 0, output[-2000:]
+    assert took < 10, (took, output[-2000:])  # the 1 s drain, Stellarium stopped, the hand-back
+    with connect(database_url) as conn:
+        (shard,) = records.shards(conn, "sky-drain")
+    assert (shard.status, shard.worker) == ("PENDING", name), output[-2000:]
+    assert shard.error is not None and "handed back" in shard.error
+    assert not keys(bucket, "sky/sky-drain/")  # nothing of the unfinished shard was stored
+    got = boto3.client("sqs").receive_message(QueueUrl=queue, WaitTimeSeconds=2, MaxNumberOfMessages=1)
+    assert len(got.get("Messages", [])) == 1  # visible again at once, not after the visibility timeout
