@@ -60,7 +60,13 @@ def as_user(bootstrapped: str) -> Iterator[Any]:
 
 
 def test_the_table_of_services_names_a_user_per_database_service() -> None:
-    assert {u.user for u in USERS} == {"model_runner", "trainer", "fits_classifier", "sight_catalog"}
+    assert {u.user for u in USERS} == {
+        "model_runner",
+        "trainer",
+        "sky_generator",
+        "fits_classifier",
+        "sight_catalog",
+    }
     assert all(s.database is None or s.database.user == s.name.replace("-", "_") for s in SERVICES)
 
 
