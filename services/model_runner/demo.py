@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from services.errors import UserError
+from services.jobs.crew import Crew
 from services.scenes.scoring import Score, score_detections
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tessera-demo-detector.onnx"
@@ -112,8 +110,7 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
     out_dir = settings.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     platform = EmbeddedPlatform()
-    workers: list[subprocess.Popen[bytes]] = []
-    logs: list[IO[bytes]] = []
+    crew: Crew | None = None
     try:
         with console.status("starting moto (S3, SQS) and PostgreSQL"):
             platform.start()
@@ -131,9 +128,10 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
         s3.upload_file(str(scene_path), platform.bucket("imagery"), f"scenes/{scene_path.name}")
         s3.upload_file(str(model), platform.bucket("models"), f"detectors/{model.name}")
         env = {**os.environ, **platform.env, "PYTHONUNBUFFERED": "1"}
-        worker_logs = _start_workers(settings, env, workers, logs)
+        crew = Crew(settings.worker_command, settings.workers, env, out_dir)
+        crew.start()
         with console.status(f"starting {settings.workers} worker processes"):
-            _wait_for_workers(workers, worker_logs, settings.timeout_s)
+            crew.wait_until_serving(settings.timeout_s)
         console.print(f"{settings.workers} workers serving the region and image queues (logs in {out_dir})")
 
         job_id = f"demo-{settings.seed}-{uuid.uuid4().hex[:6]}"
@@ -143,7 +141,7 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
         )
         submitted = time.monotonic()
         console.print(f"submitted job {job_id}: {image_url} with {model_url}")
-        progress = _follow(platform.database_url, job_id, workers, settings.timeout_s, console)
+        progress = _follow(platform.database_url, job_id, crew, settings.timeout_s, console)
         seconds = time.monotonic() - submitted
         return _result(
             platform=platform,
@@ -156,9 +154,8 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
             s3=s3,
         )
     finally:
-        _stop(workers)
-        for handle in logs:
-            handle.close()
+        if crew is not None:
+            crew.stop()
         platform.stop()
 
 
@@ -196,52 +193,6 @@ def _write_scene(settings: DemoSettings, path: Path, console: Any) -> Any:
     return layout
 
 
-def _start_workers(
-    settings: DemoSettings,
-    env: dict[str, str],
-    workers: list[subprocess.Popen[bytes]],
-    handles: list[IO[bytes]],
-) -> list[Path]:
-    """Start the worker processes (appending them and their open files to the lists); returns their logs."""
-    paths = []
-    for i in range(settings.workers):
-        name = f"worker-{i + 1}"
-        metrics = (settings.out_dir / f"{name}.metrics.jsonl").open("wb")
-        log = (settings.out_dir / f"{name}.log").open("wb")
-        handles += [metrics, log]
-        paths.append(settings.out_dir / f"{name}.log")
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, *settings.worker_command, "--worker-id", name],
-                cwd=ROOT,
-                env=env,
-                stdout=metrics,
-                stderr=log,
-                # Their own session: Ctrl-C reaches the demo only, which then stops them in order.
-                start_new_session=True,
-            )
-        )
-    return paths
-
-
-def _wait_for_workers(workers: list[subprocess.Popen[bytes]], logs: list[Path], timeout_s: float) -> None:
-    """Wait until every worker says it is serving, so that all of them share the job from the start."""
-    deadline = time.monotonic() + timeout_s
-    waiting = set(range(len(workers)))
-    while waiting:
-        for i in sorted(waiting):
-            if "serving" in logs[i].read_text(encoding="utf-8", errors="replace"):
-                waiting.discard(i)
-            elif workers[i].poll() is not None:
-                tail = logs[i].read_text(encoding="utf-8", errors="replace")[-2000:]
-                raise RuntimeError(f"worker {i + 1} exited with status {workers[i].returncode}:\n{tail}")
-        if waiting and time.monotonic() > deadline:
-            raise RuntimeError(
-                f"workers {sorted(w + 1 for w in waiting)} did not start within {timeout_s:.0f} s"
-            )
-        time.sleep(0.1)
-
-
 def _request(settings: DemoSettings, job_id: str, image: str, model: str, results: str) -> dict[str, Any]:
     from services.model_runner.request import parse_request
 
@@ -259,9 +210,7 @@ def _request(settings: DemoSettings, job_id: str, image: str, model: str, result
     return parse_request(request).to_json()
 
 
-def _follow(
-    database_url: str, job_id: str, workers: list[subprocess.Popen[bytes]], timeout_s: float, console: Any
-) -> Any:
+def _follow(database_url: str, job_id: str, crew: Crew, timeout_s: float, console: Any) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from services.cloud.database import connect
@@ -279,7 +228,7 @@ def _follow(
                 bar.update(tiles, total=progress.tiles_total or None, completed=progress.tiles_done)
                 if progress.status in jobs.FINAL:
                     return progress
-            if all(w.poll() is not None for w in workers):
+            if crew.all_exited():
                 raise RuntimeError("every worker exited before the job finished; see the worker logs")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the job did not finish within {timeout_s:.0f} s")
@@ -424,20 +373,6 @@ def draw_preview(
         draw.rectangle(box.tolist(), outline=(40, 220, 60) if ok else (255, 150, 0), width=1)
     image.save(path)
     return path
-
-
-def _stop(workers: list[subprocess.Popen[bytes]], grace_s: float = 15.0) -> None:
-    """SIGTERM (a worker finishes its message), then SIGKILL whatever is left after ``grace_s``."""
-    for worker in workers:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for worker in workers:
-        try:
-            worker.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
 
 
 def print_summary(result: DemoResult, console: Any) -> None:
