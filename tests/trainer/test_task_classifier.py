@@ -1,5 +1,6 @@
-"""The classifier task through a tiny loop of its own: FITS/PNG class folders, robust scaling, training,
-resumption, held-out accuracy, ONNX export checked with ONNX Runtime, and the errors a user can cause."""
+"""The classifier task through a tiny loop of its own: FITS/PNG class folders and generated frames, the
+shared frame preprocessing, training, resumption, held-out accuracy, ONNX export (with the preprocessing in
+its metadata) checked with ONNX Runtime, and the errors a user can cause."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from PIL import Image
 from tiny_loop import CPU, resumed_and_straight
 
 from services.errors import UserError
-from services.trainer.data.frames import read_frame, robust_scale
+from services.frames import PreprocessSpec, prepare
+from services.trainer.data.frames import prepared_frame, read_frame
 from services.trainer.nets.vgg import VggClassifier, conv_count, norm_groups
+from services.trainer.storage import SYNTHETIC
 from services.trainer.task import TrainState
-from services.trainer.tasks.classifier import ClassifierTask
+from services.trainer.tasks.classifier import ClassifierTask, preprocess_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,12 +54,17 @@ def sky_frame(rng: np.random.Generator, cloudy: bool) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two classes of eight frames: .fits (int16, float), .fit and .png, with a NaN and a 1 x H x W cube."""
+    """Two classes of sixteen frames: .fits (int16, float), .fit and .png, with a NaN and a 1 x H x W cube.
+
+    Sixteen, not fewer: with eight a class, whether the tiny network gets all four held-out frames right
+    after 24 steps depended on the seed (it did for 2 to 4 seeds of 6, before and after the preprocessing
+    moved to services.frames); with sixteen, 7 of 8 seeds place every held-out frame, the eighth all but one.
+    """
     root = tmp_path_factory.mktemp("frames")
     rng = np.random.default_rng(3)
     for name in ("clear", "cloudy"):
         (root / name).mkdir()
-        for i in range(8):
+        for i in range(16):
             frame = sky_frame(rng, cloudy=name == "cloudy")
             path = root / name / f"f{i}"
             if i == 0:
@@ -84,19 +92,21 @@ def train(
     return [step["loss"] for step in steps]
 
 
-def test_robust_scale() -> None:
-    ramp = np.arange(1000, dtype=np.float32).reshape(25, 40)
-    scaled = robust_scale(ramp)
-    low, high = np.percentile(ramp, [0.5, 99.5])
-    assert scaled.dtype == np.float32 and scaled.min() == 0.0 and scaled.max() == 1.0
-    assert scaled.flat[500] == pytest.approx((500 - low) / (high - low))
-    hot = ramp.copy()
-    hot[0, 0] = 1e9  # one hot pixel does not squash the rest
-    assert robust_scale(hot).flat[500] == pytest.approx(scaled.flat[500], abs=0.01)
-    with_nan = ramp.copy()
-    with_nan[3, 3] = np.nan
-    assert robust_scale(with_nan)[3, 3] == 0.0 and np.isfinite(robust_scale(with_nan)).all()
-    assert not robust_scale(np.full((4, 4), 7.0, np.float32)).any()
+def test_frames_are_prepared_by_the_shared_function(frames: Path) -> None:
+    """Training input is exactly what the classifier service computes: services.frames.prepare with the
+    job's spec, on the frame as read (the NaN pixel becomes the frame's median, not 0)."""
+    params = ClassifierTask().params({**TINY, "stretch": "zscale", "bin_factor": 2})
+    spec = preprocess_spec(params)
+    assert spec == PreprocessSpec(bin_factor=2, size=32, stretch="zscale")
+    path = frames / "clear" / "f0.fits"
+    raw = read_frame(path)
+    assert np.isnan(raw[5, 5])
+    prepared = prepared_frame(path, spec)
+    assert prepared.shape == (1, 32, 32) and prepared.dtype == np.float32
+    np.testing.assert_array_equal(prepared[0], prepare(raw, bin_factor=2, size=32, stretch="zscale"))
+    assert np.isfinite(prepared).all()
+    with pytest.raises(UserError, match=r"f0\.fits: a 40 x 48 frame is smaller than one 64 x 64 bin"):
+        prepared_frame(path, PreprocessSpec(bin_factor=64, size=32))
 
 
 def test_reads_fits_and_png(frames: Path) -> None:
@@ -118,6 +128,9 @@ def test_params() -> None:
         ({"classes": ["cloudy", "clear"]}, r"classes must list at least two class names .*sorted"),
         ({"classes": "clear,cloudy"}, r"classes must be a list"),
         ({"epochs_": 3}, r"unknown parameter\(s\) epochs_"),
+        ({"stretch": "log"}, r"stretch must be one of 'asinh', 'linear', 'zscale'"),
+        ({"bin_factor": 65}, r"bin_factor must be an integer in \[0, 64\]"),
+        ({"synthetic_per_class": 1}, r"synthetic_per_class must be an integer in \[2, 10000\]"),
     ]
     for given, message in cases:
         with pytest.raises(UserError, match=message):
@@ -140,10 +153,10 @@ def test_load_splits_per_class(frames: Path) -> None:
     task = ClassifierTask()
     data = task.load(frames, task.params(TINY))
     assert data.class_names == ["clear", "cloudy"]
-    assert data.frames.shape == (16, 1, 32, 32) and data.frames.dtype == torch.float32
+    assert data.frames.shape == (32, 1, 32, 32) and data.frames.dtype == torch.float32
     assert data.frames.min() >= 0.0 and data.frames.max() <= 1.0
-    assert len(data.held_out) == 4 and len(data.training) == 12
-    assert data.labels[data.held_out].tolist().count(0) == 2  # two held out of each class
+    assert len(data.held_out) == 8 and len(data.training) == 24
+    assert data.labels[data.held_out].tolist().count(0) == 4  # four held out of each class
     assert set(data.held_out.tolist()).isdisjoint(data.training.tolist())
     again = ClassifierTask().load(frames, task.params(TINY))
     assert torch.equal(again.held_out, data.held_out) and torch.equal(again.frames, data.frames)
@@ -164,11 +177,15 @@ def test_dataset_errors(tmp_path: Path, frames: Path) -> None:
     with pytest.raises(UserError, match=r"empty\b.* is empty; expected frames of class empty"):
         task.load(tmp_path / "one", params)
     (tmp_path / "one" / "empty" / "bad.fits").write_bytes(b"SIMPLE  = nonsense")
-    with pytest.raises(UserError, match=r"cannot read FITS file .*bad\.fits|bad\.fits has no image"):
+    with pytest.raises(
+        UserError, match=r"FITS file .*bad\.fits is truncated: the header of HDU 0 .* no END card"
+    ):
         task.load(tmp_path / "one", params)
     (tmp_path / "one" / "empty" / "bad.fits").unlink()
     fits.PrimaryHDU(np.zeros((3, 8, 8), np.float32)).writeto(tmp_path / "one" / "empty" / "cube.fits")
-    with pytest.raises(UserError, match=r"cube\.fits holds a 3-D image; expected a 2-D frame"):
+    with pytest.raises(
+        UserError, match=r"cube\.fits, HDU 0 \(PRIMARY\): the image is a 3-D cube of 3 planes"
+    ):
         task.load(tmp_path / "one", params)
     with pytest.raises(UserError, match=r"has classes clear, cloudy; parameter classes says a, b"):
         task.load(frames, task.params({**TINY, "classes": ["a", "b"]}))
@@ -204,10 +221,11 @@ def test_training_learns_deterministically(frames: Path) -> None:
     assert all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:2])
     after = task.evaluate(state, data, params)
-    assert set(after) == {"accuracy", "loss", "held_out_frames"} and after["held_out_frames"] == 4
-    # Cloudy frames are told from clear ones on frames it never trained on.
-    assert after["loss"] < 0.75 * before["loss"] and after["accuracy"] == 1.0 > before["accuracy"]
-    assert train(task, task.build(params, CPU), data, params, range(1)) == losses[:2]
+    assert set(after) == {"accuracy", "loss", "held_out_frames"} and after["held_out_frames"] == 8
+    # Cloudy frames are told from clear ones on frames it never trained on (at most one of the eight
+    # missed: a margin for the tiny network's luck, see the fixture).
+    assert after["loss"] < 0.5 * before["loss"] and after["accuracy"] >= 7 / 8 > before["accuracy"]
+    assert train(task, task.build(params, CPU), data, params, range(1)) == losses[:4]  # 4 steps an epoch
 
 
 def test_resumed_job_follows_the_same_trajectory(frames: Path) -> None:
@@ -230,6 +248,8 @@ def test_export_matches_torch(frames: Path, tmp_path: Path) -> None:
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["tessera.class_names"]) == ["clear", "cloudy"]
     assert meta["tessera.input_size"] == "32x32" and "99.5" in meta["tessera.input_scaling"]
+    # The service prepares frames from what the model says it was trained on.
+    assert PreprocessSpec.from_metadata(meta) == PreprocessSpec(bin_factor=0, size=32, stretch="asinh")
 
     session = ort.InferenceSession(str(check.path), providers=["CPUExecutionProvider"])
     (frames_input,) = session.get_inputs()
@@ -242,3 +262,28 @@ def test_export_matches_torch(frames: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         np.testing.assert_allclose(real_logits, model(torch.from_numpy(real)).numpy(), atol=1e-4)
     assert real_logits.shape == (5, 2)
+
+
+def test_synthetic_frames(tmp_path: Path) -> None:
+    """``--dataset synthetic``: generated good / mirror_wobble / shutter_fault frames, written as FITS and
+    read back like real ones, reproducible from the seed; ``classes`` picks a subset."""
+    task = ClassifierTask()
+    params = task.params({**TINY, "synthetic_per_class": 4, "synthetic_side": 96})
+    data = task.load(Path(SYNTHETIC), params)
+    assert data.class_names == ["good", "mirror_wobble", "shutter_fault"]
+    assert data.frames.shape == (12, 1, 32, 32) and data.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert data.frames.min() >= 0.0 and data.frames.max() <= 1.0
+    assert len(data.held_out) == 3 and len(data.training) == 9
+    assert data.files[0] == Path("synthetic/good/good-0000.fits")
+    again = ClassifierTask().load(Path(SYNTHETIC), params)
+    assert torch.equal(again.frames, data.frames)
+    other = ClassifierTask().load(Path(SYNTHETIC), {**params, "seed": 1})
+    assert not torch.equal(other.frames, data.frames)
+    pair = task.params(
+        {**TINY, "synthetic_per_class": 2, "synthetic_side": 64, "classes": ["good", "shutter_fault"]}
+    )
+    assert task.load(Path(SYNTHETIC), pair).class_names == ["good", "shutter_fault"]
+    with pytest.raises(
+        UserError, match=r"synthetic frames come in classes .*; parameter classes names cloudy"
+    ):
+        task.load(Path(SYNTHETIC), task.params({**TINY, "classes": ["cloudy", "good"]}))

@@ -1,25 +1,42 @@
 """The classifier task: a VGG16-style network (``nets.vgg``) sorting telescope frames into classes.
 
 Dataset layout: one subfolder per class, its name the class name; frames inside (searched recursively) are
-FITS (.fits, .fit, .fts, .fits.gz: the first image HDU with data, 2-D after dropping size-1 axes) or PNG
-(colour averaged to grey)::
+FITS (.fits, .fit, .fts, .fits.gz, tile-compressed .fz: the first image HDU with data, 2-D after dropping
+size-1 axes) or PNG (colour averaged to grey)::
 
     DATASET/
       star_field/  a.fits  b.fit  c.png ...
       cloudy/      d.fits ...
 
+Or the word ``synthetic``: ``synthetic_per_class`` generated frames (:mod:`services.frames.synthetic`) of
+``synthetic_side`` x ``synthetic_side`` pixels for each of the classes good, mirror_wobble and
+shutter_fault (or the subset named by ``classes``), drawn from ``seed``, written as 16-bit FITS files like a
+CCD's to a temporary folder and read back through the same path as real frames. With the defaults (24 x 3
+frames of 512 px, binned 2x2 to 256 and cropped to 224) they are made and prepared in a few seconds; the
+network's cost is then ``width``'s: on 2 CPU cores a step of 32 frames takes about 30 s at width 1 and 2 s
+at width 0.125 (``--param width=0.125`` for a quick look). Those 512 px frames are a quick look, not a
+stand-in for real ones: binned by 2, their stars are 4.5 times wider in the network's pixels than on a
+2048 px IO:O frame binned by 9. A model meant for real frames trains on ``synthetic_side=2048`` (the same
+binning as in service; about 0.75 s a frame to make and prepare).
+
 Class names are the subfolder names in sorted order (class index = position); folders whose names start
-with "." are ignored; at least two classes are needed, and every class folder must hold a frame. Frames
-are scaled with ``data.frames.robust_scale`` (0.5th-99.5th percentile -> [0, 1], clipped) and resized to
-``input_size`` x ``input_size``, once, in ``load`` (kept in memory as float32: 4 * input_size^2 bytes
-each). ``val_fraction`` of each class (rounded; always leaving one for training) is held out, chosen by
-``seed``, for ``evaluate``; with none held out, ``evaluate`` reports on the training frames
+with "." are ignored; at least two classes are needed, and every class folder must hold a frame. Every
+frame is prepared by :func:`services.frames.prepare`, the function the classifier service runs on incoming
+frames, with the hyper-parameters ``bin_factor`` (boxcar median; 0, the default, picks per frame the
+largest factor that keeps the binned frame at least ``input_size`` on its shorter side: 9 for 2x2-binned
+IO:O frames of 2048 px, 2 for the synthetic 512 px ones), ``stretch`` (asinh, linear or zscale) and
+``input_size`` (centre crop or zero-pad), once, in ``load`` (kept in memory as float32: 4 * input_size^2
+bytes each). ``val_fraction`` of each class (rounded; always leaving one for training) is held out, chosen
+by ``seed``, for ``evaluate``; with none held out, ``evaluate`` reports on the training frames
 (``held_out_frames`` = 0 says so).
 
 The number of classes is a property of the dataset, while ``build`` sees only the parameters: ``build``
 takes the class names from the ``classes`` parameter when given (a sorted list; it must match the folders),
 or else from the latest ``load`` on this task object; so a loop calls ``load`` before ``build`` (one task
-object per job). The names are kept in ``TrainState.extra["class_names"]`` and exported as ONNX metadata.
+object per job). The names are kept in ``TrainState.extra["class_names"]`` and exported as ONNX metadata,
+with the preprocessing (:meth:`services.frames.PreprocessSpec.to_metadata`) and the verdict rule the
+classifier service applies (``tessera.threshold``, the ``threshold`` parameter: a fault is declared when its
+probability reaches it; ``tessera.good_class`` when a class is named good), which the service reads back.
 
 Training: cross-entropy, AdamW. Export: ``frames [N, 1, S, S]`` -> ``logits [N, classes]``.
 """
@@ -27,6 +44,7 @@ Training: cross-entropy, AdamW. Export: ``frames [N, 1, S, S]`` -> ``logits [N, 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -37,17 +55,25 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch spelling)
 
 from services.errors import UserError
-from services.trainer.data.frames import FRAME_SUFFIXES, SCALING, prepared_frame
+from services.frames import STRETCHES, PreprocessSpec
+from services.frames.synthetic import CLASSES as SYNTHETIC_CLASSES
+from services.frames.synthetic import make_dataset
+from services.trainer.data.frames import FRAME_SUFFIXES, prepared_frame
 from services.trainer.data.images import decode_all, list_files
 from services.trainer.data.seeding import batch_indices, epoch_generator, held_out_split, seeded
 from services.trainer.nets.modes import evaluating
 from services.trainer.nets.vgg import VggClassifier
+from services.trainer.storage import SYNTHETIC
 from services.trainer.task import ExportCheck, TrainState
 from services.trainer.tasks.hyperparameters import Rule, resolve
 from services.trainer.tasks.onnx_export import bare, export_onnx
 
+#: The class of a frame with nothing wrong (the synthetic frames' name for it).
+GOOD_CLASS = "good"
 RULES: dict[str, Rule] = {
     "input_size": Rule(224, int, 32, 1024, multiple_of=32),
+    "bin_factor": Rule(0, int, 0, 64),
+    "stretch": Rule("asinh", str, choices=STRETCHES),
     "width": Rule(1.0, float, 0.0, 4.0, open_low=True),
     "head_width": Rule(256, int, 1, 4096),
     "batch_size": Rule(32, int, 1, 4096),
@@ -56,8 +82,11 @@ RULES: dict[str, Rule] = {
     "val_fraction": Rule(0.2, float, 0.0, 0.9),
     "classes": Rule((), list),
     "seed": Rule(0, int, 0, 2**31 - 1),
+    "synthetic_per_class": Rule(24, int, 2, 10_000),
+    "synthetic_side": Rule(512, int, 64, 8192),
+    "threshold": Rule(0.5, float, 0.0, 1.0, open_low=True),
 }
-_LAYOUT = "one subfolder per class holding .fits/.fit/.png frames"
+_LAYOUT = "one subfolder per class holding .fits/.fit/.fz/.png frames, or 'synthetic'"
 _EXPORT_STREAM = 2
 
 
@@ -104,8 +133,29 @@ class ClassifierTask:
         return params
 
     def load(self, dataset: Path, params: Mapping[str, Any]) -> FrameSet:
-        """Read, scale and resize every frame under ``dataset``; split off the held-out frames."""
-        folder = Path(dataset)
+        """Read and prepare every frame under ``dataset`` (or generated ones for ``synthetic``); split off
+        the held-out frames."""
+        if str(dataset) == SYNTHETIC:
+            return self._load_synthetic(params)
+        return self._load_folder(Path(dataset), params)
+
+    def _load_synthetic(self, params: Mapping[str, Any]) -> FrameSet:
+        names = list(params["classes"]) or list(SYNTHETIC_CLASSES)
+        unknown = sorted(set(names) - set(SYNTHETIC_CLASSES))
+        if unknown:
+            raise UserError(
+                f"{self.name}: synthetic frames come in classes {', '.join(SYNTHETIC_CLASSES)}; "
+                f"parameter classes names {', '.join(unknown)}"
+            )
+        side = params["synthetic_side"]
+        with tempfile.TemporaryDirectory(prefix="tessera-frames-") as folder:
+            make_dataset(folder, params["synthetic_per_class"], params["seed"], (side, side), classes=names)
+            data = self._load_folder(Path(folder), params)
+        # The files are gone with the folder: keep their names, relative to the word that made them.
+        files = [Path(SYNTHETIC) / f.relative_to(folder) for f in data.files]
+        return FrameSet(data.frames, data.labels, data.class_names, data.training, data.held_out, files)
+
+    def _load_folder(self, folder: Path, params: Mapping[str, Any]) -> FrameSet:
         if not folder.is_dir():
             raise UserError(f"dataset {folder} does not exist or is not a directory; expected {_LAYOUT}")
         class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -128,7 +178,7 @@ class ClassifierTask:
             held_out += [len(files) + i for i in held]
             files += found
             labels += [label] * len(found)
-        frames = decode_all(files, partial(prepared_frame, size=params["input_size"]))
+        frames = decode_all(files, partial(prepared_frame, spec=preprocess_spec(params)))
         self._loaded_classes = names
         return FrameSet(
             torch.from_numpy(frames),
@@ -200,13 +250,18 @@ class ClassifierTask:
         source = epoch_generator(params["seed"], 0, _EXPORT_STREAM)
         frames = torch.rand(2, 1, size, size, generator=source).numpy()
         names = state.extra["class_names"]
+        spec = preprocess_spec(params)
         metadata = {
             "tessera.task": self.name,
             "tessera.architecture": f"vgg16-bn-gap-width{params['width']:g}",
             "tessera.class_names": json.dumps(list(names)),
             "tessera.input_size": f"{size}x{size}",
-            "tessera.input_scaling": SCALING,
+            "tessera.input_scaling": spec.describe(),
             "tessera.params": json.dumps(dict(params), sort_keys=True),
+            # The service's verdict rule: a fault when its probability reaches the threshold, else good.
+            "tessera.threshold": f"{params['threshold']:g}",
+            **({"tessera.good_class": GOOD_CLASS} if GOOD_CLASS in names else {}),
+            **spec.to_metadata(),
         }
         return export_onnx(
             state.models["classifier"],
@@ -220,3 +275,8 @@ class ClassifierTask:
     def pictures(self, state: TrainState, directory: Path, params: Mapping[str, Any]) -> list[Path]:
         """None: the loss and accuracy curves say it all."""
         return []
+
+
+def preprocess_spec(params: Mapping[str, Any]) -> PreprocessSpec:
+    """How this job prepares frames (its ``bin_factor``, ``input_size`` and ``stretch``)."""
+    return PreprocessSpec(params["bin_factor"], params["input_size"], params["stretch"])
