@@ -1,4 +1,9 @@
-"""SQS work queues, each with a dead-letter queue, encrypted and long-polled."""
+"""SQS work queues, each with a dead-letter queue, encrypted and long-polled.
+
+Queues use the platform's KMS key, except those an AWS service sends to (``QueueSpec.sse_sqs``): S3 event
+notifications cannot use a customer managed key unless its key policy lets the S3 service principal use it,
+so those queues use SQS-managed encryption (SSE-SQS), which S3 can send to with no key grant at all.
+"""
 
 from __future__ import annotations
 
@@ -133,6 +138,12 @@ class QueueSpec:
     """Seconds a received message stays hidden; longer than one attempt takes, or a heartbeat extends it."""
     message_retention_s: int = 345_600
     """Seconds an unreceived message is kept (default 4 days)."""
+    sse_sqs: bool = False
+    """Encrypt with SQS-managed keys (SSE-SQS) even where the platform key is given: for a queue an AWS
+    service sends to (S3 event notifications, ``infra/notifications.py``). The platform key would need a
+    key-policy grant to the S3 service principal, and the key exists before the bucket and queue it would be
+    scoped to; SSE-SQS needs none. What such a queue carries is event metadata (bucket, key, size, ETag);
+    the objects themselves stay encrypted with the platform key."""
 
     def __post_init__(self) -> None:
         if not _PURPOSE.match(self.purpose):
@@ -161,7 +172,8 @@ DEFAULT_QUEUES: tuple[QueueSpec, ...] = (
     # One training box: a job waits for it to come back rather than running twice; still under 5 minutes.
     QueueSpec("training-jobs", visibility_timeout_s=300),
     QueueSpec("sky-requests", visibility_timeout_s=RECOVERY_S),
-    QueueSpec("fits-frames", visibility_timeout_s=RECOVERY_S),
+    # Fed by the imagery bucket's S3 event notifications (services/cloud/events.py NOTIFICATIONS).
+    QueueSpec("fits-frames", visibility_timeout_s=RECOVERY_S, sse_sqs=True),
 )
 
 
@@ -172,7 +184,7 @@ class QueuesArgs:
     max_receive_count: int = 3
     """Receives before a message goes to its queue's dead-letter queue (1..1000)."""
     kms_key_arn: pulumi.Input[str] | None = None
-    """KMS key for every queue; None uses SQS-managed encryption (SSE-SQS)."""
+    """KMS key for every queue but those whose spec asks for SSE-SQS; None uses SSE-SQS for all."""
     queues: Sequence[QueueSpec] = field(default_factory=lambda: DEFAULT_QUEUES)
     """One queue pair per spec, keyed by purpose."""
 
@@ -204,7 +216,7 @@ class Queues(pulumi.ComponentResource):
                     visibility_timeout_s=spec.visibility_timeout_s,
                     message_retention_s=spec.message_retention_s,
                     max_receives=args.max_receive_count,
-                    kms_key_arn=args.kms_key_arn,
+                    kms_key_arn=None if spec.sse_sqs else args.kms_key_arn,
                 ),
                 opts=pulumi.ResourceOptions(parent=self),
             )

@@ -191,6 +191,128 @@ def check_agent_can_read_tags(run: OfflineRun) -> Iterator[Finding]:
             )
 
 
+#: The S3 service principal: the sender of bucket event notifications.
+S3_PRINCIPAL = "s3.amazonaws.com"
+#: The AWS managed key of SQS: its key policy cannot be changed, so S3 can never send to a queue using it.
+AWS_MANAGED_SQS_KEY = "alias/aws/sqs"
+
+
+def _listed(value: Any) -> list[str]:
+    return [str(v) for v in ([value] if isinstance(value, str) else value or [])]
+
+
+def _condition_values(statement: dict[str, Any], key: str) -> set[str]:
+    """Every value a statement's conditions give ``key`` (under any operator)."""
+    found: set[str] = set()
+    for clauses in (statement.get("Condition") or {}).values():
+        for name, value in (clauses or {}).items():
+            if name.lower() == key.lower():
+                found.update(_listed(value))
+    return found
+
+
+def queue_senders(policy: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(principal, statement) for each statement of a queue policy that allows sqs:SendMessage."""
+    senders = []
+    for statement in _statements(policy):
+        actions = {a.lower() for a in _listed(statement.get("Action"))}
+        if statement.get("Effect") == "Allow" and actions & {"sqs:sendmessage", "sqs:*", "*"}:
+            principal = statement.get("Principal")
+            senders.append(({"*": principal} if isinstance(principal, str) else principal or {}, statement))
+    return senders
+
+
+def _s3_may_send(policy: Any, bucket_arn: str) -> bool:
+    for principal, statement in queue_senders(policy):
+        if S3_PRINCIPAL in _listed(principal.get("Service")) and bucket_arn in _condition_values(
+            statement, "aws:SourceArn"
+        ):
+            return True
+    return False
+
+
+def _key_lets_s3_send(key: Declared | None) -> bool:
+    """Whether a customer managed key's policy lets the S3 service make and read SQS data keys."""
+    if key is None:
+        return False
+    granted: set[str] = set()
+    for statement in _statements(key.inputs.get("policy")):
+        principal = statement.get("Principal") or {}
+        services = _listed(principal.get("Service")) if isinstance(principal, dict) else []
+        if statement.get("Effect") == "Allow" and S3_PRINCIPAL in services:
+            granted |= {a.lower() for a in _listed(statement.get("Action"))}
+    wildcard = {"kms:*", "*"}
+    return bool(granted & (wildcard | {"kms:generatedatakey", "kms:generatedatakey*"})) and bool(
+        granted & (wildcard | {"kms:decrypt", "kms:decrypt*"})
+    )
+
+
+def check_s3_notifications_deliverable(run: OfflineRun) -> Iterator[Finding]:
+    """Every S3 event notification to a queue can be delivered on AWS.
+
+    Under mocks any notification "works". On AWS S3 sends to the queue as the S3 service: the queue's policy
+    must allow ``s3.amazonaws.com`` to send for that bucket (``aws:SourceArn``), the notification must be
+    created after that policy (S3 validates the destination then, and refuses it otherwise), and the
+    queue's encryption must be one S3 can use: SSE-SQS, or a customer managed key whose policy lets S3 call
+    ``kms:GenerateDataKey`` and ``kms:Decrypt`` (never the AWS managed ``alias/aws/sqs``).
+    """
+    queues = {str(q.get("arn")): q for q in run.of_type("aws:sqs/queue:Queue")}
+    policies = {str(p.inputs.get("queueUrl")): p for p in run.of_type("aws:sqs/queuePolicy:QueuePolicy")}
+    buckets = {str(b.get("bucket")): b for b in run.of_type("aws:s3/bucket:Bucket")}
+    keys = {
+        ref: k
+        for k in run.of_type("aws:kms/key:Key")
+        for ref in (str(k.get("arn")), str(k.get("keyId")), str(k.get("id")))
+    }
+    for notification in run.of_type("aws:s3/bucketNotification:BucketNotification"):
+        label = f"BucketNotification {notification.name}"
+        name = str(notification.inputs.get("bucket"))
+        bucket = buckets.get(name)
+        bucket_arn = str(bucket.get("arn")) if bucket else f"arn:aws:s3:::{name}"
+        for target in notification.inputs.get("queues") or []:
+            arn = str(target.get("queueArn"))
+            queue = queues.get(arn)
+            if queue is None:
+                yield Finding("s3-notification", label, f"sends to {arn}, which this stack does not declare")
+                continue
+            policy = policies.get(str(queue.get("url")))
+            if policy is None or not _s3_may_send(policy.inputs.get("policy"), bucket_arn):
+                yield Finding(
+                    "s3-notification",
+                    label,
+                    f"sends to queue {queue.name}, whose policy does not let {S3_PRINCIPAL} send for "
+                    f"{bucket_arn} (aws:SourceArn); S3 refuses the configuration",
+                )
+            elif (policy.type, policy.name) not in notification.depends_on:
+                yield Finding(
+                    "s3-notification",
+                    label,
+                    f"does not depend on {policy.name}: S3 validates queue {queue.name} when the "
+                    "configuration is put and refuses it if the policy is not in place yet",
+                )
+            key = str(queue.inputs.get("kmsMasterKeyId") or "")
+            if not key:
+                continue
+            if key.endswith(AWS_MANAGED_SQS_KEY):  # the alias or its ARN
+                yield Finding(
+                    "s3-notification",
+                    label,
+                    f"sends to queue {queue.name}, encrypted with {AWS_MANAGED_SQS_KEY}, which S3 cannot "
+                    "use; use SSE-SQS or a customer managed key that lets S3 use it",
+                )
+            elif not _key_lets_s3_send(keys.get(key)):
+                yield Finding(
+                    "s3-notification",
+                    label,
+                    f"sends to queue {queue.name}, encrypted with {key}, whose key policy does not let "
+                    f"{S3_PRINCIPAL} call kms:GenerateDataKey and kms:Decrypt; S3 drops every event",
+                )
+
+
 def graph_findings(run: OfflineRun, data_run: OfflineRun | None = None) -> list[Finding]:
     """Every reachability and permission finding of the graph checks above."""
-    return [*check_database_reachable(run, data_run), *check_agent_can_read_tags(run)]
+    return [
+        *check_database_reachable(run, data_run),
+        *check_agent_can_read_tags(run),
+        *check_s3_notifications_deliverable(run),
+    ]

@@ -42,6 +42,8 @@ class Declared:
     protect: bool = False
     parent: str | None = None
     parent_type: str | None = None
+    #: The resources named in its ``depends_on`` option, as ``(type token, logical name)``.
+    depends_on: tuple[tuple[str, str], ...] = ()
 
     def get(self, key: str, default: Any = None) -> Any:
         """An output (which includes every input) by its engine key (camelCase)."""
@@ -340,12 +342,22 @@ def run_offline(
     constructed: list[tuple[str, str, pulumi.Resource]] = []
 
     parent_names: list[tuple[str, str, str | None, str | None]] = []
+    dependencies: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 
     def record(args: pulumi.ResourceTransformationArgs) -> None:
         constructed.append((args.type_, args.name, args.resource))
         parent = args.opts.parent if args.opts is not None else None
         parent_type = getattr(parent, "_type", None) if parent is not None else None
         parent_names.append((args.type_, args.name, getattr(parent, "_name", None), parent_type))
+        named = args.opts.depends_on if args.opts is not None else None
+        if isinstance(named, pulumi.Resource):
+            named = [named]
+        if isinstance(named, list | tuple):
+            dependencies[(args.type_, args.name)] = tuple(
+                (str(getattr(d, "_type", "")), str(getattr(d, "_name", "")))
+                for d in named
+                if isinstance(d, pulumi.Resource)
+            )
 
     pulumi.runtime.register_stack_transformation(record)
     resolved: dict[str, Any] = {}
@@ -371,4 +383,5 @@ def run_offline(
     for d in mocks.declared:
         d.protect = protect.get((d.type, d.name), False)
         d.parent, d.parent_type = parents.get((d.type, d.name), (None, None))
+        d.depends_on = dependencies.get((d.type, d.name), ())
     return OfflineRun(resources=mocks.declared, outputs=resolved, mocks=mocks)

@@ -37,6 +37,7 @@ from infra.jump_host import JumpHost, JumpHostArgs
 from infra.logs import ServiceLogs, ServiceLogsArgs
 from infra.monitoring import Monitoring, MonitoringArgs, grafana_read_statements
 from infra.network import Network, NetworkArgs
+from infra.notifications import QueueNotifications, QueueNotificationsArgs, QueueRoute
 from infra.queues import Queues, QueuesArgs
 from infra.registry import Registry, RegistryArgs
 from infra.storage import Storage, StorageArgs
@@ -51,6 +52,7 @@ from infra.trainer_images import (
     variants_to_build,
 )
 from infra.training import ACCELERATOR_FAMILIES, TrainingInstance, TrainingInstanceArgs, accelerator_for
+from services.cloud.events import NOTIFICATIONS
 from stacks.services import (
     DATABASE_BOOTSTRAP,
     SERVICE_NAMES,
@@ -97,6 +99,29 @@ class DataLayer(pulumi.ComponentResource):
         self.storage = Storage(f"{name}-s3", StorageArgs(kms_key_arn=key, force_destroy=s.throwaway), child)
         self.queues = Queues(
             f"{name}-sqs", QueuesArgs(max_receive_count=s.queue_max_receive_count, kms_key_arn=key), child
+        )
+        # Buckets notify queues of the objects created under a prefix (the routes: services/cloud/events.py,
+        # which the embedded default wires too). Both ends live here, in the data layer.
+        self.notifications = QueueNotifications(
+            f"{name}-events",
+            QueueNotificationsArgs(
+                account_id=account_id,
+                routes=[
+                    QueueRoute(
+                        id=route.id,
+                        bucket=route.bucket,
+                        bucket_name=self.storage.bucket_names[route.bucket],
+                        bucket_arn=self.storage.bucket_arns[route.bucket],
+                        queue=route.queue,
+                        queue_url=self.queues.urls[route.queue],
+                        queue_arn=self.queues.arns[route.queue],
+                        prefix=route.prefix,
+                        events=route.events,
+                    )
+                    for route in NOTIFICATIONS
+                ],
+            ),
+            child,
         )
         sgs = self.network.service_security_group_ids
         self.database = Database(

@@ -1,7 +1,9 @@
 """The local, embedded default: moto's server for S3 and SQS on loopback and a real PostgreSQL in a directory.
 
-It creates the buckets and queues the platform creates (same purposes, same dead-letter redrive) and hands
-back the environment a worker needs, under the names the Pulumi program gives the containers
+It creates the buckets and queues the platform creates (same purposes, same dead-letter redrive), wires the
+same S3 event notifications (``services/cloud/events.py`` NOTIFICATIONS: an object created under
+``fits/incoming/`` of the imagery bucket becomes a message on the fits-frames queue) and hands back the
+environment a worker needs, under the names the Pulumi program gives the containers
 (``stacks/program.py`` ``service_environment``), so a worker cannot tell it from the real platform.
 """
 
@@ -23,6 +25,8 @@ from typing import Any
 
 import boto3
 
+from services.cloud.events import NOTIFICATIONS, NotificationRoute
+
 #: The buckets the platform creates (``infra/storage.py`` DEFAULT_BUCKETS), by purpose.
 BUCKET_PURPOSES: tuple[str, ...] = ("imagery", "results", "models", "datasets", "logs")
 #: The queues of the services that run here and their visibility timeouts (``infra/queues.py``
@@ -32,6 +36,7 @@ QUEUE_VISIBILITY_S: Mapping[str, int] = {
     "region-requests": 55,
     "training-jobs": 300,
     "sky-requests": 55,
+    "fits-frames": 55,
 }
 #: Receives before a message moves to its dead-letter queue (``QueuesArgs.max_receive_count``).
 MAX_RECEIVE_COUNT = 3
@@ -94,8 +99,13 @@ def create_resources(
     max_receive_count: int = MAX_RECEIVE_COUNT,
     visibility_s: Mapping[str, int] | None = None,
     region: str = REGION,
+    notify: bool = True,
 ) -> Resources:
-    """Create the platform's buckets and the model runner's queues (each with its DLQ) on ``endpoint_url``."""
+    """Create the platform's buckets and the services' queues (each with its DLQ) on ``endpoint_url``.
+
+    ``notify`` wires the platform's S3 event notifications (:func:`wire_notifications`): each sends its
+    queue S3's ``s3:TestEvent`` message at once, as AWS does. Without it a queue holds only what is sent.
+    """
     credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": region}
     s3 = boto3.client("s3", endpoint_url=endpoint_url, **credentials)
     sqs = boto3.client("sqs", endpoint_url=endpoint_url, **credentials)
@@ -119,7 +129,40 @@ def create_resources(
                 ),
             },
         )["QueueUrl"]
-    return Resources(buckets=buckets, queue_urls=queue_urls, dlq_urls=dlq_urls)
+    resources = Resources(buckets=buckets, queue_urls=queue_urls, dlq_urls=dlq_urls)
+    if notify:
+        wire_notifications(s3, sqs, resources)
+    return resources
+
+
+def wire_notifications(
+    s3: Any, sqs: Any, resources: Resources, routes: tuple[NotificationRoute, ...] = NOTIFICATIONS
+) -> None:
+    """Put each bucket's notification configuration: one queue configuration per route of the bucket.
+
+    Like ``infra/notifications.py`` on AWS (one configuration per bucket holds all its routes). A route whose
+    bucket or queue was not created is left out.
+    """
+    by_bucket: dict[str, list[dict[str, Any]]] = {}
+    for route in routes:
+        if route.bucket not in resources.buckets or route.queue not in resources.queue_urls:
+            continue
+        queue_arn = sqs.get_queue_attributes(
+            QueueUrl=resources.queue_urls[route.queue], AttributeNames=["QueueArn"]
+        )["Attributes"]["QueueArn"]
+        by_bucket.setdefault(route.bucket, []).append(
+            {
+                "Id": route.id,
+                "QueueArn": queue_arn,
+                "Events": list(route.events),
+                "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": route.prefix}]}},
+            }
+        )
+    for purpose, configurations in by_bucket.items():
+        s3.put_bucket_notification_configuration(
+            Bucket=resources.buckets[purpose],
+            NotificationConfiguration={"QueueConfigurations": configurations},
+        )
 
 
 def worker_environment(

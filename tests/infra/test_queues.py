@@ -76,11 +76,17 @@ def test_default_max_receive_count_is_3(offline: Callable[..., OfflineRun]) -> N
 
 
 def test_queues_encrypted_with_the_key(offline: Callable[..., OfflineRun]) -> None:
-    queues = _queues(offline, kms_key_arn=KEY_ARN).of_type(QUEUE)
-    assert len(queues) == 10
-    for queue in queues:
-        assert queue.inputs["kmsMasterKeyId"] == KEY_ARN
-        assert not queue.inputs.get("sqsManagedSseEnabled")
+    run = _queues(offline, kms_key_arn=KEY_ARN)
+    assert len(run.of_type(QUEUE)) == 10
+    # S3 event notifications feed fits-frames: SSE-SQS, which S3 can send to without a grant on the key.
+    s3_fed = {run.outputs["urls"]["fits-frames"], run.outputs["dlq_urls"]["fits-frames"]}
+    for queue in run.of_type(QUEUE):
+        if queue.outputs["url"] in s3_fed:
+            assert queue.inputs["sqsManagedSseEnabled"] is True
+            assert "kmsMasterKeyId" not in queue.inputs
+        else:
+            assert queue.inputs["kmsMasterKeyId"] == KEY_ARN
+            assert not queue.inputs.get("sqsManagedSseEnabled")
 
 
 def test_queues_use_sse_sqs_without_a_key(offline: Callable[..., OfflineRun]) -> None:
