@@ -115,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     )
     tunnel.set_defaults(handler=_tunnel)
 
+    from services.fits_classifier import commands as fits_classifier
     from services.model_runner import commands as model_runner
     from services.sky_generator import commands as sky_generator
     from services.trainer import commands as trainer
@@ -122,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     model_runner.register(commands)
     trainer.register(commands)
     sky_generator.register(commands)
+    fits_classifier.register(commands)
     worker = commands.add_parser("worker", help="serve a service's queues")
     worker.add_argument("service", choices=sorted(WORKERS), help="which service")
     model_runner.add_worker_options(worker)
@@ -135,6 +137,7 @@ WORKERS = {
     "model-runner": "services.model_runner.commands",
     "trainer": "services.trainer.commands",
     "sky-generator": "services.sky_generator.commands",
+    "fits-classifier": "services.fits_classifier.commands",
 }
 
 

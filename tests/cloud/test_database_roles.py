@@ -133,11 +133,13 @@ def test_no_service_can_change_the_schema(as_user: Any, user: str) -> None:
             conn.execute(statement)
 
 
-@pytest.mark.parametrize("user", ["fits_classifier", "sight_catalog"])
-def test_future_services_see_only_their_empty_schema(as_user: Any, user: str) -> None:
+@pytest.mark.parametrize(("user", "tables"), [("fits_classifier", 1), ("sight_catalog", 0)])
+def test_newer_services_see_only_their_own_schema(as_user: Any, user: str, tables: int) -> None:
     conn = as_user(user)
     assert conn.execute("SHOW search_path").fetchone() == (user,)
-    assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s", (user,)).fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s", (user,)).fetchone() == (
+        tables,
+    )
     for table in ("model_runner.jobs", "trainer.training_jobs", "registry.models"):
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute(f"SELECT * FROM {table}")
