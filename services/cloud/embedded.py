@@ -279,6 +279,16 @@ class EmbeddedPlatform:
         assert self.resources is not None, "start() first"
         return self.resources.queue_urls[purpose]
 
+    def client(self, service: str) -> Any:
+        """A boto3 client of ``service`` ("s3", "sqs") talking to this platform's moto server."""
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_REGION"],
+        )
+
     def dlq_url(self, purpose: str) -> str:
         """The URL of a work queue's dead-letter queue."""
         assert self.resources is not None, "start() first"

@@ -112,7 +112,7 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
         with console.status(f"starting {settings.workers} worker processes"):
             crew.wait_until_serving(settings.timeout_s)
         console.print(f"{settings.workers} workers serving the fits-frames queue (logs in {out_dir})")
-        s3 = _client(platform, "s3")
+        s3 = platform.client("s3")
         night = dt.date(2026, 12, 5).isoformat()
         prefix = f"fits/incoming/{night}/"
         truth = _upload_night(settings, s3, platform.bucket("imagery"), prefix, console)
@@ -311,18 +311,6 @@ def _contact_sheet(
             draw.text((left, top + THUMB + 17), f"truth {frame['truth']} ({mark})", fill=200)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
-
-
-def _client(platform: Any, service: str) -> Any:
-    import boto3
-
-    return boto3.client(
-        service,
-        endpoint_url=platform.endpoint_url,
-        aws_access_key_id=platform.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=platform.env["AWS_SECRET_ACCESS_KEY"],
-        region_name=platform.env["AWS_REGION"],
-    )
 
 
 def print_summary(result: DemoResult, console: Any) -> None:

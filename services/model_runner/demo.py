@@ -122,7 +122,7 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
         assert platform.directory is not None
         scene_path = platform.directory / f"scene-{settings.seed}.tif"
         layout = _write_scene(settings, scene_path, console)
-        s3 = _client(platform, "s3")
+        s3 = platform.client("s3")
         image_url = f"s3://{platform.bucket('imagery')}/scenes/{scene_path.name}"
         model_url = f"s3://{platform.bucket('models')}/detectors/{model.name}"
         s3.upload_file(str(scene_path), platform.bucket("imagery"), f"scenes/{scene_path.name}")
@@ -136,7 +136,7 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
 
         job_id = f"demo-{settings.seed}-{uuid.uuid4().hex[:6]}"
         request = _request(settings, job_id, image_url, model_url, platform.bucket("results"))
-        _client(platform, "sqs").send_message(
+        platform.client("sqs").send_message(
             QueueUrl=platform.queue_url("image-requests"), MessageBody=json.dumps(request)
         )
         submitted = time.monotonic()
@@ -157,18 +157,6 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
         if crew is not None:
             crew.stop()
         platform.stop()
-
-
-def _client(platform: Any, service: str) -> Any:
-    import boto3
-
-    return boto3.client(
-        service,
-        endpoint_url=platform.endpoint_url,
-        aws_access_key_id=platform.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=platform.env["AWS_SECRET_ACCESS_KEY"],
-        region_name=platform.env["AWS_REGION"],
-    )
 
 
 def _write_scene(settings: DemoSettings, path: Path, console: Any) -> Any:
