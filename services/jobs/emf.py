@@ -1,5 +1,8 @@
 """CloudWatch embedded metric format (EMF): one JSON line per record on stdout.
 
+``TESSERA_EMF_FILE`` (a path) sends the lines there instead, appended, for a run whose stdout a person
+reads (a demo, an interactive training run) and no agent collects.
+
 The CloudWatch agent (or the awslogs driver into a log group) turns each line into metrics in the
 ``tessera`` namespace, dimensioned as the record says; the Grafana dashboards read them from there. Each
 service names its metrics and dimensions (:mod:`services.model_runner.metrics`,
@@ -9,6 +12,7 @@ service names its metrics and dimensions (:mod:`services.model_runner.metrics`,
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -16,6 +20,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 NAMESPACE = "tessera"
+#: The environment variable naming a file for the EMF lines instead of stdout.
+EMF_FILE_ENV = "TESSERA_EMF_FILE"
 
 
 def emf_record(
@@ -44,7 +50,8 @@ def emf_record(
 
 
 class EmfWriter:
-    """Writes records as whole lines to ``stream`` (default: stdout at the time of writing), thread-safe."""
+    """Writes records as whole lines to ``stream`` (default: the file ``$TESSERA_EMF_FILE`` names, else stdout
+    at the time of writing), thread-safe."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
@@ -54,6 +61,10 @@ class EmfWriter:
         """Write ``record`` as one compact JSON line and flush."""
         line = json.dumps(record, separators=(",", ":"))
         with self._lock:
+            if self.stream is None and os.environ.get(EMF_FILE_ENV):
+                with open(os.environ[EMF_FILE_ENV], "a", encoding="utf-8") as handle:
+                    handle.write(line + "\n")
+                return
             stream = self.stream or sys.stdout
             stream.write(line + "\n")
             stream.flush()

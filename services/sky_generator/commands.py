@@ -122,6 +122,32 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from services.sky_generator.demo import DemoSettings, run_demo
+
+    try:
+        night_of = date.fromisoformat(args.night_of)
+    except ValueError:
+        raise UserError(f"--night-of {args.night_of!r}: give a date such as 2024-01-15") from None
+    settings = DemoSettings(
+        out_dir=Path(args.out_dir),
+        frames=args.frames,
+        workers=args.workers,
+        seed=args.seed,
+        size=args.size,
+        image_size=args.image_size,
+        latitude=(args.latitude[0], args.latitude[1]),
+        longitude=(args.longitude[0], args.longitude[1]),
+        night_of=night_of,
+        epochs=args.epochs,
+        learning_curve=not args.no_learning_curve,
+        timeout_s=args.timeout,
+    )
+    return run_demo(settings)
+
+
 def _chosen_shards(text: str | None, total: int) -> list[int]:
     """``--shards`` (``3``, ``0-4``, ``1,5,7``) as shard numbers, checked against the job's ``total``."""
     if not text:
@@ -154,6 +180,53 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--queue-url", help=f"the sky-requests queue (default: ${QUEUE_ENV})")
     submit.add_argument("--print-job", action="store_true", help="also print the job sent, as JSON")
     submit.set_defaults(handler=user_errors("sky submit", _submit))
+    demo = verbs.add_parser(
+        "demo",
+        help="celestial navigation end to end on the embedded default: render a night with two workers, "
+        "train sky-position, score it against the centre of the region",
+    )
+    demo.add_argument(
+        "--out-dir", default="out/sky-demo", help="where everything goes (default: out/sky-demo)"
+    )
+    demo.add_argument("--frames", type=int, default=300, help="frames to render (default: 300)")
+    demo.add_argument("--workers", type=int, default=2, help="sky worker processes (default: 2)")
+    demo.add_argument("--seed", type=int, default=7, help="the job's and the training's seed (default: 7)")
+    demo.add_argument("--size", type=int, default=256, help="frame width and height rendered (default: 256)")
+    demo.add_argument(
+        "--image-size",
+        type=int,
+        default=128,
+        help="frame size the network sees, a multiple of 64 (default: 128)",
+    )
+    demo.add_argument(
+        "--latitude",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=[42.0, 44.0],
+        help="the region's latitude band, degrees (default: 42 44)",
+    )
+    demo.add_argument(
+        "--longitude",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=[-70.0, -68.0],
+        help="the region's longitude band, degrees east (default: -70 -68)",
+    )
+    demo.add_argument(
+        "--night-of", default="2024-01-15", help="the night's evening date (default: 2024-01-15)"
+    )
+    demo.add_argument("--epochs", type=int, default=200, help="training epochs (default: 200)")
+    demo.add_argument(
+        "--no-learning-curve",
+        action="store_true",
+        help="skip the smaller training runs that estimate the frames needed when the model loses",
+    )
+    demo.add_argument(
+        "--timeout", type=float, default=900.0, help="give up on the sky job after this many seconds"
+    )
+    demo.set_defaults(handler=user_errors("sky demo", _demo))
 
 
 def add_worker_options(worker: argparse.ArgumentParser) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import threading
+from pathlib import Path
+
+import pytest
 
 from services.jobs.emf import NAMESPACE, EmfWriter, emf_record
 from services.model_runner.metrics import Metrics
@@ -63,3 +66,18 @@ def test_both_services_write_through_it_with_their_own_dimensions() -> None:
         0.5,
         2.0,
     )
+
+
+def test_tessera_emf_file_takes_the_lines_off_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "metrics.emf.jsonl"
+    monkeypatch.setenv("TESSERA_EMF_FILE", str(target))
+    writer = EmfWriter()
+    for value in (1.0, 2.0):
+        writer.write(emf_record({"Service": "trainer"}, {"loss": value}, lambda _: "None"))
+    assert capsys.readouterr().out == ""
+    assert [json.loads(line)["loss"] for line in target.read_text().splitlines()] == [1.0, 2.0]
+    monkeypatch.delenv("TESSERA_EMF_FILE")
+    writer.write(emf_record({"Service": "trainer"}, {"loss": 3.0}, lambda _: "None"))
+    assert json.loads(capsys.readouterr().out)["loss"] == 3.0

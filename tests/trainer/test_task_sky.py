@@ -142,6 +142,11 @@ def test_manifest_json_lines(tmp_path: Path) -> None:
         ("file,lat,lon,time\na.png,95,0,2024-01-01T00:00:00Z\n", r"line 2: lat 95.0 is outside \[-90, 90\]"),
         ("file,lat,lon,time\na.png,10,0,yesterday\n", r"line 2: .*time ISO-8601 UTC"),
         ("file,lat,lon,time\nb.png,10,0,2024-01-01T00:00:00Z\n", r"line 2: image b\.png does not exist"),
+        ("file,lat,lon,time,split\na.png,10,0,2024-01-01T00:00:00Z,test\n", r"split 'test' is not one"),
+        (
+            "file,lat,lon,time,split\na.png,10,0,2024-01-01T00:00:00Z,held_out\n",
+            r"holds out every shot; mark some 'train'",
+        ),
     ],
 )
 def test_manifest_errors(tmp_path: Path, content: str | None, message: str) -> None:
@@ -150,6 +155,16 @@ def test_manifest_errors(tmp_path: Path, content: str | None, message: str) -> N
         (tmp_path / "manifest.csv").write_text(content)
     with pytest.raises(UserError, match=message):
         SkyPositionTask().load(tmp_path, SkyPositionTask().params(TINY))
+
+
+def test_the_manifest_split_column_fixes_the_held_out_shots(tmp_path: Path) -> None:
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    splits = ["held_out", "", "train", "held_out", "", ""]
+    rows = "".join(f"a.png,{10 + i},0,2024-01-01T00:00:00Z,{split}\n" for i, split in enumerate(splits))
+    (tmp_path / "manifest.csv").write_text("file,lat,lon,time,split\n" + rows)
+    for seed in (0, 1):  # the seed and val_fraction choose nothing when the manifest names the split
+        data = SkyPositionTask().load(tmp_path, SkyPositionTask().params({**TINY, "seed": seed}))
+        assert data.held_out.tolist() == [0, 3] and data.training.tolist() == [1, 2, 4, 5]
 
 
 def test_missing_dataset_and_bad_params(tmp_path: Path) -> None:

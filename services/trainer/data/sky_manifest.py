@@ -11,45 +11,39 @@ holds one JSON object per line with the same keys. ``file`` is the image path re
 is the observer's geodetic latitude in degrees [-90, 90] (north positive); ``lon`` the longitude in degrees
 [-180, 180] (east positive; 180 < lon <= 360 is accepted and wrapped); ``time`` the UTC instant of the
 exposure in ISO-8601 (``2024-03-20T21:15:00Z`` or with an explicit offset, which is converted to UTC; a time
-with no offset is taken as UTC). Other columns/keys are ignored. If both files exist, ``manifest.jsonl``
-wins. Blank lines in JSON lines are skipped.
+with no offset is taken as UTC). An optional ``split`` column names the shots to hold out for evaluation
+(``held_out``) and to train on (``train``, or empty); when any row names a split, the task uses these instead
+of a random ``val_fraction`` (a fixed test set shared by several runs, e.g. a learning curve). Other
+columns/keys are ignored. If both files exist, ``manifest.jsonl`` wins. Blank lines in JSON lines are
+skipped.
 
-Time features (the model's ``time`` input, k = 6, float32), all from the UTC instant ``t``:
-``sin, cos`` of 2 pi * (day of year - 1 + fraction of day) / 365.2422 (the season: which stars are up at
-night), ``sin, cos`` of 2 pi * UTC hour / 24, and ``sin, cos`` of Greenwich mean sidereal time (IAU 1982,
-linear term: 280.46061837 deg + 360.98564736629 deg * (JD - 2451545.0)). Sidereal time is what fixes the
-stars' hour angles, so with it the network only has to learn longitude as an offset.
+Time features (the model's ``time`` input) are :mod:`services.celnav.time_input`'s, re-exported here.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from services.celnav.time_input import TIME_FEATURE_NAMES, TIME_FEATURES, time_features
 from services.errors import UserError
 
+__all__ = [
+    "MANIFEST_NAMES",
+    "SPLITS",
+    "TIME_FEATURES",
+    "TIME_FEATURE_NAMES",
+    "SkyShot",
+    "parse_time",
+    "read_manifest",
+    "time_features",
+]
+
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
-TIME_FEATURES = 6
-#: How the exported model's ``time`` input is made, for its ONNX metadata.
-TIME_FEATURE_NAMES = (
-    "sin_day_of_year",
-    "cos_day_of_year",
-    "sin_utc_hour",
-    "cos_utc_hour",
-    "sin_gmst",
-    "cos_gmst",
-)
-_TROPICAL_YEAR_DAYS = 365.2422
-_UNIX_EPOCH_JD = 2440587.5
-_J2000_JD = 2451545.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +54,12 @@ class SkyShot:
     lat: float
     lon: float
     time: datetime
+    #: ``"held_out"``, ``"train"``, or None when the manifest names no split for this shot.
+    split: str | None = None
+
+
+#: The values of the manifest's optional ``split`` column.
+SPLITS = ("train", "held_out")
 
 
 def read_manifest(folder: Path) -> list[SkyShot]:
@@ -76,21 +76,6 @@ def read_manifest(folder: Path) -> list[SkyShot]:
     if not shots:
         raise UserError(f"manifest {manifest} lists no images; expected {expected}")
     return shots
-
-
-def time_features(times: Sequence[datetime]) -> np.ndarray:
-    """float32 [len(times), 6]: the model's time input (see the module docstring)."""
-    out = np.zeros((len(times), TIME_FEATURES), np.float64)
-    for i, given in enumerate(times):
-        when = _as_utc(given)
-        start = datetime(when.year, 1, 1, tzinfo=UTC)
-        day = (when - start).total_seconds() / 86400.0
-        hour = (when - when.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds() / 3600.0
-        julian = when.timestamp() / 86400.0 + _UNIX_EPOCH_JD
-        gmst = math.radians((280.46061837 + 360.98564736629 * (julian - _J2000_JD)) % 360.0)
-        angles = (2 * math.pi * day / _TROPICAL_YEAR_DAYS, 2 * math.pi * hour / 24.0, gmst)
-        out[i] = [f(a) for a in angles for f in (math.sin, math.cos)]
-    return out.astype(np.float32)
 
 
 def parse_time(text: str) -> datetime:
@@ -148,4 +133,7 @@ def _shot(folder: Path, manifest: Path, number: int, row: dict[str, Any]) -> Sky
     image = folder / file
     if not image.is_file():
         raise UserError(f"{where}: image {file} does not exist under {folder}")
-    return SkyShot(image, lat, lon - 360.0 if lon > 180.0 else lon, when)
+    split = str(row.get("split") or "").strip() or None
+    if split is not None and split not in SPLITS:
+        raise UserError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)} (or empty)")
+    return SkyShot(image, lat, lon - 360.0 if lon > 180.0 else lon, when, split)

@@ -20,7 +20,8 @@ import math
 import torch
 from torch import nn
 
-EARTH_RADIUS_KM = 6371.0088  # IUGG mean radius
+from services.celnav.distance import EARTH_RADIUS_KM
+
 _DEGREES = 180.0 / math.pi
 _SQUARE_EPS = 1e-12  # keeps sqrt differentiable at zero distance; worth ~6 m
 

@@ -5,8 +5,9 @@ Dataset: a folder of sky images with a manifest, as ``data.sky_manifest`` define
 read as grey (``channels`` 1) or RGB (3), squeezed whole to ``image_size`` x ``image_size`` (no crop: the
 horizon and every star count) and kept in memory as uint8; the network sees x/255. Times become the six
 features of ``data.sky_manifest.time_features`` (sin/cos of day of year, UTC hour and Greenwich sidereal
-time). ``val_fraction`` of the shots (chosen by ``seed``) are held out for ``evaluate``; with none held out
-it reports on the training shots (``held_out_images`` = 0 says so).
+time). ``val_fraction`` of the shots (chosen by ``seed``) are held out for ``evaluate``, unless the manifest's
+``split`` column names them (then ``val_fraction`` is not used); with none held out it reports on the
+training shots (``held_out_images`` = 0 says so).
 
 Network: ``nets.sky.SkyPositionNet`` (latitude via 90 tanh, longitude as a direction atan2(s, c)). Loss:
 mean great-circle distance in km (``nets.sky.great_circle_km``), AdamW.
@@ -26,9 +27,17 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
+from services.celnav.time_input import TIME_FEATURE_DEFINITION
+from services.errors import UserError
 from services.trainer.data.images import decode_all, read_resized
 from services.trainer.data.seeding import batch_indices, epoch_generator, held_out_split, seeded
-from services.trainer.data.sky_manifest import TIME_FEATURE_NAMES, TIME_FEATURES, read_manifest, time_features
+from services.trainer.data.sky_manifest import (
+    TIME_FEATURE_NAMES,
+    TIME_FEATURES,
+    SkyShot,
+    read_manifest,
+    time_features,
+)
 from services.trainer.nets.modes import evaluating
 from services.trainer.nets.sky import SkyPositionNet, great_circle_km
 from services.trainer.task import ExportCheck, TrainState
@@ -86,7 +95,7 @@ class SkyPositionTask:
         shots = read_manifest(Path(dataset))
         decode = partial(read_resized, size=params["image_size"], channels=params["channels"])
         images = decode_all([shot.file for shot in shots], decode)
-        training, held_out = held_out_split(len(shots), params["val_fraction"], params["seed"])
+        training, held_out = _split(shots, params)
         return SkySet(
             torch.from_numpy(images),
             torch.from_numpy(time_features([shot.time for shot in shots])),
@@ -156,10 +165,7 @@ class SkyPositionTask:
             "tessera.input_channels": str(channels),
             "tessera.input_scale": "1/255",
             "tessera.time_features": json.dumps(list(TIME_FEATURE_NAMES)),
-            "tessera.time_feature_definition": (
-                "UTC instant t: angles 2pi*(day of year - 1 + day fraction)/365.2422, 2pi*UTC hour/24, "
-                "GMST = 280.46061837 deg + 360.98564736629 deg * (JD - 2451545.0); sin and cos of each"
-            ),
+            "tessera.time_feature_definition": TIME_FEATURE_DEFINITION,
             "tessera.output": "latlon [N, 2]: latitude, longitude in degrees (east positive, (-180, 180])",
             "tessera.params": json.dumps(dict(params), sort_keys=True),
         }
@@ -176,6 +182,19 @@ class SkyPositionTask:
     def pictures(self, state: TrainState, directory: Path, params: Mapping[str, Any]) -> list[Path]:
         """None: the error curves say it all."""
         return []
+
+
+def _split(shots: list[SkyShot], params: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices: the manifest's own split when it names one, else a seeded one."""
+    if all(shot.split is None for shot in shots):
+        return held_out_split(len(shots), params["val_fraction"], params["seed"])
+    held_out = [i for i, shot in enumerate(shots) if shot.split == "held_out"]
+    training = [i for i, shot in enumerate(shots) if shot.split != "held_out"]
+    if not training:
+        raise UserError(
+            "the manifest's split column holds out every shot; mark some 'train' (or leave them empty)"
+        )
+    return training, held_out
 
 
 def _batch(data: SkySet, index: torch.Tensor, device: torch.device) -> SkyBatch:
