@@ -114,7 +114,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         consumes=("fits-frames",),
         reads=(BucketUse("imagery", "fits/"), BucketUse("models")),
         writes=(BucketUse("results", "fits/"),),
-        # Not written yet: its own, empty schema and nothing else.
+        # Its verdicts (services/fits_classifier/migrations/), and nothing else.
         database=DatabaseUse("fits_classifier", writes=("fits_classifier",)),
     ),
     ServiceSpec(

@@ -33,6 +33,7 @@ from urllib.parse import unquote_plus
 from botocore.exceptions import ClientError
 
 from services.cloud import database, objects
+from services.cloud.events import FITS_INCOMING_PREFIX
 from services.cloud.queue import (
     Heartbeat,
     Message,
@@ -62,7 +63,8 @@ QUEUE_ENV = "TESSERA_QUEUE_FITS_FRAMES_URL"
 RESULTS_BUCKET_ENV = "TESSERA_BUCKET_RESULTS"
 INCOMING_ENV = "TESSERA_FITS_INCOMING_PREFIX"
 ANNOTATED_ENV = "TESSERA_FITS_ANNOTATED"
-DEFAULT_INCOMING_PREFIX = "fits/incoming/"
+#: The prefix the platform's notification route watches (``services.cloud.events``): one definition.
+DEFAULT_INCOMING_PREFIX = FITS_INCOMING_PREFIX
 ANNOTATED_PREFIX = "fits/annotated/"
 
 
