@@ -124,7 +124,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
         sends=("training-jobs",),
         reads=(BucketUse("datasets"), BucketUse("models")),
         writes=(BucketUse("datasets", "catalog/"),),
-        database=DatabaseUse("sight_catalog", writes=("sight_catalog",)),
+        # Its warehouse; the registry is read to learn of the models the trainer registered per city.
+        database=DatabaseUse("sight_catalog", writes=("sight_catalog",), reads=("registry",)),
     ),
 )
 

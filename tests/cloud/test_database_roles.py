@@ -133,16 +133,32 @@ def test_no_service_can_change_the_schema(as_user: Any, user: str) -> None:
             conn.execute(statement)
 
 
-@pytest.mark.parametrize(("user", "tables"), [("fits_classifier", 1), ("sight_catalog", 0)])
-def test_newer_services_see_only_their_own_schema(as_user: Any, user: str, tables: int) -> None:
+@pytest.mark.parametrize(
+    ("user", "tables", "reads"), [("fits_classifier", 1, ()), ("sight_catalog", 6, ("registry",))]
+)
+def test_newer_services_see_only_their_own_schema(
+    as_user: Any, user: str, tables: int, reads: tuple[str, ...]
+) -> None:
     conn = as_user(user)
-    assert conn.execute("SHOW search_path").fetchone() == (user,)
+    assert conn.execute("SHOW search_path").fetchone() == (", ".join((user, *reads)),)
     assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s", (user,)).fetchone() == (
         tables,
     )
     for table in ("model_runner.jobs", "trainer.training_jobs", "registry.models"):
+        if table.split(".")[0] in reads:
+            conn.execute(f"SELECT * FROM {table}")
+            continue
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute(f"SELECT * FROM {table}")
+
+
+def test_the_sight_catalog_refreshes_its_marts_without_owning_them(as_user: Any) -> None:
+    conn = as_user("sight_catalog")
+    with pytest.raises(errors.InsufficientPrivilege):
+        conn.execute("REFRESH MATERIALIZED VIEW sight_city_mart")
+    conn.rollback()
+    conn.execute("SELECT sight_refresh_marts()")
+    assert conn.execute("SELECT count(*) FROM sight_city_mart").fetchone() == (0,)
 
 
 def test_a_second_run_applies_nothing_and_a_dropped_grant_is_revoked(bootstrapped: str, as_user: Any) -> None:
