@@ -14,6 +14,7 @@ Workers and servers are shut down on the way out, Ctrl-C included.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -380,14 +381,14 @@ def print_summary(result: DemoResult, console: Any) -> None:
         table.add_row(f"  {worker}", f"{rate:.2f} tiles/s while running a region")
     table.add_row("provider", result.provider or "?")
     table.add_row("detections", str(result.detections))
+    score = result.score
     table.add_row(
         f"precision @ IoU {IOU_MATCH}",
-        f"{result.score.precision:.3f} ({result.score.true_positives} of {result.detections})",
+        _share(score.true_positives, score.true_positives + score.false_positives, "detections"),
     )
     table.add_row(
         f"recall @ IoU {IOU_MATCH}",
-        f"{result.score.recall:.3f} ({result.score.true_positives} of "
-        f"{result.score.true_positives + result.score.false_negatives})",
+        _share(score.true_positives, score.true_positives + score.false_negatives, "known objects"),
     )
     table.add_row(
         "regions per worker", ", ".join(f"{w}: {n}" for w, n in result.regions_by_worker.items()) or "none"
@@ -399,3 +400,10 @@ def print_summary(result: DemoResult, console: Any) -> None:
     if result.preview:
         table.add_row("preview", f"{result.preview} (green: found, orange: false, red: missed)")
     console.print(table)
+
+
+def _share(part: int, whole: int, of: str) -> str:
+    """``5,367 of 5,369 detections (99.96%)``: the counts first, never a rate rounded up to 1.000."""
+    if not whole:
+        return f"none: 0 {of}"
+    return f"{part:,} of {whole:,} {of} ({math.floor(10000 * part / whole) / 100:.2f}%)"

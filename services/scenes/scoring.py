@@ -33,6 +33,16 @@ class Score:
         known = self.true_positives + self.false_negatives
         return self.true_positives / known if known else 1.0
 
+    def rates(self) -> dict[str, float]:
+        """``precision`` and ``recall`` rounded to 4 places, each only where it is defined: no detections
+        leave precision out (not 1.0), no known objects leave recall out; the counts say why."""
+        rates = {}
+        if self.true_positives + self.false_positives:
+            rates["precision"] = round(self.precision, 4)
+        if self.true_positives + self.false_negatives:
+            rates["recall"] = round(self.recall, 4)
+        return rates
+
     def __add__(self, other: Score) -> Score:
         return Score(
             self.true_positives + other.true_positives,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import tempfile
 import time
@@ -261,14 +262,19 @@ def _train(
         TextColumn(f"[bold]{task.name}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]:.4f}  {task.fields[rate]}"),
+        TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}  {task.fields[rate]}"),
         TimeElapsedColumn(),
     )
     images_since, since = 0, time.perf_counter()
     with Progress(*columns, console=console, transient=False, disable=not device.is_main) as bar:
         total = job.steps
         bar_task = bar.add_task(
-            "train", total=total, completed=progress.step, epoch=progress.epoch, loss=0.0, rate=""
+            "train",
+            total=total,
+            completed=progress.step,
+            epoch=_epoch_text(progress.epoch, job.epochs),
+            loss=_loss_text(_main_loss(progress.history[-1]) if progress.history else None),
+            rate="",
         )
         while not done():
             epoch = progress.epoch
@@ -289,7 +295,7 @@ def _train(
                 state.step = progress.step
                 progress.history.append({"step": float(progress.step), "epoch": float(epoch), **losses})
                 images_since += batch_images(batch) * device.world_size
-                main_loss = losses.get("loss", next(iter(losses.values()), float("nan")))
+                main_loss = _main_loss(losses)
                 if writer is not None:
                     for name, value in losses.items():
                         writer.add_scalar(f"loss/{name}", value, progress.step)
@@ -303,7 +309,12 @@ def _train(
                         writer.add_scalar("throughput/images_per_second", rate, progress.step)
                     bar.update(bar_task, rate=f"{rate:.1f} images/s")
                     images_since, since = 0, time.perf_counter()
-                bar.update(bar_task, completed=progress.step, epoch=epoch, loss=main_loss)
+                bar.update(
+                    bar_task,
+                    completed=progress.step,
+                    epoch=_epoch_text(epoch, job.epochs),
+                    loss=_loss_text(main_loss),
+                )
                 if progress.step % job.checkpoint_every == 0:
                     save()
                 if on_step is not None:
@@ -323,6 +334,9 @@ def _train(
                 progress.epoch += 1
                 progress.epoch_step = 0
                 state.epoch = progress.epoch
+                if total is None and job.epochs:  # an epoch's batches now known: the whole run's steps
+                    total = job.epochs * seen
+                    bar.update(bar_task, total=total)
         save()
 
 
@@ -391,6 +405,24 @@ def _finish(
         )
         console.print(f"registered {result.registered.ref} -> {result.model_uri}")
     console.print(f"job {job.job_id}: {progress.step} steps, model {result.model_uri}")
+
+
+def _epoch_text(epoch: int, epochs: int | None) -> str:
+    """The epoch under way, counted from 1, out of ``epochs`` when the job gives them."""
+    shown = min(epoch + 1, epochs) if epochs else epoch + 1
+    return f"{shown}/{epochs}" if epochs else str(shown)
+
+
+def _main_loss(losses: Mapping[str, float]) -> float | None:
+    """``loss``, else the first loss a task reports (a history entry's step and epoch are not losses)."""
+    if "loss" in losses:
+        return losses["loss"]
+    return next((v for k, v in losses.items() if k not in ("step", "epoch")), None)
+
+
+def _loss_text(loss: float | None) -> str:
+    """The loss to 4 places; a dash before the first step (a finished job resumed runs none)."""
+    return "-" if loss is None or not math.isfinite(loss) else f"{loss:.4f}"
 
 
 def _summary_writer(directory: Path) -> Any:

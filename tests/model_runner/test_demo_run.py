@@ -56,3 +56,10 @@ def test_the_demo_runs_with_two_workers_and_scores_the_detections(tmp_path: Path
     for name in ("worker-1", "worker-2"):
         lines = (out / f"{name}.metrics.jsonl").read_text().splitlines()
         assert any('"TilesPerSecond"' in line for line in lines)
+
+
+def test_the_summary_says_counts_not_a_rate_rounded_to_one() -> None:
+    from services.model_runner.demo import _share
+
+    assert _share(5367, 5369, "detections") == "5,367 of 5,369 detections (99.96%)"
+    assert _share(0, 0, "detections") == "none: 0 detections"

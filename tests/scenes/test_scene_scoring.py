@@ -85,3 +85,9 @@ def test_agrees_with_brute_force_on_a_scene() -> None:
     expected = brute_force(boxes, scores, labels, true_boxes, true_labels)
     assert 0 < expected < len(true_boxes)
     assert score == Score(expected, len(boxes) - expected, len(true_boxes) - expected)
+
+
+def test_rates_are_reported_only_where_defined() -> None:
+    assert Score(0, 0, 0).rates() == {}  # nothing detected, nothing known: no 1.0 of nothing
+    assert Score(0, 0, 3).rates() == {"recall": 0.0}
+    assert Score(5367, 2, 0).rates() == {"precision": 0.9996, "recall": 1.0}

@@ -260,8 +260,7 @@ class DetectorTask:
                 keep = scores >= threshold
                 total += score_detections(boxes[keep], scores[keep], labels[keep], true_boxes, true_labels)
         return {
-            "precision": round(total.precision, 4),
-            "recall": round(total.recall, 4),
+            **total.rates(),  # precision is absent, not 1.0, when nothing was detected
             "true_positives": float(total.true_positives),
             "false_positives": float(total.false_positives),
             "false_negatives": float(total.false_negatives),
