@@ -63,7 +63,8 @@ def create_session(
     cuda_listed = CUDA in ort.get_available_providers()
     if providers == "cuda" and not cuda_listed:
         raise UserError(
-            "CUDA was requested but this onnxruntime build has no CUDA provider; use providers='auto'"
+            "CUDA was requested but this onnxruntime build has no CUDA provider; pass --providers auto "
+            "(providers='auto' from Python) to run on the CPU"
         )
     if providers == "auto" and not cuda_listed:
         wanted = [CPU]
@@ -72,7 +73,8 @@ def create_session(
     if providers == "cuda" and in_use != CUDA:
         raise UserError(
             "CUDA was requested but ONNX Runtime could not start its CUDA provider here (no GPU, or "
-            "CUDA/cuDNN libraries missing); use providers='auto' to fall back to the CPU"
+            "CUDA/cuDNN libraries missing); pass --providers auto (providers='auto' from Python) to fall "
+            "back to the CPU"
         )
     if wanted[0] == CUDA and in_use != CUDA:
         log.info("CUDA provider not usable on this machine; %s runs on %s", name, in_use)

@@ -25,6 +25,19 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting alphanumeric"
 #: ``s3://BUCKET`` or ``s3://BUCKET/PREFIX``.
 S3_URL_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?$")
+_BUCKET_RULE = "3-63 lowercase letters, digits, '.' or '-', starting with a letter or digit"
+
+
+def s3_url_problem(value: str) -> str | None:
+    """What is wrong with an ``s3://`` URL, naming the part (None when :data:`S3_URL_PATTERN` takes it)."""
+    if S3_URL_PATTERN.match(value):
+        return None
+    if value[:5].lower() != "s3://":
+        return f"{value!r} is not an s3:// URL; write s3://BUCKET/PREFIX"
+    bucket = value[5:].split("/", 1)[0]
+    if not bucket:
+        return f"{value!r} names no bucket; write s3://BUCKET/PREFIX"
+    return f"{value!r}: the bucket name {bucket!r} is not a valid S3 bucket name ({_BUCKET_RULE})"
 
 
 def new_job_id() -> str:

@@ -53,7 +53,7 @@ import yaml
 
 from services.errors import UserError
 from services.jobs import trust
-from services.jobs.documents import S3_URL_PATTERN, DocumentChecker, is_int, kind
+from services.jobs.documents import DocumentChecker, is_int, kind, s3_url_problem
 from services.sky_generator.sun import NIGHT_SUN_ALTITUDE, sun_altitude
 
 SCHEMA = "tessera.sky-job/v1"
@@ -557,8 +557,8 @@ class _Checker(DocumentChecker):
             self.problem("$.output", f"must be {rule}, got {_kind(value)}")
             return None
         if value[:5].lower() == "s3://":
-            if not S3_URL_PATTERN.match(value):
-                self.problem("$.output", f"must be s3://BUCKET or s3://BUCKET/PREFIX, got {_kind(value)}")
+            if (problem := s3_url_problem(value)) is not None:
+                self.problem("$.output", problem)
                 return None
             return self.trusted("$.output", trust.output_s3, value, self.policy)
         # A queued job writes only under the worker's output root (services/jobs/trust.py).

@@ -30,11 +30,11 @@ from typing import Any
 
 from services.jobs.documents import (
     NAME_PATTERN,
-    S3_URL_PATTERN,
     DocumentChecker,
     is_int,
     kind,
     load_document,
+    s3_url_problem,
 )
 
 SCHEMA = "tessera.training-job/v1"
@@ -155,8 +155,8 @@ class _Checker(DocumentChecker):
         if "://" in value:
             if not value.startswith("s3://"):
                 self.problem(path, f"{value!r}: only s3:// URLs and local paths are read")
-            elif not S3_URL_PATTERN.match(value):
-                self.problem(path, f"{value!r}: write s3://BUCKET/PREFIX")
+            elif (problem := s3_url_problem(value)) is not None:
+                self.problem(path, problem)
         return value
 
     def register(self, register: Any) -> str | None:

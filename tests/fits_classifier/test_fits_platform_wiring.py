@@ -43,6 +43,7 @@ def test_the_shipped_model_is_package_data_and_reaches_the_image() -> None:
     inside = SHIPPED_MODEL.relative_to(ROOT / "services").as_posix()
     assert any(fnmatch.fnmatch(inside, pattern) for pattern in patterns["services"])
     ignore = (ROOT / "images" / "fits-classifier.Dockerfile.dockerignore").read_text().splitlines()
-    assert "!services" in ignore and "COPY services/ services/" in (
-        ROOT / "images" / "fits-classifier.Dockerfile"
-    ).read_text()
+    assert (
+        "!services" in ignore
+        and "COPY services/ services/" in (ROOT / "images" / "fits-classifier.Dockerfile").read_text()
+    )

@@ -87,3 +87,15 @@ def test_values_are_named_as_a_user_wrote_them() -> None:
         "an object",
     ]
     assert is_int(3) and not is_int(True) and not is_int(3.0)
+
+
+def test_a_bad_s3_url_names_the_part_to_fix() -> None:
+    from services.jobs.documents import s3_url_problem
+
+    assert s3_url_problem("s3://models/ships") is None
+    assert s3_url_problem("s3://x/y") == (
+        "'s3://x/y': the bucket name 'x' is not a valid S3 bucket name (3-63 lowercase letters, digits, "
+        "'.' or '-', starting with a letter or digit)"
+    )
+    assert s3_url_problem("s3:///ships") == "'s3:///ships' names no bucket; write s3://BUCKET/PREFIX"
+    assert "bucket name 'My_Bucket'" in str(s3_url_problem("s3://My_Bucket/x"))

@@ -58,3 +58,8 @@ def test_every_problem_is_listed_with_its_path() -> None:
         assert path in message
     with pytest.raises(UserError, match="not JSON"):
         parse_job("{")
+
+
+def test_train_submit_to_a_bad_bucket_says_the_bucket_is_the_problem() -> None:
+    with pytest.raises(UserError, match=r"\$\.output: 's3://x/y': the bucket name 'x' is not a valid"):
+        parse_job({"task": "detector", "dataset": "synthetic", "output": "s3://x/y", "steps": 1})

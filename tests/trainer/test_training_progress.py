@@ -23,7 +23,9 @@ CPU = Device("cpu", torch.device("cpu"))
 def _train(out: Path, **length: int) -> str:
     text = io.StringIO()
     console = Console(file=text, width=200, force_terminal=False, color_system=None)
-    job = parse_job({"task": "toy", "dataset": "synthetic", "output": str(out), "job_id": "toy-bar", **length})
+    job = parse_job(
+        {"task": "toy", "dataset": "synthetic", "output": str(out), "job_id": "toy-bar", **length}
+    )
     run(ToyTask(), job, CPU, LocalStorage(out), console=console)
     return text.getvalue()
 
