@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from services.errors import UserError
 from services.jobs.commands import (
     log_to_stderr,
@@ -22,6 +24,7 @@ from services.jobs.commands import (
     user_errors,
     worker_overrides,
 )
+from services.scenes.synthetic import DEFAULT_DENSITY
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -270,8 +273,107 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(settings)
 
 
+def _scene_make(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from services.scenes.geotiff import write_scene_geotiff
+    from services.scenes.truth import write_truth
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise UserError(f"{out}: give the scene a .tif name (it is a GeoTIFF)")
+    width, height = args.size
+    if width < 64 or height < 64:
+        raise UserError(f"--size {width} {height}: a scene is at least 64 x 64 pixels")
+    truth = Path(args.truth) if args.truth else out.with_suffix(".truth.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"writing a {width} x {height} scene", total=None)
+        layout = write_scene_geotiff(
+            out,
+            width,
+            height,
+            seed=args.seed,
+            density=args.density,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    write_truth(truth, layout, out.name)
+    counts = np.bincount(layout.labels, minlength=len(layout.classes)).tolist()
+    kinds = ", ".join(f"{n:,} {c}" for c, n in zip(layout.classes, counts, strict=True))
+    print(f"{out}: {width} x {height} px, 3-band GeoTIFF, {len(layout):,} known objects ({kinds})")
+    print(f"{truth}: the known objects; score a run with `tessera scene score DETECTIONS --truth {truth}`")
+    return 0
+
+
+def _scene_score(args: argparse.Namespace) -> int:
+    from services.scenes.truth import score_file
+
+    score = score_file(Path(args.detections), Path(args.truth), iou=args.iou, min_score=args.score)
+    found = score.true_positives + score.false_positives
+    known = score.true_positives + score.false_negatives
+    rows = {
+        "detections": f"{found:,}",
+        "known objects": f"{known:,}",
+        f"right (IoU >= {args.iou:g})": f"{score.true_positives:,}",
+        "false": f"{score.false_positives:,}",
+        "missed": f"{score.false_negatives:,}",
+        "precision": f"{score.precision:.4f}" if found else "- (no detections)",
+        "recall": f"{score.recall:.4f}" if known else "- (no known objects)",
+    }
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "true_positives": score.true_positives,
+                    "false_positives": score.false_positives,
+                    "false_negatives": score.false_negatives,
+                    **score.rates(),
+                }
+            )
+        )
+    else:
+        for name, value in rows.items():
+            print(f"{name:>20}  {value}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add ``run``, ``submit`` and ``demo`` to the ``tessera`` command parser's subparsers."""
+    """Add ``run``, ``submit``, ``demo`` and ``scene`` to the ``tessera`` command parser's subparsers."""
+    scene = subparsers.add_parser(
+        "scene", help="make a georeferenced test scene with known objects; score detections against it"
+    )
+    scene_verbs = scene.add_subparsers(dest="verb", required=True, metavar="VERB")
+    make = scene_verbs.add_parser("make", help="write a scene GeoTIFF and its truth file (the known objects)")
+    make.add_argument("out", help="the GeoTIFF to write, e.g. scene.tif")
+    make.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("W", "H"),
+        default=[4096, 4096],
+        help="pixels (default: 4096 4096)",
+    )
+    make.add_argument("--seed", type=int, default=7, help="the scene's seed: the same seed, the same scene")
+    make.add_argument(
+        "--density",
+        type=float,
+        default=DEFAULT_DENSITY,
+        help=f"objects per megapixel (default: {DEFAULT_DENSITY:g})",
+    )
+    make.add_argument("--truth", help="the truth file to write (default: OUT with .truth.json)")
+    make.set_defaults(handler=user_errors("scene make", _scene_make))
+    score = scene_verbs.add_parser(
+        "score", help="precision and recall of a `tessera run` GeoJSON against a truth file"
+    )
+    score.add_argument("detections", help="the GeoJSON `tessera run` wrote")
+    score.add_argument("--truth", required=True, help="the truth file `tessera scene make` wrote")
+    score.add_argument("--iou", type=float, default=0.5, help="IoU a match needs (default: 0.5)")
+    score.add_argument(
+        "--score", type=float, default=0.0, help="ignore detections scoring below this (default: 0)"
+    )
+    score.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    score.set_defaults(handler=user_errors("scene score", _scene_score))
+
     run = subparsers.add_parser(
         "run", help="detect objects in an image in this process (no queues) and write GeoJSON"
     )

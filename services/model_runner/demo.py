@@ -27,6 +27,7 @@ import numpy as np
 from services.errors import UserError
 from services.jobs.crew import Crew
 from services.scenes.scoring import Score, score_detections
+from services.scenes.truth import read_detections
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tessera-demo-detector.onnx"
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -267,7 +268,7 @@ def _result(
     bucket, key = job.output_uris[0][len("s3://") :].split("/", 1)
     geojson = settings.out_dir / "detections.geojson"
     s3.download_file(bucket, key, str(geojson))
-    boxes, scores, labels = _features(geojson, layout.classes)
+    boxes, scores, labels = read_detections(geojson, layout.classes)
     result.score = score_detections(
         boxes, scores, labels, layout.boxes, layout.labels, iou_threshold=IOU_MATCH
     )
@@ -281,16 +282,6 @@ def _result(
         path=settings.out_dir / "preview.png",
     )
     return result
-
-
-def _features(path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel boxes, scores and scene labels of a GeoJSON's features (unknown class names get -1)."""
-    features = json.loads(path.read_text(encoding="utf-8"))["features"]
-    boxes = np.array([f["properties"]["pixel_bbox"] for f in features], np.float64).reshape(-1, 4)
-    scores = np.array([f["properties"]["score"] for f in features], np.float64)
-    index = {name: i for i, name in enumerate(classes)}
-    labels = np.array([index.get(f["properties"]["class"], -1) for f in features], np.int64)
-    return boxes, scores, labels
 
 
 def _provider(out_dir: Path) -> str:
