@@ -3,7 +3,8 @@
 :func:`classify_sources` reads up to ``batch_size`` frames, judges them together (one model call) and hands
 each verdict to ``on_verdict`` as soon as its batch is done. A frame too large to load is streamed for its
 checksum and judged unreadable without being loaded; a local file that vanished or cannot be read is
-unreadable with the operating system's reason. The model is never called on a frame that failed to read.
+unreadable with the reason (the file gone, permission denied, the operating system's error). The model is
+never called on a frame that failed to read.
 """
 
 from __future__ import annotations
@@ -50,11 +51,7 @@ def classify_sources(
                 loaded.append((source.name, source.load()))
             except OSError as error:
                 early[source.name] = unreadable(
-                    classifier,
-                    source.name,
-                    b"",
-                    f"cannot be read: {error.strerror or error}",
-                    started=started,
+                    classifier, source.name, b"", _load_failure(error), started=started
                 )
         judged = {
             v.source: (v, raw) for v, (_, raw) in zip(judge(classifier, loaded, hdu=hdu), loaded, strict=True)
@@ -65,3 +62,17 @@ def classify_sources(
             if on_verdict is not None:
                 on_verdict(verdict, raw)
     return verdicts
+
+
+def _load_failure(error: OSError) -> str:
+    """Why a listed frame could not be loaded, and what to do about it."""
+    if isinstance(error, FileNotFoundError):
+        return (
+            "the file is gone: it was listed but deleted or moved before its turn came; classify it again "
+            "where it is now"
+        )
+    if isinstance(error, PermissionError):
+        return "the file cannot be read: permission denied; let this user read it, then classify it again"
+    return (
+        f"the file cannot be read: {error.strerror or error}; check the disk or share, then classify it again"
+    )

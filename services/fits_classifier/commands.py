@@ -202,6 +202,7 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         model=Path(args.model) if args.model else None,
         timeout_s=args.timeout,
+        interval_s=args.interval,
     )
     return run_demo(settings)
 
@@ -257,6 +258,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
         timeout_s=args.timeout,
         database_url=database_url,
+        max_concurrent=args.max_concurrent,
     )
 
 
@@ -358,6 +360,12 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--timeout", type=float, default=60.0, help="seconds for headers, and again for the body"
     )
+    serve.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="uploads read and classified at once; more get 503 with Retry-After "
+        "(default: $TESSERA_FITS_MAX_CONCURRENT, else 4)",
+    )
     serve.add_argument("--record", action="store_true", help="record the verdicts in the database")
     serve.set_defaults(handler=user_errors("fits serve", _serve))
     evaluate = verbs.add_parser(
@@ -383,6 +391,12 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--seed", type=int, default=2026, help="the night's seed (default %(default)s)")
     demo.add_argument("--model", help="the classifier (default: the shipped one)")
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the verdicts")
+    demo.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds between uploads, like a camera's cadence (default: 0, as fast as they are made)",
+    )
     demo.set_defaults(handler=user_errors("fits demo", _demo))
 
 

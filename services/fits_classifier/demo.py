@@ -9,7 +9,9 @@
    (accuracy, a confusion matrix), report the throughput, and write a PNG contact sheet of a few frames per
    verdict with the truth next to it.
 
-Workers and servers are stopped on the way out, Ctrl-C included.
+Workers and servers are stopped on the way out, Ctrl-C included (a platform the caller started and passed
+in is left running for the caller to read and stop). ``frames``, ``side`` and ``interval_s`` (seconds
+between two frames, a camera's cadence) make the night as small and as paced as wanted.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class DemoSettings:
     seed: int = 2026
     model: Path | None = None
     timeout_s: float = 600.0
+    #: Seconds between two uploads (a camera's cadence); 0 uploads each frame as soon as it is generated.
+    interval_s: float = 0.0
 
 
 @dataclass
@@ -64,20 +68,26 @@ class DemoResult:
     contact_sheet: str
     night: str
     per_frame: list[dict[str, Any]] = field(default_factory=list)
+    #: The worker processes' ids (all stopped when the demo returns).
+    worker_pids: list[int] = field(default_factory=list)
 
 
-def run_demo(settings: DemoSettings) -> int:
-    """The demo with a summary printed; the exit status."""
+def run_demo(settings: DemoSettings, *, platform: Any = None) -> int:
+    """The demo with a summary printed; the exit status (``platform``: see :func:`demo`)."""
     from rich.console import Console
 
     console = Console()
-    result = demo(settings, console=console)
+    result = demo(settings, console=console, platform=platform)
     print_summary(result, console)
     return 0
 
 
-def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
-    """Everything :func:`run_demo` does except printing the summary."""
+def demo(settings: DemoSettings, *, console: Any = None, platform: Any = None) -> DemoResult:
+    """Everything :func:`run_demo` does except printing the summary.
+
+    ``platform``: an :class:`~services.cloud.embedded.EmbeddedPlatform` already started, used and left
+    running (its caller stops it); by default the demo starts one and stops it on the way out.
+    """
     from rich.console import Console
 
     from services.cloud.database import apply_migrations, connect
@@ -93,14 +103,20 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
         )
     if settings.frames < 1 or settings.workers < 1:
         raise UserError("the demo needs at least one frame and one worker")
+    if settings.side < 32:
+        raise UserError(f"generated frames need a side of at least 32 pixels, got {settings.side}")
+    if not settings.interval_s >= 0:
+        raise UserError(f"the interval between frames must be 0 or more seconds, got {settings.interval_s}")
     classifier = FrameClassifier(model)
     out_dir = settings.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    platform = EmbeddedPlatform()
+    owned = platform is None
+    platform = platform if platform is not None else EmbeddedPlatform()
     crew: Crew | None = None
     try:
         with console.status("starting moto (S3, SQS) and PostgreSQL"):
-            platform.start()
+            if owned:
+                platform.start()
             with connect(platform.database_url) as conn:
                 apply_migrations(conn)
         console.print(
@@ -119,11 +135,15 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
         started = min(t["uploaded_at"] for t in truth.values())
         rows = _follow(platform.database_url, set(truth), crew, settings.timeout_s, console)
         seconds = time.monotonic() - started
-        return _result(settings, classifier, truth, rows, seconds, s3, platform.bucket("imagery"), night)
+        result = _result(settings, classifier, truth, rows, seconds, s3, platform.bucket("imagery"), night)
+        result.worker_pids = [process.pid for process in crew.processes]
+        (out_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        return result
     finally:
         if crew is not None:
             crew.stop()
-        platform.stop()
+        if owned:
+            platform.stop()
 
 
 def night_labels(count: int, seed: int) -> list[str]:
@@ -190,12 +210,18 @@ def _upload_night(settings: DemoSettings, s3: Any, bucket: str, prefix: str, con
     with tempfile.TemporaryDirectory() as scratch, Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("frames", total=len(labels))
         for index, label in enumerate(labels):
+            if index and settings.interval_s:
+                time.sleep(settings.interval_s)
             frame = generate_frame(label, settings.seed * 10_000 + index, (settings.side, settings.side))
             name = f"r{index + 1:05d}.fits" if index % 5 else f"r{index + 1:05d}.fits.fz"
             path = write_fits(Path(scratch) / name, frame)
             key = prefix + name
             s3.upload_file(str(path), bucket, key)
-            truth[f"s3://{bucket}/{key}"] = {"label": label, "uploaded_at": time.monotonic()}
+            truth[f"s3://{bucket}/{key}"] = {
+                "label": label,
+                "uploaded_at": time.monotonic(),
+                "uploaded_utc": dt.datetime.now(dt.UTC),
+            }
             path.unlink()
             bar.advance(task)
     console.print(f"uploaded {len(labels)} frames ({dict(Counter(labels))}) to s3://{bucket}/{prefix}")
@@ -213,7 +239,8 @@ def _follow(database_url: str, sources: set[str], crew: Crew, timeout_s: float, 
         task = bar.add_task("verdicts", total=len(sources))
         while True:
             rows = conn.execute(
-                "SELECT source, status, verdict, score, seconds, annotated, reason FROM fits_verdicts"
+                "SELECT source, status, verdict, score, seconds, annotated, reason, classified_at"
+                " FROM fits_verdicts"
                 " WHERE source = ANY(%s)",
                 (sorted(sources),),
             ).fetchall()
@@ -242,7 +269,7 @@ def _result(  # noqa: PLR0917 (one caller, every figure it gathered)
     classes = [*classifier.class_names, "unreadable"]
     confusion = {t: dict.fromkeys(classes, 0) for t in classifier.class_names}
     per_frame = []
-    for source, status, verdict, score, spent, annotated, reason in sorted(rows):
+    for source, status, verdict, score, spent, annotated, reason, classified_at in sorted(rows):
         label = truth[source]["label"]
         confusion[label][verdict] = confusion[label].get(verdict, 0) + 1
         per_frame.append(
@@ -255,12 +282,14 @@ def _result(  # noqa: PLR0917 (one caller, every figure it gathered)
                 "seconds": spent,
                 "annotated": annotated,
                 "reason": reason,
+                "uploaded_at": _iso(truth[source]["uploaded_utc"]),
+                "classified_at": _iso(classified_at),
             }
         )
     correct = sum(1 for f in per_frame if f["truth"] == f["verdict"])
     sheet = settings.out_dir / "contact-sheet.png"
     _contact_sheet(per_frame, classifier, s3, bucket, sheet)
-    result = DemoResult(
+    return DemoResult(
         frames=len(per_frame),
         correct=correct,
         accuracy=correct / len(per_frame),
@@ -276,8 +305,11 @@ def _result(  # noqa: PLR0917 (one caller, every figure it gathered)
         night=night,
         per_frame=per_frame,
     )
-    (settings.out_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
+
+
+def _iso(moment: dt.datetime) -> str:
+    """``moment`` in UTC as ISO 8601 with microseconds and a Z."""
+    return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _contact_sheet(

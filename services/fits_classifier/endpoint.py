@@ -17,7 +17,11 @@ The trust boundary (ARCHITECTURE.md): every request is untrusted, as for the mod
   ``Authorization: Bearer <token>`` or gets 401 (compared in constant time). Without a token the server
   may bind a loopback address only; any other address is refused with a UserError.
 - A body needs a Content-Length (absent, or ``Transfer-Encoding: chunked``: 411) of at most ``max_bytes``
-  (default 64 MiB; more: 413, and the body is not read). A client has ``timeout_s`` seconds (default 60)
+  (default 64 MiB; more: 413, and the body is not read).
+- At most ``max_concurrent`` uploads (default 4, else ``TESSERA_FITS_MAX_CONCURRENT``) are read and
+  classified at once, so memory stays bounded by about ``max_concurrent`` frames. An authorized upload
+  beyond that is answered at once with 503, ``Retry-After`` and a JSON error, its body unread, rather than
+  queued; ``GET /health`` is never counted and still answers. A client has ``timeout_s`` seconds (default 60)
   to send its request line and headers, and as long again for its whole body; a body that ends early or
   does not arrive in time is a 400.
 - Every error is JSON ``{"error": "..."}`` saying what to change: 404 for another path, 405 for another
@@ -55,6 +59,11 @@ TOKEN_ENV = "TESSERA_FITS_TOKEN"
 DEFAULT_PORT = 8090
 DEFAULT_MAX_BYTES = 64 * 2**20
 DEFAULT_TIMEOUT_S = 60.0
+#: Uploads read and classified at once (each may hold a frame of ``max_bytes`` and its decoded pixels).
+DEFAULT_MAX_CONCURRENT = 4
+MAX_CONCURRENT_ENV = "TESSERA_FITS_MAX_CONCURRENT"
+#: Seconds a client refused for want of a free slot is told to wait (``Retry-After``).
+RETRY_AFTER_S = 1
 #: The frame's name in its verdict when the request gives none (``?name=``).
 DEFAULT_SOURCE = "upload"
 MAX_NAME_CHARS = 1024
@@ -75,16 +84,43 @@ def fits_token(token: str | None = None) -> str | None:
         ) from None
 
 
+def max_concurrent_uploads(value: int | None = None) -> int:
+    """The cap on uploads in hand at once: ``value``, else ``TESSERA_FITS_MAX_CONCURRENT``, else
+    :data:`DEFAULT_MAX_CONCURRENT`; UserError unless it is a whole number of at least 1."""
+    if value is None:
+        text = os.environ.get(MAX_CONCURRENT_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_CONCURRENT
+        try:
+            value = int(text)
+        except ValueError:
+            raise UserError(
+                f"{MAX_CONCURRENT_ENV} must be a whole number of uploads, at least 1; got {text!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"the cap on concurrent uploads must be a whole number, at least 1; got {value!r}")
+    return value
+
+
 class FitsServer(ThreadingHTTPServer):
-    """The HTTP server :func:`fits_server` makes; closing it closes its database connection too."""
+    """The HTTP server :func:`fits_server` makes; closing it closes its database connection too.
+
+    ``slots`` holds one permit per upload that may be read and classified at once (``max_concurrent``).
+    """
 
     daemon_threads = True
     block_on_close = False
 
     def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], database: Any
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        database: Any,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     ) -> None:
         self.database: _Database | None = database  # before binding: a failed bind closes it
+        self.max_concurrent = max_concurrent
+        self.slots = threading.BoundedSemaphore(max_concurrent)
         if ":" in address[0]:  # an IPv6 address
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
@@ -136,13 +172,15 @@ def fits_server(
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     database_url: str | None = None,
-) -> ThreadingHTTPServer:
+    max_concurrent: int | None = None,
+) -> FitsServer:
     """An HTTP server (not yet serving) classifying frames with ``classifier``; see the module docstring.
 
     ``port=0`` picks a free port (``server.server_address[1]``). Call ``serve_forever()`` (e.g. on a
     thread), then ``shutdown()`` and ``server_close()``. ``token`` (else ``TESSERA_FITS_TOKEN``) is required
     to bind a ``host`` that is not loopback (UserError otherwise). ``database_url``: record every verdict
-    there (migrations applied first, as the other commands do).
+    there (migrations applied first, as the other commands do). ``max_concurrent``: uploads in hand at once
+    (else ``TESSERA_FITS_MAX_CONCURRENT``, else 4); more get 503 at once.
     """
     secret = fits_token(token)
     if secret is None and not is_loopback(host):
@@ -155,10 +193,11 @@ def fits_server(
         raise UserError(f"the body limit must be a whole number of bytes, at least 1; got {max_bytes!r}")
     if not timeout_s > 0:
         raise UserError(f"the read timeout must be more than 0 seconds, got {timeout_s}")
+    slots = max_concurrent_uploads(max_concurrent)
     handler = _handler(classifier, secret, max_bytes, float(timeout_s))
     database = _Database(database_url) if database_url else None
     try:
-        return FitsServer((host, port), handler, database)
+        return FitsServer((host, port), handler, database, slots)
     except OSError as error:
         if database is not None:
             database.close()
@@ -193,6 +232,22 @@ def _handler(
                     read=False,
                 )
                 return
+            if not self.server.slots.acquire(blocking=False):
+                self._error(
+                    503,
+                    f"the classifier is busy: {self.server.max_concurrent} uploads are being read or "
+                    f"classified, as many as it takes at once; send the frame again in {RETRY_AFTER_S} s",
+                    read=False,
+                    extra={"Retry-After": str(RETRY_AFTER_S)},
+                )
+                return
+            try:
+                self._classify(source)
+            finally:
+                self.server.slots.release()
+
+        def _classify(self, source: str) -> None:
+            """Read the body, judge it, record the verdict and answer (a slot is held)."""
             body = self._body()
             if body is None:
                 return
@@ -393,6 +448,7 @@ def serve(
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     database_url: str | None = None,
+    max_concurrent: int | None = None,
 ) -> int:
     """Serve ``classifier`` (see :func:`fits_server`) until SIGTERM or SIGINT, printing its URL; returns 0.
 
@@ -406,6 +462,7 @@ def serve(
         max_bytes=max_bytes,
         timeout_s=timeout_s,
         database_url=database_url,
+        max_concurrent=max_concurrent,
     )
     secret = fits_token(token)
     stop = threading.Event()
@@ -420,6 +477,7 @@ def serve(
             f"serving {classifier.name} {classifier.version} on http://{shown}:{server.server_address[1]} "
             "(POST /classify, GET /health); "
             + ("bearer token required" if secret else "no token: this machine only")
+            + f"; at most {server.max_concurrent} uploads at once"
             + ("; recording verdicts" if database_url else "")
             + "; Ctrl-C stops",
             flush=True,

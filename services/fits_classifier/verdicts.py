@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from services.errors import UserError
-from services.fits_classifier.model import FrameClassifier
+from services.fits_classifier.model import FrameClassifier, Scores
 from services.frames import read_frame
 
 CLASSIFIED = "CLASSIFIED"
@@ -87,6 +88,13 @@ def judge(
         try:
             frame = read_frame(raw, hdu=hdu)
             hdus[index] = frame.hdu_name or str(frame.hdu_index)
+            if not np.isfinite(frame.data).any():
+                rows, columns = frame.data.shape
+                raise UserError(
+                    f"HDU {_hdu_label(frame.hdu_index, frame.hdu_name)}: every one of its {rows} x {columns} "
+                    "pixels is blank (NaN or BLANK) or infinite, so there is nothing to classify: the "
+                    "readout failed or the wrong HDU was written"
+                )
             prepared.append(classifier.prepare(frame.data))
             slots.append(index)
             started[index] = time.perf_counter() - started[index]  # now the seconds spent preparing
@@ -101,10 +109,20 @@ def judge(
             )
     if prepared:
         batch_started = time.perf_counter()
-        scores = classifier.classify(np.stack(prepared))
+        scores = _scores(classifier, prepared)
         per_frame = (time.perf_counter() - batch_started) / len(prepared)
         for index, score in zip(slots, scores, strict=True):
             source, raw = frames[index]
+            if isinstance(score, UserError):
+                verdicts[index] = unreadable(
+                    classifier,
+                    source,
+                    raw,
+                    f"the model could not judge this frame: {score}",
+                    hdu=hdus[index],
+                    started=time.perf_counter() - started[index] - per_frame,
+                )
+                continue
             verdicts[index] = Verdict(
                 source=source,
                 checksum=checksum(raw),
@@ -122,12 +140,41 @@ def judge(
     return [v for v in verdicts if v is not None]
 
 
+def _scores(classifier: FrameClassifier, prepared: list[np.ndarray]) -> list[Scores | UserError]:
+    """The model's scores for ``prepared`` frames in one call; should the model refuse the batch (non-finite
+    logits), each frame is scored alone so that only the frame it cannot judge is lost."""
+    try:
+        return list(classifier.classify(np.stack(prepared)))
+    except UserError:
+        if len(prepared) == 1:
+            raise
+    alone: list[Scores | UserError] = []
+    for row in prepared:
+        try:
+            [score] = classifier.classify(row[None])
+            alone.append(score)
+        except UserError as error:
+            alone.append(error)
+    return alone
+
+
+def _hdu_label(index: int, name: str) -> str:
+    return f"{index} ({name})" if name else str(index)
+
+
+#: How the reader names bytes it was given ("FITS data (N bytes)"), which a verdict names by its source.
+_BYTES_PREFIX = re.compile(r"FITS data \(\d+ bytes\)(?P<joint>, |: | )")
+
+
 def _reason(error: UserError) -> str:
-    """The reading error without the "FITS data (N bytes): " prefix (the verdict names its source)."""
+    """The reading error with "the file" for the reader's "FITS data (N bytes)" (the verdict names its
+    source): "the file is truncated: ...", "HDU 0 (PRIMARY): the image is a 3-D cube ..."."""
     text = str(error)
-    if text.startswith("FITS data (") and "): " in text:
-        return text.split("): ", 1)[1]
-    return text
+    match = _BYTES_PREFIX.match(text)
+    if match is None:
+        return text
+    rest = text[match.end() :]
+    return f"the file {rest}" if match["joint"] == " " else rest
 
 
 def unreadable(

@@ -4,6 +4,8 @@ What is read, and how:
 
 - ``source`` is a path or the file's bytes. Gzip-compressed files (``.fits.gz``) are decompressed here, up to
   :data:`MAX_FITS_BYTES`; tile-compressed images (``.fz``, a ``CompImageHDU``) are decompressed by astropy.
+  Bytes that are not FITS but a common picture or archive are named for what they are (a PNG saved under a
+  ``.fits`` name is refused as a PNG image).
 - The HDU: the one asked for by name (``hdu="SCI"``, EXTNAME, case-insensitive) or index (``hdu=1``), else
   the first image HDU whose header declares data.
 - Values: astropy applies BSCALE/BZERO (and BLANK -> NaN) to the stored integers, so signed data stays
@@ -46,6 +48,22 @@ _SIMPLE = b"SIMPLE  ="
 _END = b"END" + b" " * 77
 
 Source = str | os.PathLike[str] | bytes
+#: What other files start with, so that a ``.fits`` name on a picture or an archive is named for what it is.
+_OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"%PDF-", "a PDF document"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ\x00", "an xz archive"),
+    (b"\x28\xb5\x2f\xfd", "a zstandard archive"),
+    (b"<!DOCTYPE html", "an HTML page"),
+    (b"<html", "an HTML page"),
+)
 
 
 def _decompression_errors() -> tuple[type[Exception], ...]:
@@ -106,7 +124,10 @@ def read_frame(source: Source, *, hdu: int | str | None = None) -> Frame:
     except UserError:
         raise
     except _READ_ERRORS as error:
-        raise UserError(f"{what}: cannot read the FITS image, the file is corrupt: {error}") from error
+        raise UserError(
+            f"{what}: cannot read the FITS image, the file is corrupt: {error}; copy it again from where it "
+            "was written"
+        ) from error
     return Frame(_as_frame(what, image, index, name), header, index, name)
 
 
@@ -140,7 +161,10 @@ def _gunzip(what: str, raw: bytes) -> bytes:
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
             data = stream.read(MAX_FITS_BYTES + 1)
     except (OSError, EOFError, zlib.error) as error:
-        raise UserError(f"{what}: truncated or corrupt gzip stream ({error})") from error
+        raise UserError(
+            f"{what}: truncated or corrupt gzip stream ({error}); the file was cut short or damaged on its "
+            "way: copy it again (gzip -t tests a copy)"
+        ) from error
     if len(data) > MAX_FITS_BYTES:
         raise UserError(f"{what}: decompresses to over {MAX_FITS_BYTES} bytes; refused")
     if not data:
@@ -151,6 +175,12 @@ def _gunzip(what: str, raw: bytes) -> bytes:
 def _check_structure(what: str, raw: bytes) -> None:
     """Walk the HDUs' headers: the file must be FITS, every header must end, every data unit must fit."""
     if not raw.startswith(_SIMPLE):
+        kind = next((name for magic, name in _OTHER_FORMATS if raw.startswith(magic)), None)
+        if kind is not None:
+            raise UserError(
+                f"{what} is not a FITS file: it is {kind} (whatever its name says); send the FITS frame "
+                "the camera wrote, or convert the image to FITS first"
+            )
         start = raw[:20].decode("ascii", "replace")
         raise UserError(f"{what} is not a FITS file: it starts with {start!r}, a FITS file with 'SIMPLE  ='")
     offset, index = 0, 0
@@ -177,7 +207,8 @@ def _check_structure(what: str, raw: bytes) -> None:
             )
             raise UserError(
                 f"{what} is truncated: HDU {index}'s header (BITPIX {cards.get('BITPIX')}, NAXIS {axes}) "
-                f"claims {need} bytes of data but the file holds only {max(held, 0)} after the header"
+                f"claims {need} bytes of data but the file holds only {max(held, 0)} after the header; copy "
+                "the whole file again, or fix the header if its NAXISn are wrong"
             )
         if cards.get("ZIMAGE"):
             _check_compressed_size(what, index, cards)
@@ -294,17 +325,25 @@ def _choose_hdu(what: str, hdus: fits.HDUList, wanted: int | str | None) -> int:
         for index, hdu in enumerate(hdus):
             if _holds_image(hdu):
                 return index
-        raise UserError(f"{what} holds no image data: no HDU is an image with pixels (HDUs: {listing})")
+        raise UserError(
+            f"{what} holds no image data: no HDU is an image with pixels (HDUs: {listing}); a frame is a 2-D "
+            "image in the primary HDU or an image extension, not a header alone or a table"
+        )
     if isinstance(wanted, bool) or not isinstance(wanted, int | str):
         raise UserError(f"hdu must be an index or an EXTNAME, got {wanted!r}")
     if isinstance(wanted, int):
         if not 0 <= wanted < len(hdus):
-            raise UserError(f"{what} has no HDU {wanted}: it has {len(hdus)} (HDUs: {listing})")
+            raise UserError(
+                f"{what} has no HDU {wanted}: it has {len(hdus)} (HDUs: {listing}); ask for one of these"
+            )
         index = wanted
     else:
         matches = [i for i, h in enumerate(hdus) if h.name.upper() == wanted.upper()]
         if not matches:
-            raise UserError(f"{what} has no HDU named {wanted!r} (HDUs: {listing})")
+            raise UserError(
+                f"{what} has no HDU named {wanted!r} (HDUs: {listing}); ask for one of these by EXTNAME "
+                "or index"
+            )
         index = matches[0]
     hdu = hdus[index]
     if not hdu.is_image:
@@ -334,4 +373,14 @@ def _as_frame(what: str, image: np.ndarray, index: int, name: str) -> np.ndarray
         )
     if data.ndim > 3:
         raise UserError(f"{where}: the image is {data.ndim}-D ({shape}); expected a 2-D frame")
-    return np.asarray(data, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        frame = np.asarray(data, dtype=np.float32)
+    if data.dtype.kind == "f" and data.dtype.itemsize > frame.dtype.itemsize:
+        overflowed = int(np.count_nonzero(np.isinf(frame) & np.isfinite(data)))
+        if overflowed:
+            raise UserError(
+                f"{where}: {overflowed} pixel values lie beyond +-3.4e38 (float32's range), which no "
+                "detector records; the data or its scaling (BSCALE/BZERO) is broken: check how the file "
+                "was written"
+            )
+    return frame

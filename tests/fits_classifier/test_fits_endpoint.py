@@ -1,5 +1,6 @@
 """``POST /classify`` over loopback with a real server thread: verdicts for frames, 422 for files that are
-not frames, and the refusals a client can cause (token, size, length, slowness, path, method)."""
+not frames, and the refusals a client can cause (token, size, length, slowness, path, method, too many
+uploads at once)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import math
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +22,12 @@ import pytest
 
 from services.cloud.database import migrate
 from services.errors import UserError
-from services.fits_classifier.endpoint import TOKEN_ENV, fits_server
+from services.fits_classifier.endpoint import (
+    DEFAULT_MAX_CONCURRENT,
+    MAX_CONCURRENT_ENV,
+    TOKEN_ENV,
+    fits_server,
+)
 from services.fits_classifier.model import FrameClassifier
 from services.frames import generate_frame, write_fits
 
@@ -233,3 +240,103 @@ def test_verdicts_are_recorded_once_per_frame(
         ("broken.fits", "UNREADABLE", "unreadable"),
     ]
     assert rows[1][3] and "not a FITS file" in rows[1][3]
+
+
+def _answer(sock: socket.socket) -> tuple[bytes, Any]:
+    """The status line and JSON body of one answer read off ``sock`` (a 100 Continue is skipped)."""
+    data = b""
+    while True:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"the connection closed mid-answer: {data!r}"
+            data += chunk
+        head, data = data.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 100 "):
+            break
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(data) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed mid-body"
+        data += chunk
+    return head.split(b"\r\n", 1)[0], json.loads(data[:length])
+
+
+def _hold(port: int, name: str, frame: bytes) -> socket.socket:
+    """An upload whose slot the server has taken (it answered 100 Continue) and whose body is still coming:
+    its headers and the first kilobyte are sent, the rest is not."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        (
+            f"POST /classify?name={name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(frame)}\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+    )
+    continued = b""
+    while b"\r\n\r\n" not in continued:
+        chunk = sock.recv(1)  # byte by byte: nothing after the 100 Continue may be taken from the socket
+        assert chunk, "the server closed an upload it should hold"
+        continued += chunk
+    assert continued == b"HTTP/1.1 100 Continue\r\n\r\n"
+    sock.sendall(frame[:1024])
+    return sock
+
+
+def test_uploads_beyond_the_cap_get_503_at_once_and_health_still_answers(
+    classifier: FrameClassifier, frame: bytes
+) -> None:
+    cap = 3
+    with running(classifier, max_concurrent=cap, timeout_s=30) as port:
+        for round_ in range(2):  # the second round finds every slot free again
+            held = [_hold(port, f"held-{round_}-{i}.fits", frame) for i in range(cap)]
+            try:
+                started = time.monotonic()
+                refused = call(port, "POST", "/classify?name=one-too-many.fits", frame, AUTH)
+                waited = time.monotonic() - started
+                health = call(port, "GET", "/health")
+                unauthorized = call(port, "POST", "/classify", frame, {"Authorization": "Bearer nope"})
+                for sock in held:
+                    sock.sendall(frame[1024:])  # the slow bodies end
+                answers = [_answer(sock) for sock in held]
+            finally:
+                for sock in held:
+                    sock.close()
+            status, headers, answer = refused
+            assert status == 503 and headers["Retry-After"] == "1" and headers["Connection"] == "close"
+            assert answer == {
+                "error": f"the classifier is busy: {cap} uploads are being read or classified, as many as "
+                "it takes at once; send the frame again in 1 s"
+            }
+            assert waited < 2.0  # answered at once, not queued behind the held uploads
+            assert health[0] == 200 and health[2]["status"] == "ok"
+            assert unauthorized[0] == 401  # the token is still checked first
+            for line, verdict in answers:
+                assert line.startswith(b"HTTP/1.1 200 "), (line, verdict)
+                assert verdict["verdict"] == "mirror_wobble" and verdict["size_bytes"] == len(frame)
+            assert sorted(v["source"] for _, v in answers) == [f"held-{round_}-{i}.fits" for i in range(cap)]
+        assert call(port, "POST", "/classify?name=after.fits", frame, AUTH)[0] == 200
+
+
+def test_the_cap_on_concurrent_uploads_is_configured_or_refused(
+    classifier: FrameClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(MAX_CONCURRENT_ENV, raising=False)
+    server = fits_server(classifier, port=0, token=TOKEN)
+    assert server.max_concurrent == DEFAULT_MAX_CONCURRENT == 4
+    server.server_close()
+    monkeypatch.setenv(MAX_CONCURRENT_ENV, "7")
+    server = fits_server(classifier, port=0, token=TOKEN)
+    assert server.max_concurrent == 7
+    server.server_close()
+    server = fits_server(classifier, port=0, token=TOKEN, max_concurrent=2)  # the argument wins
+    assert server.max_concurrent == 2
+    server.server_close()
+    monkeypatch.setenv(MAX_CONCURRENT_ENV, "many")
+    with pytest.raises(UserError, match=f"{MAX_CONCURRENT_ENV} must be a whole number"):
+        fits_server(classifier, port=0, token=TOKEN)
+    for wrong in (0, -1, True):
+        with pytest.raises(UserError, match="at least 1"):
+            fits_server(classifier, port=0, token=TOKEN, max_concurrent=wrong)
