@@ -184,6 +184,39 @@ def _worker(args: argparse.Namespace) -> int:
     )
 
 
+def parameter_table(name: str) -> str:
+    """The ``--param`` names of task ``name`` with their defaults and what each accepts, for ``--help``
+    (imports the task: torch)."""
+    from services.trainer.tasks import make_task, task_class
+
+    module = sys.modules[task_class(name).__module__]
+    rules = getattr(module, "RULES", {})
+    defaults = make_task(name).params({})
+    width = max(len(key) for key in defaults) + 2
+    lines = [f"{name} parameters (--param NAME=VALUE, VALUE as JSON or text; default, then what it takes):"]
+    for key, value in defaults.items():
+        rule = rules.get(key)
+        takes = rule.accepts() if rule is not None else type(value).__name__
+        lines.append(f"  {key.ljust(width)}{json.dumps(value, default=str):<14} {takes}")
+    return "\n".join(lines)
+
+
+class _TaskHelp(argparse.Action):
+    """``tessera train TASK --help``: the usual help, then the task's parameters (its module is imported
+    only now, so ``tessera --help`` stays quick)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, task: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.task = task
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None
+    ) -> None:
+        parser.epilog = parameter_table(self.task)
+        parser.print_help()
+        parser.exit()
+
+
 def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = None) -> None:
     """Add ``train`` (``train TASK ...`` and ``train submit TASK ...``) to the ``tessera`` subparsers.
 
@@ -193,7 +226,15 @@ def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = No
     train = subparsers.add_parser("train", help="train a model here, or submit a training job to the queue")
     kinds = train.add_subparsers(dest="train_command", required=True, metavar="TASK|submit")
     for name in TASK_NAMES:
-        task = kinds.add_parser(name, help=f"train the {name} task in this process")
+        task = kinds.add_parser(
+            name,
+            help=f"train the {name} task in this process",
+            add_help=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        task.add_argument(
+            "-h", "--help", action=_TaskHelp, task=name, help="show this help, with the task's parameters"
+        )
         task.set_defaults(task=name)
         _add_job_options(task, out_help="the job's output: a directory or s3://bucket/prefix")
         task.set_defaults(handler=user_errors("train", _train))

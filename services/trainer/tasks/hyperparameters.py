@@ -39,11 +39,18 @@ class Rule:
         ]
         if self.low is not None and self.high is not None:
             left = "(" if self.open_low else "["
-            text = f"{kind} in {left}{self.low:g}, {self.high:g}]"
+            text = f"{kind} in {left}{_number(self.low)}, {_number(self.high)}]"
             return text + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
         if self.low is not None:
-            return f"{kind} {'>' if self.open_low else '>='} {self.low:g}"
+            return f"{kind} {'>' if self.open_low else '>='} {_number(self.low)}"
         return kind
+
+
+def _number(value: float) -> str:
+    """A bound as a person writes it: 2147483647, not 2.14748e+09; 0.001 stays 0.001."""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}"
 
 
 def resolve(task: str, rules: Mapping[str, Rule], given: Mapping[str, Any]) -> dict[str, Any]:
