@@ -61,6 +61,13 @@ def database_url(env: Mapping[str, str] | None = None) -> str:
     )
 
 
+def configured(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment names a database (``TESSERA_DB_URL``, or ``TESSERA_DB_HOST`` as the platform
+    sets it)."""
+    env = os.environ if env is None else env
+    return bool(env.get("TESSERA_DB_URL") or env.get("TESSERA_DB_HOST"))
+
+
 def uses_iam_authentication(env: Mapping[str, str] | None = None) -> bool:
     """Whether this process is a platform service: ``TESSERA_DB_USER`` is set (only the platform sets it).
 

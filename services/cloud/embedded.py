@@ -17,7 +17,8 @@ import socket
 import tempfile
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -223,6 +224,45 @@ def create_database(admin_url: str, name: str | None = None) -> str:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     params = {k: str(v) for k, v in conninfo_to_dict(admin_url).items() if v is not None}
     return make_conninfo(**{**params, "dbname": name})
+
+
+#: Where this machine's own tessera data lives (the local model registry); default ~/.local/share/tessera.
+HOME_ENV = "TESSERA_HOME"
+
+
+def local_home(env: Mapping[str, str] | None = None) -> Path:
+    """``$TESSERA_HOME``, else ``$XDG_DATA_HOME/tessera``, else ``~/.local/share/tessera``."""
+    env = os.environ if env is None else env
+    if env.get(HOME_ENV):
+        return Path(env[HOME_ENV]).expanduser()
+    data = env.get("XDG_DATA_HOME") or str(Path("~/.local/share").expanduser())
+    return Path(data) / "tessera"
+
+
+@contextmanager
+def local_database(env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """The URL of this machine's own database (an embedded PostgreSQL kept in ``local_home()/postgres``,
+    started for the ``with`` block and stopped after it, its data kept), every migration applied: the local
+    model registry when no ``TESSERA_DB_URL`` is configured."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from services.cloud.database import apply_migrations
+
+    server = start_postgres(local_home(env) / "postgres")
+    try:
+        admin = server.get_uri()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = 'tessera'").fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier("tessera")))
+        params = {k: str(v) for k, v in conninfo_to_dict(admin).items() if v is not None}
+        url = make_conninfo(**{**params, "dbname": "tessera"})
+        with psycopg.connect(url) as conn:
+            apply_migrations(conn)
+        yield url
+    finally:
+        server.cleanup()
 
 
 @dataclass

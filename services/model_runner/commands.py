@@ -7,6 +7,7 @@ UserError into one line on stderr and status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -138,16 +139,14 @@ def _run(args: argparse.Namespace) -> int:
 
     request = parse_request(request_from_args(args))
     if request.model is not None and is_registry_ref(request.model):
-        if not os.environ.get("TESSERA_DB_URL"):
-            raise UserError(
-                f"{request.model!r} is a model registry name: set TESSERA_DB_URL to the registry's database, "
-                "or give the model's path or s3:// URI"
-            )
-        from services.cloud.database import connect
+        from services.cloud.database import configured, connect
+        from services.cloud.embedded import local_database
         from services.model_runner.handler import pin_model
 
-        with connect() as conn:
-            request = pin_model(conn, request)
+        # The configured registry, else this machine's own (where `tessera train --register` put it).
+        with contextlib.ExitStack() as stack:
+            url = None if configured() else stack.enter_context(local_database())
+            request = pin_model(stack.enter_context(connect(url)), request)
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]tiles"),

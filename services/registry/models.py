@@ -110,6 +110,15 @@ def list_versions(conn: psycopg.Connection[Any], name: str) -> list[RegisteredMo
     return [_model(r) for r in rows]
 
 
+def latest_of_each(conn: psycopg.Connection[Any]) -> list[RegisteredModel]:
+    """The newest version of every registered name, by name."""
+    rows = conn.execute(
+        "SELECT DISTINCT ON (name) name, version, task, metrics, uri, job_id, created FROM models"
+        " ORDER BY name, version DESC"
+    ).fetchall()
+    return [_model(r) for r in rows]
+
+
 def resolve(conn: psycopg.Connection[Any], ref: str) -> RegisteredModel:
     """The row ``"name"`` (latest) or ``"name:version"`` means; UserError for an unknown name or version."""
     name, version = parse_ref(ref)

@@ -9,6 +9,7 @@ line on stderr and status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -96,16 +97,23 @@ def _train(args: argparse.Namespace) -> int:
     job = parse_job(job_from_args(args))
     task = make_task(job.task)
     device = choose_device(job.device)
-    conn = None
-    if job.register_name or os.environ.get("TESSERA_DB_URL"):
-        conn = database.connect()
-        database.apply_migrations(conn)
-    try:
+    with contextlib.ExitStack() as stack:
+        conn = None
+        if database.configured():
+            conn = stack.enter_context(database.connect())
+            database.apply_migrations(conn)
+        elif job.register_name:
+            from services.cloud.embedded import local_database, local_home
+
+            # No database configured: the machine's own registry, so --register needs no AWS account.
+            conn = stack.enter_context(database.connect(stack.enter_context(local_database())))
+            print(
+                f"registry: the local one (an embedded PostgreSQL in {local_home() / 'postgres'}; "
+                "set TESSERA_DB_URL to register elsewhere)",
+                file=sys.stderr,
+            )
+        stack.callback(leave, device)
         result = run(task, job, device, storage_for(job.output), conn=conn)
-    finally:
-        if conn is not None:
-            conn.close()
-        leave(device)
     if device.is_main:
         print(f"job        {result.job_id}")
         print(f"steps      {result.steps} ({result.epochs} epochs complete)")
@@ -217,12 +225,43 @@ class _TaskHelp(argparse.Action):
         parser.exit()
 
 
+def _models(args: argparse.Namespace) -> int:
+    from services.cloud import database
+    from services.cloud.embedded import local_database, local_home
+    from services.registry import latest_of_each, list_versions
+
+    with contextlib.ExitStack() as stack:
+        if database.configured():
+            where = "the registry at TESSERA_DB_URL" if os.environ.get("TESSERA_DB_URL") else "the platform's"
+            url = None
+        else:
+            where = f"the local registry ({local_home() / 'postgres'})"
+            url = stack.enter_context(local_database())
+        conn = stack.enter_context(database.connect(url))
+        rows = list_versions(conn, args.name) if args.name else latest_of_each(conn)
+    if not rows:
+        what = f"no model named {args.name!r}" if args.name else "no models"
+        print(f"{where}: {what}; train one with `tessera train TASK ... --register NAME`")
+        return 0
+    print(f"{where}:" + ("" if args.name else " the newest version of each name"))
+    for model in rows:
+        print(f"  {model.ref:<28} {model.task:<14} {model.created:%Y-%m-%d %H:%M}  {model.uri}")
+    return 0
+
+
 def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = None) -> None:
     """Add ``train`` (``train TASK ...`` and ``train submit TASK ...``) to the ``tessera`` subparsers.
 
     ``worker_parser``, if given, is ``tessera worker``'s parser: the trainer's options are added to it
     (the caller dispatches ``service == "trainer"`` to :func:`run_worker`).
     """
+    models = subparsers.add_parser(
+        "models", help="the registered models (TESSERA_DB_URL's registry, else this machine's own)"
+    )
+    models.add_argument(
+        "name", nargs="?", help="list every version of this name (default: each name's newest)"
+    )
+    models.set_defaults(handler=user_errors("models", _models))
     train = subparsers.add_parser("train", help="train a model here, or submit a training job to the queue")
     kinds = train.add_subparsers(dest="train_command", required=True, metavar="TASK|submit")
     for name in TASK_NAMES:

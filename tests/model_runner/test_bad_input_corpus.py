@@ -15,9 +15,12 @@ an image that is all nodata gives an empty FeatureCollection (every tile skipped
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -472,8 +475,9 @@ CORPUS = [
     row(
         "model-registry-name-without-a-registry",
         "model",
+        # No database configured: this machine's own registry is asked, and it knows no such model.
         lambda t: run_argv(t, model="ships:3"),
-        "set TESSERA_DB_URL",
+        "no model named 'ships' in the registry (the registry is empty); train one with --register ships",
     ),
     row(
         "model-s3-without-credentials",
@@ -974,6 +978,14 @@ def _tree(root: Path) -> dict[str, tuple[int, int] | None]:
     return seen
 
 
+def _fresh_home() -> str:
+    """A $TESSERA_HOME of its own, removed when the tests end (outside pytest's private temporary
+    directories: the embedded PostgreSQL runs as its own user when tests run as root)."""
+    path = tempfile.mkdtemp(prefix="tessera-corpus-home-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     for name in _AMBIENT:
         monkeypatch.delenv(name, raising=False)
@@ -981,6 +993,8 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "CPL_AWS_CREDENTIALS_FILE"):
         monkeypatch.setenv(name, missing)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # The local registry of a run without a database: a fresh one, never the user's own.
+    monkeypatch.setenv("TESSERA_HOME", _fresh_home())
     # boto3's default session caches the credentials it found first (another test's, say).
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
 
