@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from services.errors import UserError
@@ -43,14 +44,43 @@ def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
     return params
 
 
+#: ``--size tiny``: parameters that train each task in seconds on a CPU (to try it; the models are toys).
+#: ``--size full`` keeps the task's own defaults, for real runs. Explicit ``--param`` values win over both.
+TINY_PARAMS: dict[str, dict[str, Any]] = {
+    "detector": {"batch_size": 2, "crop": 64, "width": 8, "tile": 64, "eval_scenes": 1, "steps_per_epoch": 5},
+    "dcgan": {
+        "batch_size": 16,
+        "nz": 32,
+        "ngf": 16,
+        "ndf": 16,
+        "samples": 16,
+        "eval_images": 32,
+        "synthetic_images": 64,
+        "mixed_precision": False,
+    },
+    "classifier": {
+        "input_size": 64,
+        "width": 0.125,
+        "head_width": 32,
+        "batch_size": 8,
+        "synthetic_per_class": 4,
+        "synthetic_side": 256,
+    },
+    "sky-position": {"image_size": 64, "width": 4, "hidden": 32, "batch_size": 8},
+}
+#: Frames ``--dataset synthetic`` renders for sky-position (Stellarium), by ``--size``.
+SKY_FRAMES = {"tiny": 24, "full": 400}
+
+
 def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """A training job (JSON object, not yet validated) from ``train``'s options."""
+    preset = TINY_PARAMS.get(args.task, {}) if getattr(args, "size", "full") == "tiny" else {}
     job: dict[str, Any] = {
         "schema": "tessera.training-job/v1",
         "task": args.task,
         "dataset": args.dataset,
         "output": args.out,
-        "params": parse_params(args.param),
+        "params": {**preset, **parse_params(args.param)},
     }
     if args.job_id:
         job["job_id"] = args.job_id
@@ -67,8 +97,17 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return job
 
 
-def _add_job_options(parser: argparse.ArgumentParser, *, out_help: str) -> None:
-    parser.add_argument("--dataset", required=True, help="s3://bucket/prefix, a directory, or 'synthetic'")
+def _add_job_options(parser: argparse.ArgumentParser, *, out_help: str, size: str) -> None:
+    parser.add_argument(
+        "--dataset", required=True, help="s3://bucket/prefix, a directory, or 'synthetic' (generated data)"
+    )
+    parser.add_argument(
+        "--size",
+        choices=["tiny", "full"],
+        default=size,
+        help="tiny: parameters that train in seconds on a CPU, to try the task; full: the task's own "
+        f"defaults, for real runs (default: {size}; --param values win over both)",
+    )
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument(
         "--param", action="append", metavar="NAME=VALUE", help="a hyper-parameter (VALUE is JSON or text)"
@@ -88,13 +127,21 @@ def _add_job_options(parser: argparse.ArgumentParser, *, out_help: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from services.cloud import database
+    from services.jobs.emf import EMF_FILE_ENV
     from services.trainer.device import choose_device, leave
     from services.trainer.job import parse_job
     from services.trainer.loop import run
     from services.trainer.storage import storage_for
     from services.trainer.tasks import make_task
 
-    job = parse_job(job_from_args(args))
+    body = job_from_args(args)
+    if not args.out.startswith("s3://"):
+        # A person reads this console: the metric lines go beside the model, not between the progress lines.
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault(EMF_FILE_ENV, str(Path(args.out) / "metrics.emf.jsonl"))
+    if body["task"] == "sky-position" and body["dataset"] == "synthetic":
+        body["dataset"] = str(render_skies(Path(args.out) / "synthetic-skies", SKY_FRAMES[args.size]))
+    job = parse_job(body)
     task = make_task(job.task)
     device = choose_device(job.device)
     with contextlib.ExitStack() as stack:
@@ -128,13 +175,64 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def render_skies(directory: Path, frames: int) -> Path:
+    """A sky-position dataset rendered by the sky generator (``tessera sky render``, a process of its own:
+    real Stellarium frames of one night over the Gulf of Maine, with their manifest) into ``directory``;
+    kept, and reused when it is already complete."""
+    import subprocess
+
+    import yaml
+
+    if directory.is_dir() and (directory / "manifest.jsonl").is_file():
+        print(f"synthetic dataset: reusing {directory}", file=sys.stderr)
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    job = {
+        "schema": "tessera.sky-job/v1",
+        "job_id": "synthetic-skies",
+        "count": frames,
+        "seed": 7,
+        "latitude": [41.0, 45.0],
+        "longitude": [-71.0, -66.0],
+        "time": ["2024-01-15T01:00:00Z", "2024-01-15T09:00:00Z"],
+        "camera": {
+            "altitude": 60,
+            "azimuth": 180,
+            "fov": 60,
+            "projection": "perspective",
+            "size": [256, 256],
+        },
+        "atmosphere": False,
+        "frames_per_shard": frames,
+        "output": str(directory),
+    }
+    job_file = directory.parent / "synthetic-skies.yaml"
+    job_file.write_text(yaml.safe_dump(job, sort_keys=False))
+    print(
+        f"synthetic dataset: rendering {frames} sky frames with Stellarium into {directory}", file=sys.stderr
+    )
+    command = [sys.executable, "-m", "services.cli", "sky", "render", str(job_file), "--out", str(directory)]
+    if subprocess.run(command, check=False).returncode != 0:
+        raise UserError(
+            "rendering the synthetic sky dataset failed (see above); it needs Stellarium and xvfb-run "
+            "(bash .ci/system-packages), or give --dataset a folder of sky frames with a manifest"
+        )
+    return directory
+
+
 def _submit(args: argparse.Namespace) -> int:
     import importlib
 
     from services.trainer.job import parse_job
     from services.trainer.worker import QUEUE_ENV
 
-    job = parse_job(job_from_args(args))
+    body = job_from_args(args)
+    if body["task"] == "sky-position" and body["dataset"] == "synthetic":
+        raise UserError(
+            "a queued sky-position job needs rendered frames: render them with `tessera sky submit JOB.yaml` "
+            "and give --dataset the job's s3:// output (synthetic skies are for `tessera train` here)"
+        )
+    job = parse_job(body)
     queue_url = args.queue_url or os.environ.get(QUEUE_ENV)
     if not queue_url:
         raise UserError(f"no training queue: pass --queue-url or set {QUEUE_ENV}")
@@ -275,13 +373,15 @@ def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = No
             "-h", "--help", action=_TaskHelp, task=name, help="show this help, with the task's parameters"
         )
         task.set_defaults(task=name)
-        _add_job_options(task, out_help="the job's output: a directory or s3://bucket/prefix")
+        _add_job_options(task, out_help="the job's output: a directory or s3://bucket/prefix", size="tiny")
         task.set_defaults(handler=user_errors("train", _train))
     submit = kinds.add_parser(
         "submit", help="queue a training job and start the training instance if stopped"
     )
     submit.add_argument("task", choices=TASK_NAMES, help="what to train")
-    _add_job_options(submit, out_help="the job's output: s3://bucket/prefix (read by the training instance)")
+    _add_job_options(
+        submit, out_help="the job's output: s3://bucket/prefix (read by the training instance)", size="full"
+    )
     submit.add_argument(
         "--queue-url", help="the training-jobs queue (default: $TESSERA_QUEUE_TRAINING_JOBS_URL)"
     )

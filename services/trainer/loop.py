@@ -83,6 +83,8 @@ def verify_export(check: ExportCheck) -> float:
     """
     import onnxruntime as ort
 
+    if not check.expected and check.measured is not None:
+        return check.measured
     session = ort.InferenceSession(str(check.path), providers=["CPUExecutionProvider"])
     names = list(check.expected)
     outputs = session.run(names, {k: np.asarray(v) for k, v in check.inputs.items()})

@@ -41,6 +41,9 @@ class ExportCheck:
     inputs: dict[str, Any]  # ONNX input name -> numpy array
     expected: dict[str, Any]  # ONNX output name -> numpy array from torch
     atol: float = 1e-4
+    #: A difference the task measured itself, where an output-by-output comparison cannot judge (a
+    #: detector's top-K may pick either of two exactly tied peaks); with no ``expected`` it is the result.
+    measured: float | None = None
 
 
 class Task(Protocol):

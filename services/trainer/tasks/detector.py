@@ -293,9 +293,9 @@ class DetectorTask:
             raise ExportMismatchError(
                 f"ONNX Runtime disagrees with torch on the exported detector (max difference {mismatch})"
             )
-        return ExportCheck(
-            path=path, inputs={"images": images}, expected={"scores": scores.numpy()}, atol=1e-4
-        )
+        # The detections were compared above, tie-aware; the sorted top-K scores are not compared again
+        # (two tied plateau pixels, either of which may be the peak, shift them).
+        return ExportCheck(path=path, inputs={"images": images}, expected={}, measured=mismatch)
 
     def pictures(self, state: TrainState, directory: Path, params: Mapping[str, Any]) -> list[Path]:
         """The detections on one evaluation scene (green: detections over ``score_threshold``)."""

@@ -40,6 +40,7 @@ from services.trainer.data.sky_manifest import (
 )
 from services.trainer.nets.modes import evaluating
 from services.trainer.nets.sky import SkyPositionNet, great_circle_km
+from services.trainer.storage import SYNTHETIC
 from services.trainer.task import ExportCheck, TrainState
 from services.trainer.tasks.hyperparameters import Rule, resolve
 from services.trainer.tasks.onnx_export import bare, export_onnx
@@ -92,6 +93,12 @@ class SkyPositionTask:
 
     def load(self, dataset: Path, params: Mapping[str, Any]) -> SkySet:
         """Read the manifest and every image it lists; split off the held-out shots."""
+        if str(dataset) == SYNTHETIC:
+            raise UserError(
+                "sky-position's synthetic skies are rendered with Stellarium by `tessera train sky-position "
+                "--dataset synthetic` on a machine that has it; a queued job names rendered frames (an s3:// "
+                "prefix of `tessera sky submit`'s output, or a folder with a manifest)"
+            )
         shots = read_manifest(Path(dataset))
         decode = partial(read_resized, size=params["image_size"], channels=params["channels"])
         images = decode_all([shot.file for shot in shots], decode)
