@@ -36,9 +36,11 @@ RUN groupadd --system --gid 10001 tessera \
        --shell /usr/sbin/nologin tessera
 WORKDIR /home/tessera
 USER 10001:10001
-# The API listens on 8080 (a port a non-root user may bind) and answers GET /healthz.
+# The API listens on 8080 (a port a non-root user may bind) on every interface of the container, so that a
+# published port reaches it, and answers GET /health. The platform runs this same command behind its load
+# balancer (infra/catalog.py API_COMMAND) and the refresher, `worker sight-catalog`, with --no-healthcheck.
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
 ENTRYPOINT ["tessera"]
-CMD ["catalog", "serve"]
+CMD ["sights", "serve", "--host", "0.0.0.0", "--port", "8080"]

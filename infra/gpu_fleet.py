@@ -5,6 +5,9 @@ Scaling follows AWS's "backlog per instance" pattern: a target-tracking policy k
 (messages waiting + messages being worked on) / in-service instances near ``backlog_per_instance``. Target
 tracking cannot leave zero (the ratio is undefined with no instances), so a step-scaling policy and an alarm
 set the group to one instance when messages wait and the group's desired capacity is zero.
+
+A fleet can also serve: it publishes container ports and registers its instances in load balancer target
+groups (the sight catalog's API, ``infra/catalog.py``), with no queue and no backlog scaling.
 """
 
 from __future__ import annotations
@@ -93,6 +96,18 @@ class WorkerFleetArgs:
     """More tags for the group's instances and volumes (they do not inherit the provider's default tags)."""
     ebs_kms_key_arn: Input[str] | None = None
     """KMS key for the root volume; None uses the account's default EBS key (still encrypted)."""
+    extra_security_group_ids: Sequence[Input[str]] = ()
+    """More security groups for the workers, e.g. the one a load balancer may reach (``security_group_id``,
+    the service's own, stays egress-only)."""
+    published_ports: Sequence[int] = ()
+    """Container ports published on the same host port (``--publish``), for a load balancer to reach; the
+    instance's security groups decide who may. Empty for queue workers, which listen on nothing."""
+    target_group_arns: Sequence[Input[str]] = ()
+    """Load balancer target groups the group registers its instances in. With any, the group replaces an
+    instance the load balancer finds unhealthy (ELB health checks), not only one EC2 finds impaired."""
+    container_healthcheck: bool = True
+    """False runs the container with ``--no-healthcheck``: for a command that serves nothing the image's
+    HEALTHCHECK could probe (a worker run from an API's image)."""
 
     def __post_init__(self) -> None:
         _check(self)
@@ -108,6 +123,8 @@ def worker_user_data(
     environment: Mapping[str, str],
     log_group_name: str | None = None,
     agent_config_json: str | None = None,
+    published_ports: Sequence[int] = (),
+    container_healthcheck: bool = True,
 ) -> str:
     """The boot script of a worker: install the agent config, log in to ECR, pull the image and run it."""
     q = shlex.quote
@@ -153,6 +170,9 @@ def worker_user_data(
     ]
     if gpu:
         run += ["--gpus all", "--shm-size 2g"]  # torch data loaders share batches through /dev/shm
+    run += [f"--publish {int(port)}:{int(port)}" for port in published_ports]
+    if not container_healthcheck:
+        run.append("--no-healthcheck")
     if log_group_name is not None:
         lines += [
             "TOKEN=$(curl -sS -X PUT http://169.254.169.254/latest/api/token "
@@ -216,6 +236,8 @@ class WorkerFleet(pulumi.ComponentResource):
                 environment=dict(zip(env_keys, [str(v) for v in env_values], strict=True)),
                 log_group_name=log_group,
                 agent_config_json=agent_config,
+                published_ports=args.published_ports,
+                container_healthcheck=args.container_healthcheck,
             )
             return base64.b64encode(script.encode()).decode()
 
@@ -253,7 +275,7 @@ class WorkerFleet(pulumi.ComponentResource):
                 aws.ec2.LaunchTemplateNetworkInterfaceArgs(
                     device_index=0,
                     associate_public_ip_address="false",
-                    security_groups=[args.security_group_id],
+                    security_groups=[args.security_group_id, *args.extra_security_group_ids],
                     delete_on_termination="true",
                 )
             ],
@@ -304,7 +326,8 @@ class WorkerFleet(pulumi.ComponentResource):
             launch_template=launch_template,
             mixed_instances_policy=mixed_instances,
             capacity_rebalance=args.spot,
-            health_check_type="EC2",
+            target_group_arns=list(args.target_group_arns) or None,
+            health_check_type="ELB" if args.target_group_arns else "EC2",
             health_check_grace_period=300,
             default_instance_warmup=300,
             # Group metrics feed the scaling math (in-service instances, desired capacity).
@@ -488,6 +511,9 @@ def _check(args: WorkerFleetArgs) -> None:
         )
     if args.backlog_per_instance < 1:
         raise ValueError(f"backlog_per_instance must be at least 1, got {args.backlog_per_instance}")
+    bad_ports = [p for p in args.published_ports if not 1 <= int(p) <= 65535]
+    if bad_ports:
+        raise ValueError(f"published_ports must be TCP ports from 1 to 65535, got {bad_ports}")
     bad = [k for k in args.environment if not _ENV_NAME.match(k)]
     if bad:
         raise ValueError(f"environment variable names must match [A-Za-z_][A-Za-z0-9_]*: {bad}")

@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -52,9 +52,10 @@ def stack_outputs(stack: str | None, cwd: str | None = None) -> dict[str, Any]:
     return outputs
 
 
-def grafana_tunnel(outputs: Mapping[str, Any], local_port: int = 3000) -> list[str]:
-    """The ssh command that forwards ``localhost:<local_port>`` to Grafana through the jump host."""
-    missing = [k for k in ("grafanaPrivateIp", "jumpHostPublicIp") if not outputs.get(k)]
+def _jump_tunnel(outputs: Mapping[str, Any], target_key: str, remote_port: int, local_port: int) -> list[str]:
+    """The ssh command that forwards ``localhost:<local_port>`` through the jump host to the host named by
+    output ``target_key`` (an address or a DNS name the jump host resolves) on ``remote_port``."""
+    missing = [k for k in (target_key, "jumpHostPublicIp") if not outputs.get(k)]
     if missing:
         raise CommandError(
             f"the stack has no {', '.join(missing)} output: select the stack that holds the compute layer "
@@ -67,21 +68,46 @@ def grafana_tunnel(outputs: Mapping[str, Any], local_port: int = 3000) -> list[s
         "-o",
         "ExitOnForwardFailure=yes",
         "-L",
-        f"{local_port}:{outputs['grafanaPrivateIp']}:3000",
+        f"{local_port}:{outputs[target_key]}:{remote_port}",
         f"{user}@{outputs['jumpHostPublicIp']}",
     ]
 
 
+def grafana_tunnel(outputs: Mapping[str, Any], local_port: int = 3000) -> list[str]:
+    """The ssh command that forwards ``localhost:<local_port>`` to Grafana through the jump host."""
+    return _jump_tunnel(outputs, "grafanaPrivateIp", 3000, local_port)
+
+
+def catalog_tunnel(outputs: Mapping[str, Any], local_port: int = 8080) -> list[str]:
+    """The ssh command that forwards ``localhost:<local_port>`` to the sight catalog's internal load balancer
+    (its HTTP listener, port 80) through the jump host."""
+    return _jump_tunnel(outputs, "catalogAlbDnsName", 80, local_port)
+
+
+#: ``tessera tunnel TARGET``: the command's maker, the local port it listens on by default, what to say.
+TUNNELS: dict[str, tuple[Callable[[Mapping[str, Any], int], list[str]], int, str]] = {
+    "grafana": (
+        grafana_tunnel,
+        3000,
+        "Grafana: http://localhost:{port}  (admin password: the stack's grafanaAdminSecretArn; "
+        "Ctrl-C closes the tunnel)",
+    ),
+    "catalog": (
+        catalog_tunnel,
+        8080,
+        "Sight catalog: http://localhost:{port}  (Ctrl-C closes the tunnel)",
+    ),
+}
+
+
 def _tunnel(args: argparse.Namespace) -> int:
-    command = grafana_tunnel(stack_outputs(args.stack), args.local_port)
+    make, default_port, hint = TUNNELS[args.target]
+    port = args.local_port if args.local_port is not None else default_port
+    command = make(stack_outputs(args.stack), port)
     print(" ".join(command))
     if args.print_only:
         return 0
-    print(
-        f"Grafana: http://localhost:{args.local_port}  (admin password: the stack's grafanaAdminSecretArn; "
-        "Ctrl-C closes the tunnel)",
-        file=sys.stderr,
-    )
+    print(hint.format(port=port), file=sys.stderr)
     if shutil.which("ssh") is None:
         raise CommandError("ssh is not on PATH; install an OpenSSH client")
     os.execvp("ssh", command)
@@ -103,12 +129,15 @@ def parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=_plan)
 
     tunnel = commands.add_parser("tunnel", help="open an SSH tunnel through the jump host")
-    tunnel.add_argument("target", choices=["grafana"], help="what to reach")
+    tunnel.add_argument("target", choices=sorted(TUNNELS), help="what to reach")
     tunnel.add_argument(
         "--stack", default=None, help="the stack holding the compute layer (default: selected)"
     )
     tunnel.add_argument(
-        "--local-port", type=int, default=3000, help="local port to listen on (default: 3000)"
+        "--local-port",
+        type=int,
+        default=None,
+        help="local port to listen on (default: 3000 for grafana, 8080 for catalog)",
     )
     tunnel.add_argument(
         "--print", dest="print_only", action="store_true", help="print the ssh command instead of running it"

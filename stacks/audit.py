@@ -393,15 +393,32 @@ class Context:
 
 
 def check_network_exposure(records: Sequence[Record], context: Context) -> Iterator[Finding]:
-    """No ingress from the internet but the jump host's SSH; Grafana and the database only from peers."""
+    """No ingress from the internet but the jump host's SSH (and, when configured, the catalog's public HTTPS
+    from its configured addresses); Grafana and the database only from peers."""
     settings = context.settings
     jump = _group_aliases(records, "tessera:infra:JumpHost")
     grafana = _group_aliases(records, "tessera:infra:Monitoring")
     database = _group_aliases(records, "tessera:infra:Database")
     services = _group_aliases(records, "tessera:infra:Network")
     allowed_ssh = set(settings.jump_host_allowed_cidrs) if settings else None
+    # The one opt-in exception: the sight catalog's public HTTPS listener, when its certificate, domain and
+    # client addresses are configured (infra/catalog.py); only tcp 443, only from those addresses.
+    public = _group_aliases(records, "tessera:infra:CatalogPublicEndpoint")
+    allowed_https = (
+        set(settings.catalog_public.allowed_cidrs) if settings and settings.catalog_public else set()
+    )
     for rule in _ingress_of(records):
         where = rule.record
+        if rule.group_refs & public:
+            if (rule.from_port, rule.to_port) != (443, 443) or rule.source_refs:
+                yield where.finding(
+                    "exposure",
+                    "the catalog's public load balancer accepts only tcp 443 from configured CIDRs",
+                )
+            for cidr in rule.cidrs:
+                if cidr not in allowed_https:
+                    yield where.finding("exposure", f"catalog HTTPS from {cidr}, not a configured address")
+            continue
         if rule.group_refs & jump:
             if (rule.from_port, rule.to_port) != (22, 22) or rule.source_refs:
                 yield where.finding(

@@ -281,6 +281,19 @@ class TesseraMocks(pulumi_mocks.Mocks):
         if typ == "aws:lambda/function:Function":
             fn = state.get("name") or physical
             return {"name": fn, "arn": f"arn:aws:lambda:{region}:{acct}:function:{fn}"}
+        if typ in ("aws:lb/loadBalancer:LoadBalancer", "aws:lb/targetGroup:TargetGroup"):
+            # ELB names are at most 32 characters; an internal load balancer's DNS name says so.
+            elb = str(state.get("name") or physical)[:32]
+            kind = "targetgroup" if typ.endswith(":TargetGroup") else "loadbalancer/app"
+            arn = f"arn:aws:elasticloadbalancing:{region}:{acct}:{kind}/{elb}/{_suffix(name)}"
+            if kind == "targetgroup":
+                return {"arn": arn}
+            scheme = "internal-" if state.get("internal") else ""
+            return {
+                "arn": arn,
+                "dnsName": f"{scheme}{elb}-{int(_suffix(name), 16)}.{region}.elb.amazonaws.com",
+                "zoneId": "Z35SXDOTRQ7X7K",
+            }
         if typ == "aws:secretsmanager/secret:Secret":
             return {"arn": f"arn:aws:secretsmanager:{region}:{acct}:secret:{physical}-AbCdEf"}
         if typ == "docker:index/image:Image":

@@ -20,6 +20,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.autostop import AutoStop, AutoStopArgs
+from infra.catalog import Catalog, CatalogArgs, CatalogPublicArgs
 from infra.cloudwatch_agent import AGENT_ROLE_STATEMENT, agent_config_json
 from infra.database import (
     Database,
@@ -60,8 +61,9 @@ from stacks.services import (
     ServiceSpec,
     database_users,
     env_name,
+    service,
 )
-from stacks.settings import ConfigError, Settings, read_settings
+from stacks.settings import CATALOG, ConfigError, Settings, read_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_NAMESPACES = ("tessera", "CWAgent")
@@ -307,7 +309,7 @@ def service_access(spec: ServiceSpec, data: DataView) -> ServiceAccess:
 
 
 class ComputeLayer(pulumi.ComponentResource):
-    """What costs money by the hour: jump host, service roles, worker fleets, training instance, Grafana."""
+    """What costs money by the hour: jump host, roles, worker fleets, the catalog, training box, Grafana."""
 
     def __init__(
         self, name: str, settings: Settings, data: DataView, opts: pulumi.ResourceOptions | None = None
@@ -339,7 +341,8 @@ class ComputeLayer(pulumi.ComponentResource):
 
         self.fleets: dict[str, WorkerFleet] = {}
         for spec in SERVICES:
-            if spec.runs_on != "fleet" or spec.name not in s.fleets:
+            # The catalog's fleets are its component's, behind its load balancer (below).
+            if spec.runs_on != "fleet" or spec.name not in s.fleets or spec.name == CATALOG:
                 continue
             fleet = s.fleets[spec.name]
             self.fleets[spec.name] = WorkerFleet(
@@ -368,6 +371,8 @@ class ComputeLayer(pulumi.ComponentResource):
                 ),
                 child,
             )
+
+        self.catalog = self._catalog(name, s, data, child) if s.catalog_enabled else None
 
         self.training: TrainingInstance | None = None
         if s.training_enabled:
@@ -501,16 +506,78 @@ class ComputeLayer(pulumi.ComponentResource):
             "grafanaAdminSecretArn": self.monitoring.admin_secret_arn,
             "grafanaTunnelCommand": tunnel,
             "serviceRoleArns": {svc: role.role_arn for svc, role in self.roles.items()},
-            "fleetGroupNames": {svc: fleet.group_name for svc, fleet in self.fleets.items()},
+            "fleetGroupNames": {
+                **{svc: fleet.group_name for svc, fleet in self.fleets.items()},
+                **({CATALOG: self.catalog.api_group_name} if self.catalog else {}),
+            },
             "autostopFunctionName": self.autostop.function_name,
             # Subscribe to be told when the auto-stop safety net fails (idle training boxes keep billing).
             "alertsTopicArn": self.autostop.alerts_topic_arn,
         }
+        if self.catalog is not None:
+            # The tunnel's far end; the public URL when the public listener is configured.
+            self.outputs["catalogAlbDnsName"] = self.catalog.alb_dns_name
+            self.outputs["catalogUrl"] = self.catalog.url
+            self.outputs["catalogTunnelCommand"] = self.catalog.tunnel_command(
+                self.jump_host.public_ip, ssh_user="ec2-user"
+            )
+            self.outputs["catalogRefresherGroupName"] = self.catalog.refresher_group_name
+            if self.catalog.public_url is not None:
+                self.outputs["catalogPublicUrl"] = self.catalog.public_url
+                self.outputs["catalogPublicAlbDnsName"] = self.catalog.public_alb_dns_name
         if self.training is not None:
             self.outputs["trainingInstanceId"] = self.training.instance_id
             self.outputs["trainingIdleAlarm"] = self.training.idle_alarm_name
             self.outputs["trainingAccelerator"] = self.training.accelerator
         self.register_outputs(self.outputs)
+
+    def _catalog(self, name: str, s: Settings, data: DataView, child: pulumi.ResourceOptions) -> Catalog:
+        """The sight catalog: its API fleet behind the internal load balancer (and the public listener when
+        configured), and its refresher; both with the service's role, group, image and environment."""
+        spec, fleet, public = service(CATALOG), s.fleets[CATALOG], s.catalog_public
+        private = data.get("privateSubnetIds")
+        return Catalog(
+            f"{name}-catalog",
+            CatalogArgs(
+                vpc_id=data.get("vpcId"),
+                subnet_ids=private,
+                # Only subnets whose zone offers each type, as for every fleet.
+                instance_subnet_ids=subnets_offering(
+                    fleet.instance_type,
+                    private,
+                    setting=f"tessera:fleets.{CATALOG}.instanceType",
+                    parent=self,
+                ),
+                refresher_subnet_ids=subnets_offering(
+                    s.catalog_refresher_instance_type,
+                    private,
+                    setting="tessera:catalogRefresherInstanceType",
+                    parent=self,
+                ),
+                jump_host_security_group_id=self.jump_host.security_group_id,
+                service_security_group_id=data.item("serviceSecurityGroupIds", CATALOG),
+                image_ref=data.item("imageRefs", CATALOG),
+                instance_profile_name=_profile(self.roles[CATALOG]),
+                region=s.region,
+                environment=service_environment(spec, s, data),
+                instance_type=fleet.instance_type,
+                max_size=fleet.max_size,
+                refresher_instance_type=s.catalog_refresher_instance_type,
+                log_group_name=data.item("logGroupNames", CATALOG),
+                agent_config_json=agent_config_json(gpu=False),
+                public=(
+                    None
+                    if public is None
+                    else CatalogPublicArgs(
+                        certificate_arn=public.certificate_arn,
+                        domain=public.domain,
+                        allowed_cidrs=public.allowed_cidrs,
+                        subnet_ids=data.get("publicSubnetIds"),
+                    )
+                ),
+            ),
+            child,
+        )
 
 
 def _trainer_image(refs: Mapping[str, str], variant: TrainerVariant, instance_type: str) -> str:

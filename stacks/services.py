@@ -120,9 +120,14 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(
         "sight-catalog",
         gpu=False,
-        runs_on="none",
+        # Fleets of its own (infra/catalog.py): the API (`tessera sights serve`) behind an internal load
+        # balancer, scaled on CPU, and the refresher (`tessera worker sight-catalog`), one instance.
+        runs_on="fleet",
+        # A city's model is trained by the trainer, on a job the catalog sends.
         sends=("training-jobs",),
-        reads=(BucketUse("datasets"), BucketUse("models")),
+        # Its images and the training sets it exports live under catalog/ (services/sight_catalog/warehouse.py
+        # KEY_PREFIX); the models bucket holds the models it lists.
+        reads=(BucketUse("datasets", "catalog/"), BucketUse("models")),
         writes=(BucketUse("datasets", "catalog/"),),
         # Its warehouse; the registry is read to learn of the models the trainer registered per city.
         database=DatabaseUse("sight_catalog", writes=("sight_catalog",), reads=("registry",)),

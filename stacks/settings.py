@@ -45,6 +45,15 @@ class FleetSettings:
 
 
 @dataclass(frozen=True)
+class CatalogPublicSettings:
+    """The sight catalog's opt-in public HTTPS listener (infra/catalog.py): all three keys, or none."""
+
+    certificate_arn: str
+    domain: str
+    allowed_cidrs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of one stack, with defaults applied and values validated."""
 
@@ -73,6 +82,10 @@ class Settings:
     training_data_volume_gb: int = 500
     training_idle_minutes: int = 15
     grafana_instance_type: str = "t3.small"
+    #: The sight catalog's refresher, one instance (its API is the ``sight-catalog`` fleet).
+    catalog_refresher_instance_type: str = "t3.small"
+    #: The sight catalog's public HTTPS listener; None: reachable through the jump host only.
+    catalog_public: CatalogPublicSettings | None = None
     log_retention_days: int = 30
     build_images: bool = True
     #: Image name -> ``registry/repo@sha256:...`` built and pushed by CI: run as is, never built here.
@@ -100,14 +113,26 @@ class Settings:
         """This stack holds the compute layer (fleets, training, jump host, Grafana)."""
         return self.layer in ("all", "compute")
 
+    @property
+    def catalog_enabled(self) -> bool:
+        """The sight catalog runs: its fleet may have instances (``tessera:fleets.sight-catalog.maxSize``)."""
+        fleet = self.fleets.get(CATALOG)
+        return fleet is not None and fleet.max_size > 0
+
+
+#: The sight catalog: its API is a fleet behind a load balancer, scaled on CPU (not on a queue backlog), with
+#: a refresher instance beside it (infra/catalog.py); ``maxSize`` 0 leaves the whole catalog out.
+CATALOG = "sight-catalog"
 
 #: Default fleets: the model runner on GPUs; the sky generator and the FITS classifier on CPUs. Stellarium
 #: renders with Mesa's software OpenGL, and a frame waits its settle time whatever draws it, so a GPU buys
-#: little per frame: per dollar a c6i.large wins (bench/sky_render.py, bench/README.md).
+#: little per frame: per dollar a c6i.large wins (bench/sky_render.py, bench/README.md). The catalog's API
+#: serves people, not a queue: one burstable t3.small, a second when CPU runs high.
 DEFAULT_FLEETS: dict[str, FleetSettings] = {
     "model-runner": FleetSettings("g5.xlarge", 4),
     "sky-generator": FleetSettings("c6i.large", 8, backlog_per_instance=4),
     "fits-classifier": FleetSettings("c6i.large", 2),
+    CATALOG: FleetSettings("t3.small", 2),
 }
 GPU_FLEETS = ("model-runner",)
 
@@ -189,6 +214,11 @@ def _fleets(key: str, raw: str | None) -> dict[str, FleetSettings]:
             raise ConfigError(
                 f"{key}.{service}: unknown settings {sorted(unknown)}; use instanceType, maxSize, "
                 "backlogPerInstance"
+            )
+        if service == CATALOG and "backlogPerInstance" in spec:
+            raise ConfigError(
+                f"{key}.{service}.backlogPerInstance: the catalog's API serves people, not a queue, and "
+                "scales on CPU; set instanceType and maxSize only (maxSize 0 leaves the catalog out)"
             )
         base = fleets[service]
         families = NVIDIA_FAMILIES if service in GPU_FLEETS else NVIDIA_FAMILIES + CPU_FAMILIES
@@ -291,6 +321,9 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
             + _hint("tessera:dataStack", "myorg/tessera/prod-data")
         )
 
+    fleets = _fleets("tessera:fleets", opt("tessera:fleets"))
+    catalog_public = _catalog_public(opt, region, has_compute, fleets)
+
     training_type = opt("tessera:trainingInstanceType") or defaults.training_instance_type
     if accelerator_families:
         training_type = _instance_type(
@@ -322,7 +355,7 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
         db_backup_retention_days=ints["tessera:dbBackupRetentionDays"],
         db_multi_az=flag("tessera:dbMultiAz", False),
         queue_max_receive_count=ints["tessera:queueMaxReceiveCount"],
-        fleets=_fleets("tessera:fleets", opt("tessera:fleets")),
+        fleets=fleets,
         training_enabled=flag("tessera:trainingEnabled", True),
         training_instance_type=training_type,
         training_data_volume_gb=ints["tessera:trainingDataVolumeGb"],
@@ -333,6 +366,13 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
             CPU_FAMILIES,
             "Grafana",
         ),
+        catalog_refresher_instance_type=_instance_type(
+            "tessera:catalogRefresherInstanceType",
+            opt("tessera:catalogRefresherInstanceType") or defaults.catalog_refresher_instance_type,
+            CPU_FAMILIES,
+            "the sight catalog's refresher",
+        ),
+        catalog_public=catalog_public,
         log_retention_days=ints["tessera:logRetentionDays"],
         build_images=flag("tessera:buildImages", True),
         image_refs=_image_refs("tessera:imageRefs", opt("tessera:imageRefs")),
@@ -340,6 +380,73 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
         training_ami_id=_ami_id("tessera:trainingAmiId", opt("tessera:trainingAmiId")),
         data_stack=data_stack,
     )
+
+
+_CERTIFICATE_ARN = re.compile(r"^arn:aws[a-z-]*:acm:([a-z0-9-]+):\d{12}:certificate/[0-9a-f-]{36}$")
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_PUBLIC_KEYS = ("tessera:catalogCertificateArn", "tessera:catalogDomain", "tessera:catalogPublicCidrs")
+
+
+def _catalog_public(
+    opt: Callable[[str], str | None], region: str, has_compute: bool, fleets: Mapping[str, FleetSettings]
+) -> CatalogPublicSettings | None:
+    """The catalog's public HTTPS listener: a certificate, a domain and the CIDRs, all three or none."""
+    given = {key: opt(key) for key in _PUBLIC_KEYS}
+    if not any(given.values()):
+        return None
+    cert_key, domain_key, cidrs_key = _PUBLIC_KEYS
+    if not has_compute:
+        raise ConfigError(
+            f"{', '.join(k for k, v in given.items() if v)}: the catalog's public listener belongs to the "
+            "stack holding the compute layer; set it there instead"
+        )
+    fleet = fleets.get(CATALOG)
+    if fleet is None or fleet.max_size == 0:
+        raise ConfigError(
+            f"{cert_key}: the catalog is left out (tessera:fleets.{CATALOG}.maxSize is 0), so it has no "
+            "listener to make public; raise maxSize or unset the catalog's public settings"
+        )
+    missing = [k for k, v in given.items() if not v]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} required too: the catalog's public HTTPS listener needs an ACM "
+            "certificate in the stack's region, the domain it is for and the networks allowed to reach it; "
+            + _hint(cidrs_key, f"--path '{cidrs_key.split(':')[1]}[0]' 198.51.100.0/24")
+        )
+    arn = str(given[cert_key]).strip()
+    found = _CERTIFICATE_ARN.match(arn)
+    if not found:
+        raise ConfigError(
+            f"{cert_key}: {arn!r} is not an ACM certificate ARN (arn:aws:acm:<region>:<account>:"
+            "certificate/<id>); request or import the domain's certificate in ACM first"
+        )
+    if found.group(1) != region:
+        raise ConfigError(
+            f"{cert_key}: the certificate is in {found.group(1)} and the stack in {region}; a load balancer "
+            f"uses certificates of its own region only: request one in {region}"
+        )
+    domain = str(given[domain_key]).strip().lower().rstrip(".")
+    if not _HOST_NAME.match(domain):
+        raise ConfigError(
+            f"{domain_key}: {given[domain_key]!r} is not a host name; write the name people open, e.g. "
+            + _hint(domain_key, "catalog.example.org")
+        )
+    raw = str(given[cidrs_key])
+    value = _as_json(cidrs_key, raw) if raw.strip().startswith("[") else [raw]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{cidrs_key} must be a non-empty list of CIDRs, e.g. ['198.51.100.0/24']")
+    cidrs = []
+    for item in value:
+        try:
+            net = ipaddress.ip_network(str(item), strict=True)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{cidrs_key}: {item!r} is not a valid CIDR ({exc}); write e.g. 198.51.100.0/24"
+            ) from None
+        if net.version != 4:
+            raise ConfigError(f"{cidrs_key}: {item} is IPv6; the load balancer has IPv4 addresses only")
+        cidrs.append(str(net))
+    return CatalogPublicSettings(certificate_arn=arn, domain=domain, allowed_cidrs=tuple(cidrs))
 
 
 def _ami_id(key: str, raw: str | None) -> str | None:

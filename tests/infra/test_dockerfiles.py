@@ -30,7 +30,7 @@ IMAGES = ROOT / "images"
 GPU_SERVICES = sorted(s.name for s in SERVICES if s.gpu)
 CPU_SERVICES = sorted(s.name for s in SERVICES if not s.gpu)
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|AWS_ACCESS_KEY|AWS_SECRET|API_KEY|PRIVATE_KEY", re.I)
-EXPECTED_CMD = {"sight-catalog": ["catalog", "serve"]}
+EXPECTED_CMD = {"sight-catalog": ["sights", "serve", "--host", "0.0.0.0", "--port", "8080"]}
 VARIANTS = {image: TRAINER for image in VARIANT_IMAGES.values() if image != TRAINER}
 #: Every image run by the tessera CLI: the services' and their variants' (the trainer per accelerator).
 IMAGE_NAMES = [*SERVICE_NAMES, *VARIANTS]
@@ -231,7 +231,7 @@ def test_images_carry_oci_labels_and_a_healthcheck_decision(service: str) -> Non
 
 def test_the_catalog_api_is_health_checked() -> None:
     (check,) = final("sight-catalog").args("HEALTHCHECK")
-    assert "CMD" in check and "/healthz" in check
+    assert "CMD" in check and "http://127.0.0.1:8080/health'" in check
     assert final("sight-catalog").args("EXPOSE") == ["8080"]
 
 
