@@ -5,7 +5,7 @@
 -- A city the catalog collects. Names are compared case-insensitively and stored as given; the slug names
 -- the city in S3 keys and model names. The labelling budget caps the calls to an external labeller (a cloud
 -- vision API) per city: label_calls_used can never pass it (the CHECK holds under concurrent workers, and
--- the budget is spent with one conditional UPDATE, see services/sight_catalog/warehouse.py).
+-- the budget is spent with one conditional UPDATE, see services/sight_catalog/labels.py).
 CREATE TABLE sight_cities (
     id                bigserial PRIMARY KEY,
     name              text NOT NULL CHECK (length(btrim(name)) BETWEEN 1 AND 100),
