@@ -340,5 +340,10 @@ class Monitoring(pulumi.ComponentResource):
     ) -> pulumi.Output[str]:
         """The SSH command that forwards ``localhost:<local_port>`` to Grafana through the jump host."""
         return pulumi.Output.concat(
-            f"ssh -N -L {local_port}:", self.private_ip, f":{GRAFANA_PORT} ", ssh_user, "@", jump_public_ip
+            f"ssh -N -o ExitOnForwardFailure=yes -L {local_port}:",
+            self.private_ip,
+            f":{GRAFANA_PORT} ",
+            ssh_user,
+            "@",
+            jump_public_ip,
         )

@@ -220,5 +220,12 @@ def render(plan: Plan, width: int | None = None) -> str:
             console.print(f"  - {warning}")
     outputs = plan.run.outputs
     if "grafanaTunnelCommand" in outputs:
-        console.print(f"Grafana, once up: {outputs['grafanaTunnelCommand']}  then open http://localhost:3000")
+        # The mocks' addresses are placeholders: the real command is made from the deployed stack's outputs.
+        reach = "`tessera tunnel grafana` (then http://localhost:3000)"
+        if "catalogTunnelCommand" in outputs:
+            reach += ", `tessera tunnel catalog` (then http://localhost:8080)"
+        console.print(
+            f"Once deployed: {reach}, through the jump host; add --print for the ssh command. Addresses in "
+            "this offline plan are simulated (the mocks'), not your stack's."
+        )
     return buffer.getvalue()

@@ -39,7 +39,8 @@ def test_plan_prints_resources_costs_and_checks() -> None:
         "Everything running",
         "Compute destroyed",
         "Security and lifecycle checks: no findings",
-        "ssh -N -L 3000:",
+        "Once deployed: `tessera tunnel grafana`",
+        "Addresses in this offline plan are simulated",
     ):
         assert expected in out, expected
     prices = PriceTable.load()

@@ -110,7 +110,10 @@ def test_stack_outputs_name_what_users_and_the_compute_layer_need(dev: Plan) -> 
     assert set(out["imageRefs"]) == set(SERVICE_NAMES)
     assert all("@sha256:" in ref or ":" in ref.rsplit("/", 1)[-1] for ref in out["imageRefs"].values())
     grafana_ip, jump_ip = out["grafanaPrivateIp"], out["jumpHostPublicIp"]
-    assert out["grafanaTunnelCommand"] == f"ssh -N -L 3000:{grafana_ip}:3000 ec2-user@{jump_ip}"
+    assert (
+        out["grafanaTunnelCommand"]
+        == f"ssh -N -o ExitOnForwardFailure=yes -L 3000:{grafana_ip}:3000 ec2-user@{jump_ip}"
+    )
 
 
 def test_compute_stack_reads_the_data_stack_by_reference(prod_compute: Plan, prod_data: Plan) -> None:

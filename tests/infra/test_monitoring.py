@@ -153,8 +153,10 @@ def test_tunnel_command_is_exact(offline: Callable[..., OfflineRun]) -> None:
     run = _run(offline)
     ip = _instance(run).outputs["privateIp"]
     assert ip and ip == run.outputs["private_ip"]
-    assert run.outputs["tunnel"] == f"ssh -N -L 3000:{ip}:3000 ec2-user@{JUMP_IP}"
-    assert run.outputs["tunnel_8080"] == f"ssh -N -L 8080:{ip}:3000 admin@{JUMP_IP}"
+    assert run.outputs["tunnel"] == f"ssh -N -o ExitOnForwardFailure=yes -L 3000:{ip}:3000 ec2-user@{JUMP_IP}"
+    assert (
+        run.outputs["tunnel_8080"] == f"ssh -N -o ExitOnForwardFailure=yes -L 8080:{ip}:3000 admin@{JUMP_IP}"
+    )
     assert run.outputs["url"] == "http://localhost:3000"
 
 
