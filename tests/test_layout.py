@@ -95,3 +95,13 @@ def test_a_service_package_imports_shared_libraries_never_another_service() -> N
         top = path.relative_to(ROOT / "services").parts[0]
         if top not in SERVICE_PACKAGES and path != FRONT_DOOR:
             assert not imported_service_packages(path) & SERVICE_PACKAGES, path
+
+
+def test_test_files_have_unique_names() -> None:
+    """pytest imports test modules by their base name (no packages under tests/): two files of one name in
+    different folders fail collection of the whole run, which a run of one folder never shows."""
+    seen: dict[str, list[str]] = {}
+    for path in (ROOT / "tests").rglob("*.py"):
+        if path.name != "conftest.py":
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
