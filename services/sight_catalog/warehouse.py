@@ -667,3 +667,28 @@ def _page(rows: list[Any], limit: int, key: Any = None) -> Page[Any]:
     items = rows[:limit]
     last = items[-1]
     return Page(items, int(key(last) if key else last.id))
+
+
+# --- the refresher's reads (services/sight_catalog/refresher.py) --------------------------------------------
+
+
+def training_models(conn: psycopg.Connection[Any]) -> list[Model]:
+    """Every city's model in training (at most one per city), oldest first."""
+    rows = conn.execute(
+        "SELECT id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
+        " registry_version, model_uri, metrics, reason, created_at, updated_at FROM sight_models"
+        " WHERE status = 'TRAINING' ORDER BY created_at, id"
+    ).fetchall()
+    return [Model(*row) for row in rows]
+
+
+def all_city_marts(conn: psycopg.Connection[Any]) -> list[CityMart]:
+    """Every city as the city mart last saw it, by city id (all pages of :func:`city_mart`)."""
+    found: list[CityMart] = []
+    after: int | None = None
+    while True:
+        page = city_mart(conn, limit=MAX_PAGE, after=after)
+        found.extend(page.items)
+        if page.next_after is None:
+            return found
+        after = page.next_after
