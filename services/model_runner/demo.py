@@ -104,8 +104,8 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
     model = settings.model or DEFAULT_MODEL
     if not model.is_file():
         raise UserError(
-            f"the demo detector {model} is missing; re-train it with "
-            "`python -m services.trainer detector --out services/models/tessera-demo-detector.onnx`"
+            f"the demo detector {model} is missing; restore it with git, or re-train it as "
+            "services/models/README.md says (`tessera train detector --dataset synthetic --size full ...`)"
         )
     if settings.workers < 1:
         raise UserError(f"the demo needs at least one worker, got {settings.workers}")

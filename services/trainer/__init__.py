@@ -1,5 +1,6 @@
 """The trainer: trains the project's models and exports them to ONNX.
 
-Today it trains the demo detector (``python -m services.trainer detector``); torch is imported only here,
-never by the runtime services, which run the exported ONNX with ONNX Runtime.
+Its tasks (``tasks/``: detector, dcgan, classifier, sky-position) run through one loop (``loop.py``), from
+``tessera train`` or a queued job (``worker.py``); torch is imported only here, never by the runtime
+services, which run the exported ONNX with ONNX Runtime.
 """

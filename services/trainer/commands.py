@@ -131,14 +131,11 @@ def _train(args: argparse.Namespace) -> int:
     from services.trainer.device import choose_device, leave
     from services.trainer.job import parse_job
     from services.trainer.loop import run
+    from services.trainer.metrics import TrainingMetrics
     from services.trainer.storage import storage_for
     from services.trainer.tasks import make_task
 
     body = job_from_args(args)
-    if not args.out.startswith("s3://"):
-        # A person reads this console: the metric lines go beside the model, not between the progress lines.
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault(EMF_FILE_ENV, str(Path(args.out) / "metrics.emf.jsonl"))
     if body["task"] == "sky-position" and body["dataset"] == "synthetic":
         body["dataset"] = str(render_skies(Path(args.out) / "synthetic-skies", SKY_FRAMES[args.size]))
     job = parse_job(body)
@@ -160,7 +157,13 @@ def _train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         stack.callback(leave, device)
-        result = run(task, job, device, storage_for(job.output), conn=conn)
+        metrics = None
+        if not job.output.startswith("s3://") and not os.environ.get(EMF_FILE_ENV):
+            # A person reads this console: the metric lines go beside the model, not between progress lines.
+            Path(job.output).mkdir(parents=True, exist_ok=True)
+            emf = stack.enter_context((Path(job.output) / "metrics.emf.jsonl").open("a", encoding="utf-8"))
+            metrics = TrainingMetrics(task.name, stream=emf, enabled=device.is_main)
+        result = run(task, job, device, storage_for(job.output), conn=conn, metrics=metrics)
     if device.is_main:
         print(f"job        {result.job_id}")
         print(f"steps      {result.steps} ({result.epochs} epochs complete)")

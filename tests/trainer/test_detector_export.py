@@ -10,13 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from PIL import Image
 
-from services.errors import UserError
-from services.trainer.__main__ import main
 from services.trainer.detector_net import CenterNetDetector
 from services.trainer.export import export_detector, export_mismatch
-from services.trainer.train_detector import TrainSettings, retrain
 
 
 @pytest.fixture(scope="module")
@@ -72,25 +68,3 @@ def test_onnx_runtime_matches_torch(tmp_path: Path, small_model: CenterNetDetect
 def test_class_names_must_fit_the_model(tmp_path: Path, small_model: CenterNetDetector) -> None:
     with pytest.raises(ValueError, match="class names"):
         export_detector(small_model, tmp_path / "m.onnx", ["car"])
-
-
-def test_retrain_writes_model_curve_and_metrics(tmp_path: Path) -> None:
-    settings = TrainSettings(steps=3, batch_size=2, crop=128, width=8, eval_scenes=2, tile=256, threads=1)
-    report = retrain(tmp_path / "demo.onnx", settings)
-    assert report.model_path.exists() and report.model_path.stat().st_size < 2_000_000
-    with Image.open(report.curve_path) as curve:
-        assert curve.size == (900, 500)
-    metrics = json.loads(report.metrics_path.read_text())
-    assert metrics["held_out"]["scenes"] == 2
-    assert metrics["onnx_vs_torch_max_abs_diff"] < 1e-3
-    at = metrics["score_threshold_0.3"]
-    assert set(at) == {"precision", "recall", "true_positives", "false_positives", "false_negatives"}
-    assert at["true_positives"] + at["false_negatives"] > 0
-    assert metrics["settings"]["steps"] == 3
-
-
-def test_command_line_refuses_nonsense(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--steps"):
-        main(["detector", "--out", str(tmp_path / "m.onnx"), "--steps", "0"])
-    with pytest.raises(SystemExit):
-        main(["detector"])  # --out is required

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from services.scenes.synthetic import generate_scene
+from services.trainer.detector_data import TrainSettings, training_batches
 from services.trainer.detector_net import (
     STRIDE,
     CenterNetDetector,
@@ -18,7 +19,6 @@ from services.trainer.detector_net import (
     encode_targets,
     parameter_count,
 )
-from services.trainer.train_detector import TrainSettings, train_detector, training_batches
 
 
 def test_forward_shapes_and_ranges() -> None:
@@ -104,9 +104,3 @@ def test_training_batches_are_reproducible_and_boxes_fit_the_crop() -> None:
     for b, lab in zip(boxes, labels, strict=True):
         assert len(b) == len(lab) > 0
         assert (b >= 0).all() and (b <= 160).all()
-
-
-def test_train_detector_runs_its_steps() -> None:
-    result = train_detector(TrainSettings(steps=3, batch_size=2, crop=128, width=8, threads=1))
-    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
-    assert not result.model.training

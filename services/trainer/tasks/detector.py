@@ -1,7 +1,7 @@
 """The detector task: the demo CenterNet detector (``detector_net``) trained by the loop, exported to the
 tessera detector contract (``export``).
 
-Its dataset is the word ``synthetic`` (fresh scenes every step, as ``train_detector`` makes them) or a
+Its dataset is the word ``synthetic`` (fresh scenes every step, :mod:`services.trainer.detector_data`) or a
 directory of labelled scenes::
 
     DIR/classes.json        ["ship", "plane"]          label i is classes[i]
@@ -10,14 +10,16 @@ directory of labelled scenes::
 
 Every step trains on ``batch_size`` crops of ``crop`` pixels (random offsets; objects cut by the crop keep
 their visible part when at least 35 % of them shows). The learning rate warms up, then follows a cosine
-over ``schedule_steps`` (``train_detector``'s schedule), computed from the step, so a resumed job follows it
-exactly.
+over ``schedule_steps`` (``detector_data.lr_factor``), computed from the step, so a resumed job follows it
+exactly. ``tessera train detector --dataset synthetic --size full --steps 500`` makes the shipped demo
+detector (services/models/README.md).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -31,6 +33,7 @@ from PIL import Image, ImageDraw
 from services.errors import UserError
 from services.scenes.scoring import Score, score_detections
 from services.scenes.synthetic import DEFAULT_CLASSES
+from services.trainer.detector_data import TrainSettings, held_out_scenes, lr_factor, training_batches
 from services.trainer.detector_net import (
     CenterNetDetector,
     Targets,
@@ -40,7 +43,6 @@ from services.trainer.detector_net import (
 from services.trainer.export import export_detector, export_mismatch
 from services.trainer.storage import SYNTHETIC
 from services.trainer.task import ExportCheck, TrainState
-from services.trainer.train_detector import TrainSettings, _lr_factor, held_out_scenes, training_batches
 
 #: Hyper-parameters and their defaults (the shipped demo detector's settings).
 DEFAULTS: dict[str, Any] = {
@@ -59,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_scenes": 8,
     "score_threshold": 0.3,
     "grad_clip": 10.0,
+    #: The exported model's ``tessera.name`` (the shipped one: tessera-demo-detector).
+    "name": "detector",
 }
 _MIN_VISIBLE = 0.35
 _MIN_SIDE = 4
@@ -126,6 +130,9 @@ class DetectorTask:
         number("weight_decay", 0.0, 1.0)
         number("score_threshold", 0.0, 1.0)
         number("grad_clip", 1e-6, 1e6)
+        name = merged["name"]
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+            problems.append(f"$.params.name: 1-128 letters, digits, '.', '_' or '-', got {name!r}")
         density = merged["density"]
         if (
             not isinstance(density, list | tuple)
@@ -217,7 +224,7 @@ class DetectorTask:
         params = state.extra.get("schedule", {})
         assert isinstance(model, CenterNetDetector)
         images, boxes, labels = batch
-        factor = _lr_factor(
+        factor = lr_factor(
             state.step,
             TrainSettings(
                 steps=int(params.get("schedule_steps", 500)), warmup_steps=int(params.get("warmup_steps", 60))
@@ -246,25 +253,39 @@ class DetectorTask:
         }
 
     def evaluate(self, state: TrainState, data: DetectorData, params: Mapping[str, Any]) -> dict[str, float]:
-        """Precision and recall (IoU 0.5, at ``score_threshold``) on held-out or the dataset's scenes."""
+        """Precision and recall (IoU 0.5) on held-out (or the dataset's) scenes at ``score_threshold``, with
+        its counts; and at the score thresholds 0.25 and 0.5 as ``precision_at_0.25`` etc. Rates are left out
+        where undefined (nothing detected, nothing known)."""
         model = _model(state)
         scenes = _evaluation_scenes(data, params)
-        total = Score(0, 0, 0)
         threshold = float(params["score_threshold"])
+        thresholds = sorted({0.25, threshold, 0.5})
+        totals = dict.fromkeys(thresholds, Score(0, 0, 0))
         device = next(model.parameters()).device
         model.eval()
         with torch.no_grad():
             for pixels, true_boxes, true_labels in scenes:
                 images = torch.from_numpy(pixels[None].astype(np.float32) / 255).to(device)
                 boxes, scores, labels = (t[0].cpu().numpy() for t in model(images))
-                keep = scores >= threshold
-                total += score_detections(boxes[keep], scores[keep], labels[keep], true_boxes, true_labels)
+                for cut in thresholds:
+                    keep = scores >= cut
+                    totals[cut] += score_detections(
+                        boxes[keep], scores[keep], labels[keep], true_boxes, true_labels
+                    )
+        total = totals[threshold]
+        others = {
+            f"{name}_at_{cut:g}": value
+            for cut in thresholds
+            if cut != threshold
+            for name, value in totals[cut].rates().items()
+        }
         return {
             **total.rates(),  # precision is absent, not 1.0, when nothing was detected
             "true_positives": float(total.true_positives),
             "false_positives": float(total.false_positives),
             "false_negatives": float(total.false_negatives),
             "eval_scenes": float(len(scenes)),
+            **others,
         }
 
     def export(self, state: TrainState, directory: Path, params: Mapping[str, Any]) -> ExportCheck:
@@ -280,6 +301,7 @@ class DetectorTask:
             directory / "detector.onnx",
             classes,
             tile=(tile, tile),
+            name=str(params["name"]),
             description=f"tessera detector trained by the trainer's detector task ({len(classes)} classes)",
         )
         # Noise, not scenes: flat backgrounds make exactly tied heat peaks, which top-K may order either way.
@@ -367,7 +389,7 @@ def crop_boxes(
     boxes: np.ndarray, labels: np.ndarray, x: int, y: int, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boxes seen through the crop (x, y, size, size), in crop pixels: clipped; kept when at least 35 % of
-    the object and 4 px each way show (what ``train_detector`` does for synthetic crops)."""
+    the object and 4 px each way show (as the synthetic crops do)."""
     if not len(boxes):
         return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     shifted = boxes - np.array([x, y, x, y], np.float32)
