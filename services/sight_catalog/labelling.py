@@ -307,15 +307,18 @@ def label_city(
     store: ImageStore,
     *,
     limit: int = 100,
+    unlabelled_only: bool = False,
 ) -> LabelRun:
-    """Label up to ``limit`` of the city's images ``labeller`` has not labelled, oldest first, and record
-    each labelling (with its boxes, or none). See the module docstring; ``conn`` must be autocommit (the
-    budget is spent and each labelling committed at once)."""
+    """Label up to ``limit`` of the city's images ``labeller`` has not labelled (``unlabelled_only``: that
+    no labeller has), oldest first, and record each labelling (with its boxes, or none). See the module
+    docstring; ``conn`` must be autocommit (the budget is spent and each labelling committed at once)."""
     if not conn.autocommit:
         raise UserError("label_city needs an autocommit connection (services.cloud.database.connect)")
     run = LabelRun(city_id, labeller.name)
     sights = labels.sight_names(conn, city_id)
-    images = labels.images_to_label(conn, city_id, labeller.name, limit=limit)
+    images = labels.images_to_label(
+        conn, city_id, labeller.name, limit=limit, unlabelled_only=unlabelled_only
+    )
     if not images:
         return run
     if not sights:

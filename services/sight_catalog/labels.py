@@ -186,17 +186,24 @@ def find_labelling(conn: psycopg.Connection[Any], image_id: int, labeller: str) 
 
 
 def images_to_label(
-    conn: psycopg.Connection[Any], city_id: int, labeller: str, *, limit: int = 100
+    conn: psycopg.Connection[Any],
+    city_id: int,
+    labeller: str,
+    *,
+    limit: int = 100,
+    unlabelled_only: bool = False,
 ) -> list[ImageToLabel]:
-    """Up to ``limit`` of the city's images the labeller has not labelled, oldest first."""
+    """Up to ``limit`` of the city's images the labeller has not labelled, oldest first; with
+    ``unlabelled_only``, only images no labeller has looked at (so a new model version does not relabel,
+    ahead of the new images, what a person or Rekognition labelled already)."""
     if limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
     rows = conn.execute(
         "SELECT i.id, i.city_id, i.s3_key, i.media_type, i.width, i.height FROM sight_images i"
         " WHERE i.city_id = %s AND NOT EXISTS"
-        " (SELECT 1 FROM sight_labellings l WHERE l.image_id = i.id AND l.labeller = %s)"
+        " (SELECT 1 FROM sight_labellings l WHERE l.image_id = i.id AND (l.labeller = %s OR %s))"
         " ORDER BY i.id LIMIT %s",
-        (city_id, labeller, limit),
+        (city_id, labeller, unlabelled_only, limit),
     ).fetchall()
     return [ImageToLabel(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), int(r[5])) for r in rows]
 

@@ -293,7 +293,11 @@ class Refresher:
                 summary.label_skipped.append(Skipped(city.id, city.name, reason))
                 log.info("city %s (%r) not labelled: %s", city.id, city.name, reason)
                 return
-        run = label_city(conn, city.id, labeller, self.store, limit=self.settings.label_images)
+        # Only images nobody labelled: a new model version must not relabel, ahead of the new images, what
+        # a person, Rekognition or an earlier version labelled.
+        run = label_city(
+            conn, city.id, labeller, self.store, limit=self.settings.label_images, unlabelled_only=True
+        )
         summary.labelled.append(run)
 
     def _train(self, conn: psycopg.Connection[Any], marts: Sequence[CityMart], summary: PassSummary) -> None:

@@ -239,7 +239,7 @@ def test_export_is_a_dataset_the_trainer_trains_on_and_collect_marks_it_ready(  
     summary = Refresher(RefresherSettings(training=settings)).run_pass(conn)
     assert summary.errors == [] and summary.trained == []
     assert [(run.labeller, run.failed) for run in summary.labelled] == [("model:sights-paris@1", [])]
-    assert summary.labelled[0].labelled == 8  # every image it had not seen, the held-out one included
+    assert summary.labelled[0].labelled == 1  # the new photo: the ones a person labelled are left alone
 
 
 def test_a_city_without_enough_labels_is_not_ready(
