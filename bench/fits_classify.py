@@ -15,7 +15,9 @@ median and percentile are single-threaded):
 3. **bin**: boxcar median by the model's factor (:func:`~services.frames.preprocess.bin_median`; 9 for
    these frames when the model chooses it per frame);
 4. **stretch** and **fit** (crop/pad) to the model's input;
-5. **model**: the classifier on batches of ``--batch`` prepared frames (per frame: batch time / batch).
+5. **stamps**: the star-stamp view (:func:`~services.frames.preprocess.star_stamps`), when the model's
+   preprocessing has one (``tessera.frames.stamps``; 0 s otherwise);
+6. **model**: the classifier on batches of ``--batch`` prepared frames (per frame: batch time / batch).
 
 Figures: seconds per frame of each step (median over frames) and its share; frames/s per core = 1 / the
 sum; CPU seconds per frame (``time.process_time``) as a cross-check. The binning is compared with a
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import machine_line
 
-STEPS = ("read", "fill", "bin", "stretch", "fit", "model")
+STEPS = ("read", "fill", "bin", "stretch", "fit", "stamps", "model")
 FULL = (2048, 2056)
 
 
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         bin_median,
         fill_missing,
         fit_square,
+        star_stamps,
         stretch_frame,
     )
 
@@ -119,9 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         t3 = time.perf_counter()
         stretched = stretch_frame(binned, spec.stretch)
         t4 = time.perf_counter()
-        prepared.append(fit_square(stretched, spec.size)[None])
+        whole = fit_square(stretched, spec.size)
         t5 = time.perf_counter()
-        for step, seconds in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=False):
+        views = (
+            [whole, star_stamps(frame, binned, factor, spec.size, spec.stamps)] if spec.stamps else [whole]
+        )
+        prepared.append(np.stack(views))
+        t6 = time.perf_counter()
+        spent = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
+        for step, seconds in zip(STEPS, spent, strict=False):
             times[step].append(seconds)
     for start in range(0, count, batch):
         chunk = np.stack(prepared[start : start + batch])
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         times["model"].extend([per_frame] * len(chunk))
     wall = time.perf_counter() - wall_started
     cpu = time.process_time() - cpu_started
+    assert np.array_equal(prepared[-1], classifier.prepare(data)), "the timed steps differ from the service's"
 
     medians = {step: statistics.median(values) for step, values in times.items()}
     total = sum(medians.values())

@@ -2,9 +2,10 @@
 
 The classifier contract (what ``tessera train classifier`` exports):
 
-- one input ``[N, 1, S, S]`` float32, frames prepared by :func:`services.frames.prepare` with the
-  :class:`~services.frames.PreprocessSpec` recorded in the metadata (``tessera.frames.*``), and one output
-  ``[N, classes]`` of logits;
+- one input ``[N, V, S, S]`` float32, frames prepared by
+  :meth:`services.frames.PreprocessSpec.prepare_views` with the spec recorded in the metadata
+  (``tessera.frames.*``): ``V`` = 1 (the whole frame; every model before the star stamps) or 2 (whole frame
+  and star stamps, ``tessera.frames.stamps``); one output ``[N, classes]`` of logits;
 - ``tessera.class_names``: a JSON list, one name per output column;
 - ``tessera.good_class``: the name of the class of a frame with nothing wrong (default ``good`` when that
   name is among the classes);
@@ -89,8 +90,12 @@ class FrameClassifier:
             )
         self.input_name: str = inputs[0].name
         shape = list(inputs[0].shape)
-        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 1):
-            raise UserError(f"{source}: the classifier's input must be [N, 1, S, S]; the model has {shape}")
+        views = self.spec.views
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != views):
+            raise UserError(
+                f"{source}: the classifier's input must be [N, {views}, S, S] (its preprocessing makes "
+                f"{views} view{'s' if views > 1 else ''} per frame); the model has {shape}"
+            )
         size = self.spec.size
         fixed = [d for d in shape[2:] if isinstance(d, int)]
         if any(d != size for d in fixed):
@@ -116,13 +121,14 @@ class FrameClassifier:
         )
 
     def prepare(self, data: np.ndarray) -> np.ndarray:
-        """A frame's 2-D data as the model's input row ``[1, S, S]`` (the spec the model was trained with)."""
-        return self.spec.apply(data)[None]
+        """A frame's 2-D data as the model's input row ``[V, S, S]`` (the spec the model was trained with;
+        view 0 is the whole frame)."""
+        return self.spec.prepare_views(data)
 
     def classify(self, batch: np.ndarray) -> list[Scores]:
-        """Scores for prepared frames ``[N, 1, S, S]``."""
+        """Scores for prepared frames ``[N, V, S, S]``."""
         if batch.ndim != 4 or batch.shape[0] == 0:
-            raise ValueError(f"expected a batch [N, 1, S, S], got {batch.shape}")
+            raise ValueError(f"expected a batch [N, V, S, S], got {batch.shape}")
         logits = np.asarray(
             self.session.run(None, {self.input_name: batch.astype(np.float32)})[0], np.float64
         )

@@ -4,7 +4,6 @@ values, the stretches, crop/pad, and the spec's round trip through a real ONNX m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -25,6 +24,8 @@ from services.frames import (
     stretch_frame,
     zscale_limits,
 )
+from services.frames.preprocess import VERSION_WITHOUT_STAMPS, prepare_views, star_stamps
+from services.frames.synthetic import generate_frame
 
 
 def reference_bin(frame: np.ndarray, factor: int) -> np.ndarray:
@@ -68,23 +69,69 @@ def test_binning_keeps_half_values_and_drops_the_far_edges() -> None:
         bin_median(frame, 0)
 
 
-def test_binning_a_full_frame_is_one_vectorised_median(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 2048 x 2056 frame binned by 9 in a single np.median call (no Python loop over blocks), equal to
-    the reference on sampled blocks."""
-    frame = np.random.default_rng(0).normal(1000, 30, (2048, 2056)).astype(np.float32)
-    calls: list[Any] = []
-    median = np.median
+def exact_reference_bin(frame: np.ndarray, factor: int) -> np.ndarray:
+    """The binning's definition, bit for bit: np.median of each float32 block in turn (factor 1: a copy)."""
+    frame = np.asarray(frame, np.float32)
+    if factor == 1:
+        return frame.copy()
+    rows, columns = frame.shape[0] // factor, frame.shape[1] // factor
+    out = np.empty((rows, columns), np.float32)
+    with np.errstate(invalid="ignore"):  # +inf and -inf as an even block's middle values
+        for i in range(rows):
+            for j in range(columns):
+                out[i, j] = np.median(frame[i * factor : (i + 1) * factor, j * factor : (j + 1) * factor])
+    return out
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs.get("axis"))
-        return median(*args, **kwargs)
 
-    monkeypatch.setattr(np, "median", counting)
+def assert_same_bits(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal shapes, float32, and the same bits everywhere (NaN payloads and signed zeros included)."""
+    assert actual.dtype == expected.dtype == np.float32 and actual.shape == expected.shape
+    np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
+
+
+#: NaNs with different payloads and signs, as a detector pipeline or 0 * inf may leave them.
+ODD_NANS = np.array([0x7FC00000, 0x7FC00123, 0xFFC00777, 0xFFC00000], np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("factor", range(1, 17))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binning_is_bit_identical_to_the_block_by_block_median(factor: int, dtype: type) -> None:
+    """Every factor 1..16, frames not divisible by it, ties and signed zeros, +-inf, NaNs of several kinds:
+    the same bits as np.median of each block (the binning's definition)."""
+    rng = np.random.default_rng([factor, np.dtype(dtype).itemsize])
+    shapes = [(factor, factor), (2 * factor + 1, 3 * factor + factor // 2 + 1), (3 * factor + 5, factor + 7)]
+    for rows, columns in shapes:
+        infinite = rng.choice(np.array([-0.0, 0.0, np.inf, -np.inf, 7.0]), (rows, columns))
+        frames = [  # (values, share of NaN pixels)
+            (rng.normal(1000.0, 30.0, (rows, columns)), 0.0),
+            (rng.integers(0, 4, (rows, columns)).astype(np.float64), 0.05),  # ties everywhere
+            (rng.choice(np.array([0.0, -0.0, 1.0, -1.0]), (rows, columns)), 0.6),  # whole NaN blocks too
+            (infinite, 0.0),
+            (infinite, 0.2),
+        ]
+        for index, (values, holes_share) in enumerate(frames):
+            frame: np.ndarray = values.astype(dtype)
+            holes = rng.random((rows, columns)) < holes_share
+            frame[holes] = rng.choice(ODD_NANS, int(holes.sum())).astype(dtype)
+            if index == 4:
+                frame = np.asfortranarray(frame)
+            assert_same_bits(bin_median(frame, factor), exact_reference_bin(frame, factor))
+
+
+def test_binning_a_full_frame_in_one_pass_equals_the_reference() -> None:
+    """A 2048 x 2056 frame (integer ADU, as read) binned by 9, 8 and 2 (the even paths: partition plus the
+    largest lower value, and the four pixel planes) is bit for bit numpy's median over the block axes, with
+    and without a NaN."""
+    rng = np.random.default_rng(0)
+    frame = rng.poisson(1000.0, (2048, 2056)).astype(np.float32)
+    for factor in (9, 8, 2):
+        rows, columns = 2048 // factor, 2056 // factor
+        blocks = frame[: rows * factor, : columns * factor].reshape(rows, factor, columns, factor)
+        assert_same_bits(bin_median(frame, factor), np.median(blocks, axis=(1, 3)).astype(np.float32))
+    frame[1000, 17] = np.nan
     binned = bin_median(frame, 9)
-    monkeypatch.undo()
-    assert calls == [(1, 3)] and binned.shape == (227, 228)
-    for i, j in [(0, 0), (226, 227), (100, 17), (5, 200)]:
-        assert binned[i, j] == pytest.approx(np.median(frame[9 * i : 9 * i + 9, 9 * j : 9 * j + 9]), rel=1e-6)
+    assert np.isnan(binned[111, 1]) and int(np.isnan(binned).sum()) == 1
+    assert binned[111, 2] == np.median(frame[999:1008, 18:27])
 
 
 def test_missing_values_become_the_median() -> None:
@@ -207,11 +254,19 @@ def onnx_with_metadata(path: Path, metadata: dict[str, str]) -> Path:
 
 
 @pytest.mark.parametrize(
-    "spec", [PreprocessSpec(), PreprocessSpec(0, 32, "zscale"), PreprocessSpec(3, 96, "linear")]
+    "spec",
+    [
+        PreprocessSpec(),
+        PreprocessSpec(0, 32, "zscale"),
+        PreprocessSpec(3, 96, "linear"),
+        PreprocessSpec(0, 224, "asinh", 4),
+    ],
 )
 def test_spec_round_trips_through_onnx_metadata(tmp_path: Path, spec: PreprocessSpec) -> None:
     written = spec.to_metadata()
-    assert written["tessera.frames.version"] == VERSION
+    # Without stamps, the whole-frame view is version 1's: written as such, so older releases serve it.
+    assert written["tessera.frames.version"] == (VERSION if spec.stamps else VERSION_WITHOUT_STAMPS)
+    assert ("tessera.frames.stamps" in written) == bool(spec.stamps) and spec.views == 1 + bool(spec.stamps)
     assert written["tessera.frames.description"] == spec.describe() and spec.stretch in spec.describe()
     path = onnx_with_metadata(tmp_path / "m.onnx", {"tessera.task": "classifier", **written})
     read = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -226,8 +281,12 @@ def test_spec_metadata_errors() -> None:
         (
             {**good, "tessera.frames.version": "tessera.frames.preprocess/0"},
             r"trained on frames prepared by tessera.frames.preprocess/0; this code prepares "
-            r"tessera.frames.preprocess/1: retrain the model",
+            r"tessera.frames.preprocess/1 and tessera.frames.preprocess/2: retrain the model",
         ),
+        ({**good, "tessera.frames.stamps": "4"}, r"has tessera.frames.stamps, which .*/1 does not know"),
+        ({**good, "tessera.frames.version": VERSION}, r"says .*/2 but has no tessera.frames.stamps"),
+        ({**good, "tessera.frames.version": VERSION, "tessera.frames.stamps": "x"}, r"malformed"),
+        ({**good, "tessera.frames.version": VERSION, "tessera.frames.stamps": "40"}, r"stamps must be"),
         (no_size, r"has no tessera.frames.size"),
         ({**good, "tessera.frames.bin_factor": "nine"}, r"preprocessing metadata is malformed"),
         ({**good, "tessera.frames.stretch": "log"}, r"stretch must be one of"),
@@ -235,3 +294,48 @@ def test_spec_metadata_errors() -> None:
     for metadata, message in cases:
         with pytest.raises(UserError, match=message):
             PreprocessSpec.from_metadata(metadata)
+
+
+def test_star_stamps_cut_out_the_brightest_stars_unbinned() -> None:
+    """Stamps around the brightest binned pixels, brightest first, spaced a stamp apart, whole stamps inside
+    the frame, each scaled median -> 0, peak -> 1, unbinned (a hot pixel kept); cells with no star stay 0."""
+    frame = np.full((90, 90), 100.0, np.float32)
+    frame[39:45, 39:45] = 1100.0  # the brightest star: binned pixels (13..14, 13..14), the first in order
+    frame[41, 42] = 5000.0  # with a hot pixel, which binning ignores and the stamp keeps
+    frame[45:48, 48:51] = 900.0  # the next brightest, but within a stamp of the first: skipped
+    frame[69:75, 9:15] = 600.0  # the second star: binned (23, 3), raw centre (70, 10)
+    frame[0:6, 0:6] = 9000.0  # the brightest of all, but its stamp would leave the frame
+    frame[30, 75] = 1e6  # a cosmic ray: gone after binning
+    stamps = star_stamps(frame, bin_median(frame, 3), 3, 32, 2)  # 2 x 2 stamps of 16 px
+    assert stamps.shape == (32, 32) and stamps.dtype == np.float32
+    first, second = frame[32:48, 32:48], frame[62:78, 2:18]  # raw centres (40, 40) and (70, 10)
+    np.testing.assert_allclose(stamps[:16, :16], (first - 100.0) / 4900.0, rtol=1e-6)
+    np.testing.assert_allclose(stamps[:16, 16:], (second - 100.0) / 500.0, rtol=1e-6)
+    # A 20 x 20 frame has room for one 16 px stamp only (binned pixel (3, 3), raw centre (10, 10)).
+    small = np.full((20, 20), 10.0, np.float32)
+    small[9:12, 9:12] = 20.0
+    one = star_stamps(small, bin_median(small, 3), 3, 32, 2)
+    np.testing.assert_array_equal(one[:16, :16], (small[2:18, 2:18] - 10.0) / 10.0)
+    assert not one[:16, 16:].any() and not one[16:].any()
+    with pytest.raises(UserError, match=r"under 8 px each"):
+        PreprocessSpec(9, 32, "asinh", 5)
+
+
+def test_prepare_views_stacks_the_whole_frame_and_the_stamps() -> None:
+    """On a generated 2048-px frame: view 0 is prepare()'s, view 1 the star stamps; a spec with stamps
+    refuses to make the whole-frame view alone; a mirror wobble shows as elongated stamps."""
+    good, wobble = (generate_frame(label, 5, (2048, 2048)).data for label in ("good", "mirror_wobble"))
+    spec = PreprocessSpec(0, 224, "asinh", 4)
+    views = spec.prepare_views(good)
+    assert views.shape == (2, 224, 224) and views.dtype == np.float32 and spec.views == 2
+    np.testing.assert_array_equal(views[0], prepare(good, bin_factor=0))
+    np.testing.assert_array_equal(views, prepare_views(good, bin_factor=0, stamps=4))
+    assert prepare_views(good).shape == (1, 224, 224)
+    with pytest.raises(UserError, match=r"2 views per frame"):
+        spec.apply(good)
+
+    def spread(stamps: np.ndarray) -> float:
+        """How far each stamp's light reaches: cells above half their peak, summed over the grid."""
+        return float((stamps > 0.5).sum())
+
+    assert spread(spec.prepare_views(wobble)[1]) > 1.5 * spread(views[1])

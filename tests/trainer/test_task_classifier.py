@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import tiny_loop
 import torch
-from astropy.io import fits  # type: ignore[import-untyped]
+from astropy.io import fits
 from PIL import Image
 from tiny_loop import CPU, resumed_and_straight
 
@@ -26,7 +26,7 @@ from services.trainer.data.frames import prepared_frame, read_frame
 from services.trainer.nets.vgg import VggClassifier, conv_count, norm_groups
 from services.trainer.storage import SYNTHETIC
 from services.trainer.task import TrainState
-from services.trainer.tasks.classifier import ClassifierTask, preprocess_spec
+from services.trainer.tasks.classifier import ClassifierTask, dihedral, preprocess_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,6 +147,29 @@ def test_vgg16_layout() -> None:
     assert model(torch.rand(2, 1, 64, 96)).shape == (2, 3)
     widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert widths == [4, 4, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32, 32]
+    # Two views: a trunk each, side by side into the head; each view's logits depend on its trunk only.
+    two = VggClassifier(3, width=1 / 16, head_width=8, views=2)
+    assert conv_count(two) == 26 and two.head[1].in_features == 64
+    frames = torch.rand(2, 2, 64, 64)
+    changed = frames.clone()
+    changed[:, 1] = 0.0
+    with torch.no_grad():
+        assert two(frames).shape == (2, 3) and not torch.equal(two(frames), two(changed))
+        for parameter in two.view_features.parameters():
+            parameter.zero_()
+        assert torch.equal(two(frames), two(changed))  # view 1 reaches the head through its own trunk only
+
+
+def test_dihedral_turns_every_view_alike() -> None:
+    frames = torch.arange(2 * 2 * 3 * 3, dtype=torch.float32).reshape(2, 2, 3, 3).repeat(8, 1, 1, 1)
+    turned = dihedral(frames, torch.arange(16) // 2)
+    seen = {tuple(turned[i, 0].flatten().tolist()) for i in range(0, 16, 2)}
+    assert len(seen) == 8  # the eight symmetries of the square
+    assert torch.equal(turned[:2], frames[:2])
+    assert torch.equal(turned[2:4], torch.rot90(frames[2:4], 1, (2, 3)))
+    assert torch.equal(turned[8:10], frames[8:10].flip(3))
+    for i in range(16):  # both views of a frame turned the same way
+        assert torch.equal(turned[i, 1] - turned[i, 0], torch.full((3, 3), 9.0))
 
 
 def test_load_splits_per_class(frames: Path) -> None:
@@ -287,3 +310,38 @@ def test_synthetic_frames(tmp_path: Path) -> None:
         UserError, match=r"synthetic frames come in classes .*; parameter classes names cloudy"
     ):
         task.load(Path(SYNTHETIC), task.params({**TINY, "classes": ["cloudy", "good"]}))
+
+
+def test_star_stamps_are_a_second_view_through_training_export_and_serving(tmp_path: Path) -> None:
+    """``stamps``: every frame becomes [2, S, S] (whole frame, star stamps) by the spec's prepare_views; the
+    network has a trunk per view, trains with ``augment`` (the same for a resumed job), and exports
+    ``frames [N, 2, S, S]`` with the stamps in its metadata, which the classifier service reads back and
+    prepares frames by."""
+    from services.fits_classifier.model import FrameClassifier
+    from services.frames.preprocess import VERSION
+
+    task = ClassifierTask()
+    params = task.params(
+        {**TINY, "synthetic_per_class": 4, "synthetic_side": 128, "stamps": 2, "augment": True}
+    )
+    spec = preprocess_spec(params)
+    assert spec == PreprocessSpec(0, 32, "asinh", 2) and spec.views == 2
+    data = task.load(Path(SYNTHETIC), params)
+    assert data.frames.shape == (12, 2, 32, 32) and data.frames.max() <= 1.0
+    state = task.build(params, CPU)
+    losses = train(task, state, data, params, range(2))
+    assert all(math.isfinite(x) for x in losses)
+    resumed, straight = resumed_and_straight(train, task, data, params, stop=1, end=2)
+    assert resumed == straight
+    check = task.export(state, tmp_path, params)
+    meta = {p.key: p.value for p in onnx.load(str(check.path)).metadata_props}
+    assert meta["tessera.frames.version"] == VERSION and meta["tessera.frames.stamps"] == "2"
+    assert meta["tessera.architecture"].endswith("-views2")
+    classifier = FrameClassifier(check.path, providers="cpu", threads=1)
+    assert classifier.spec == spec and classifier.session.get_inputs()[0].shape[1] == 2
+    from services.frames import generate_frame
+
+    raw = generate_frame("good", 3, (128, 128)).data
+    np.testing.assert_array_equal(classifier.prepare(raw), spec.prepare_views(raw))
+    scores = classifier.classify(np.stack([classifier.prepare(raw)]))
+    assert len(scores) == 1 and set(scores[0].probabilities) == set(data.class_names)

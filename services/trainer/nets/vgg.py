@@ -12,6 +12,11 @@ while its training batches were already classified right (running statistics lag
 
 The global pool replaces VGG16's 4096-wide fully connected layers (100M+ parameters) and lets the network
 take any input size that is a multiple of 32.
+
+Views: an input may stack ``views`` different pictures of one frame (``in_channels`` channels each; for the
+FITS classifier, the binned whole frame and a grid of unbinned star stamps). Each view then has its own
+trunk (the 13 convolutions), and the head sees their pooled features side by side: the pictures are not
+aligned pixel for pixel, so mixing them in the first convolution would make the network untangle them.
 """
 
 from __future__ import annotations
@@ -42,26 +47,21 @@ VGG16_LAYOUT: tuple[int | str, ...] = (
 
 
 class VggClassifier(nn.Module):
-    """Frames ``[N, in_channels, H, W]`` -> class logits ``[N, classes]``."""
+    """Frames ``[N, views * in_channels, H, W]`` -> class logits ``[N, classes]``."""
 
-    def __init__(self, classes: int, in_channels: int = 1, width: float = 1.0, head_width: int = 256) -> None:
+    def __init__(
+        self, classes: int, in_channels: int = 1, width: float = 1.0, head_width: int = 256, views: int = 1
+    ) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for item in VGG16_LAYOUT:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2))
-                continue
-            out = max(1, round(int(item) * width))
-            layers += [
-                nn.Conv2d(channels, out, 3, padding=1, bias=False),
-                nn.GroupNorm(norm_groups(out), out),
-                nn.ReLU(True),
-            ]
-            channels = out
-        self.features = nn.Sequential(*layers)
+        self.in_channels = in_channels
+        self.features, channels = vgg_trunk(in_channels, width)
+        # Views after the first: a trunk each (none for one view, so such models keep their state dicts).
+        self.view_features = nn.ModuleList(vgg_trunk(in_channels, width)[0] for _ in range(views - 1))
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(channels, head_width), nn.ReLU(True), nn.Linear(head_width, classes)
+            nn.Flatten(),
+            nn.Linear(channels * views, head_width),
+            nn.ReLU(True),
+            nn.Linear(head_width, classes),
         )
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -69,8 +69,33 @@ class VggClassifier(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """Logits for ``frames``."""
-        features = self.features(frames).mean(dim=(2, 3), keepdim=True)
-        return self.head(features)
+        if not len(self.view_features):
+            return self.head(self.features(frames).mean(dim=(2, 3), keepdim=True))
+        views = torch.split(frames, self.in_channels, dim=1)
+        trunks = [self.features, *self.view_features]
+        pooled = [
+            trunk(view).mean(dim=(2, 3), keepdim=True) for trunk, view in zip(trunks, views, strict=True)
+        ]
+        return self.head(torch.cat(pooled, dim=1))
+
+
+def vgg_trunk(in_channels: int, width: float) -> tuple[nn.Sequential, int]:
+    """The 13 convolutions (each with group norm and ReLU) and 5 max pools of :data:`VGG16_LAYOUT`, widths
+    scaled by ``width``; and the channels it puts out."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for item in VGG16_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        out = max(1, round(int(item) * width))
+        layers += [
+            nn.Conv2d(channels, out, 3, padding=1, bias=False),
+            nn.GroupNorm(norm_groups(out), out),
+            nn.ReLU(True),
+        ]
+        channels = out
+    return nn.Sequential(*layers), channels
 
 
 def norm_groups(channels: int) -> int:

@@ -21,12 +21,14 @@ binning as in service; about 0.75 s a frame to make and prepare).
 
 Class names are the subfolder names in sorted order (class index = position); folders whose names start
 with "." are ignored; at least two classes are needed, and every class folder must hold a frame. Every
-frame is prepared by :func:`services.frames.prepare`, the function the classifier service runs on incoming
-frames, with the hyper-parameters ``bin_factor`` (boxcar median; 0, the default, picks per frame the
-largest factor that keeps the binned frame at least ``input_size`` on its shorter side: 9 for 2x2-binned
-IO:O frames of 2048 px, 2 for the synthetic 512 px ones), ``stretch`` (asinh, linear or zscale) and
-``input_size`` (centre crop or zero-pad), once, in ``load`` (kept in memory as float32: 4 * input_size^2
-bytes each). ``val_fraction`` of each class (rounded; always leaving one for training) is held out, chosen
+frame is prepared by :meth:`services.frames.PreprocessSpec.prepare_views`, the function the classifier
+service runs on incoming frames, with the hyper-parameters ``bin_factor`` (boxcar median; 0, the default,
+picks per frame the largest factor that keeps the binned frame at least ``input_size`` on its shorter side:
+9 for 2x2-binned IO:O frames of 2048 px, 2 for the synthetic 512 px ones), ``stretch`` (asinh, linear or
+zscale), ``input_size`` (centre crop or zero-pad) and ``stamps`` (0: the whole-frame view alone; n > 0: a
+second view, an n x n grid of unbinned stamps of the brightest stars, which keeps their shape: what a
+mirror wobble changes), once, in ``load`` (kept in memory as float32: 4 * views * input_size^2 bytes
+each). ``val_fraction`` of each class (rounded; always leaving one for training) is held out, chosen
 by ``seed``, for ``evaluate``; with none held out, ``evaluate`` reports on the training frames
 (``held_out_frames`` = 0 says so).
 
@@ -38,7 +40,9 @@ with the preprocessing (:meth:`services.frames.PreprocessSpec.to_metadata`) and 
 classifier service applies (``tessera.threshold``, the ``threshold`` parameter: a fault is declared when its
 probability reaches it; ``tessera.good_class`` when a class is named good), which the service reads back.
 
-Training: cross-entropy, AdamW. Export: ``frames [N, 1, S, S]`` -> ``logits [N, classes]``.
+Training: cross-entropy, AdamW; with ``augment``, each training frame is turned by one of the 8 flips and
+quarter turns of the square (all views alike), drawn from the (seed, epoch) generator: a frame's class does
+not depend on its orientation. Export: ``frames [N, views, S, S]`` -> ``logits [N, classes]``.
 """
 
 from __future__ import annotations
@@ -51,14 +55,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch spelling)
 
 from services.errors import UserError
 from services.frames import STRETCHES, PreprocessSpec
+from services.frames.preprocess import MAX_STAMPS
 from services.frames.synthetic import CLASSES as SYNTHETIC_CLASSES
 from services.frames.synthetic import make_dataset
-from services.trainer.data.frames import FRAME_SUFFIXES, prepared_frame
+from services.trainer.data.frames import FRAME_SUFFIXES, read_frame
 from services.trainer.data.images import decode_all, list_files
 from services.trainer.data.seeding import batch_indices, epoch_generator, held_out_split, seeded
 from services.trainer.nets.modes import evaluating
@@ -74,6 +80,8 @@ RULES: dict[str, Rule] = {
     "input_size": Rule(224, int, 32, 1024, multiple_of=32),
     "bin_factor": Rule(0, int, 0, 64),
     "stretch": Rule("asinh", str, choices=STRETCHES),
+    "stamps": Rule(0, int, 0, MAX_STAMPS),
+    "augment": Rule(False, bool),
     "width": Rule(1.0, float, 0.0, 4.0, open_low=True),
     "head_width": Rule(256, int, 1, 4096),
     "batch_size": Rule(32, int, 1, 4096),
@@ -88,11 +96,12 @@ RULES: dict[str, Rule] = {
 }
 _LAYOUT = "one subfolder per class holding .fits/.fit/.fz/.png frames, or 'synthetic'"
 _EXPORT_STREAM = 2
+_AUGMENT_STREAM = 3
 
 
 @dataclass(frozen=True)
 class FrameSet:
-    """Prepared frames ``[N, 1, S, S]`` (float32 in [0, 1]), their class indices, the class names and the
+    """Prepared frames ``[N, views, S, S]`` (float32 in [0, 1]), their class indices, the class names and the
     training/held-out split (index tensors into ``frames``)."""
 
     frames: torch.Tensor
@@ -104,7 +113,7 @@ class FrameSet:
 
 
 class FrameBatch(NamedTuple):
-    """Frames ``[B, 1, S, S]`` and their class indices ``[B]``."""
+    """Frames ``[B, views, S, S]`` and their class indices ``[B]``."""
 
     frames: torch.Tensor
     labels: torch.Tensor
@@ -178,7 +187,7 @@ class ClassifierTask:
             held_out += [len(files) + i for i in held]
             files += found
             labels += [label] * len(found)
-        frames = decode_all(files, partial(prepared_frame, spec=preprocess_spec(params)))
+        frames = decode_all(files, partial(prepared_views, spec=preprocess_spec(params)))
         self._loaded_classes = names
         return FrameSet(
             torch.from_numpy(frames),
@@ -195,7 +204,8 @@ class ClassifierTask:
         if names is None:
             raise UserError(f"{self.name}: the classes are unknown; load the dataset first or give classes")
         with seeded(params["seed"]):
-            model = VggClassifier(len(names), 1, params["width"], params["head_width"])
+            views = preprocess_spec(params).views  # a trunk for each view (nets.vgg)
+            model = VggClassifier(len(names), 1, params["width"], params["head_width"], views=views)
         model = model.to(device)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"]
@@ -207,11 +217,15 @@ class ClassifierTask:
     def batches(
         self, data: FrameSet, params: Mapping[str, Any], epoch: int, device: torch.device
     ) -> Iterator[FrameBatch]:
-        """The training frames, shuffled by the (seed, epoch) generator."""
+        """The training frames, shuffled by the (seed, epoch) generator (and turned, with ``augment``)."""
         source = epoch_generator(params["seed"], epoch)
+        turns = epoch_generator(params["seed"], epoch, _AUGMENT_STREAM)
         for index in batch_indices(len(data.training), params["batch_size"], source):
             chosen = data.training[index]
-            yield FrameBatch(data.frames[chosen].to(device), data.labels[chosen].to(device))
+            frames = data.frames[chosen]
+            if params["augment"]:
+                frames = dihedral(frames, torch.randint(0, 8, (len(chosen),), generator=turns))
+            yield FrameBatch(frames.to(device), data.labels[chosen].to(device))
 
     def train_step(self, state: TrainState, batch: FrameBatch) -> dict[str, float]:
         """One AdamW step on the cross-entropy; the loss and the batch's accuracy."""
@@ -245,15 +259,17 @@ class ClassifierTask:
         }
 
     def export(self, state: TrainState, directory: Path, params: Mapping[str, Any]) -> ExportCheck:
-        """``classifier.onnx``: ``frames [N, 1, S, S]`` -> ``logits [N, classes]``, with the class names."""
+        """``classifier.onnx``: ``frames [N, views, S, S]`` -> ``logits [N, classes]``, with the class
+        names."""
         size = params["input_size"]
-        source = epoch_generator(params["seed"], 0, _EXPORT_STREAM)
-        frames = torch.rand(2, 1, size, size, generator=source).numpy()
-        names = state.extra["class_names"]
         spec = preprocess_spec(params)
+        source = epoch_generator(params["seed"], 0, _EXPORT_STREAM)
+        frames = torch.rand(2, spec.views, size, size, generator=source).numpy()
+        names = state.extra["class_names"]
         metadata = {
             "tessera.task": self.name,
-            "tessera.architecture": f"vgg16-bn-gap-width{params['width']:g}",
+            "tessera.architecture": f"vgg16-bn-gap-width{params['width']:g}"
+            + (f"-views{spec.views}" if spec.views > 1 else ""),
             "tessera.class_names": json.dumps(list(names)),
             "tessera.input_size": f"{size}x{size}",
             "tessera.input_scaling": spec.describe(),
@@ -278,5 +294,27 @@ class ClassifierTask:
 
 
 def preprocess_spec(params: Mapping[str, Any]) -> PreprocessSpec:
-    """How this job prepares frames (its ``bin_factor``, ``input_size`` and ``stretch``)."""
-    return PreprocessSpec(params["bin_factor"], params["input_size"], params["stretch"])
+    """How this job prepares frames (its ``bin_factor``, ``input_size``, ``stretch`` and ``stamps``)."""
+    return PreprocessSpec(params["bin_factor"], params["input_size"], params["stretch"], params["stamps"])
+
+
+def prepared_views(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    """``path`` read and prepared by ``spec`` (:meth:`~services.frames.PreprocessSpec.prepare_views`, as the
+    classifier service does): float32 ``[views, size, size]`` in [0, 1], the network input."""
+    frame = read_frame(path)
+    try:
+        return spec.prepare_views(frame)
+    except UserError as error:  # reading errors name the file already; preparing ones do not
+        raise UserError(f"{path}: {error}") from error
+
+
+def dihedral(frames: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """``frames [B, C, S, S]``, frame ``i`` turned by ``turns[i]`` (0..7): ``t % 4`` quarter turns, then a
+    left-right flip when ``t >= 4``. Every view of a frame alike."""
+    out = frames.clone()
+    for turn in range(1, 8):
+        chosen = turns == turn
+        if chosen.any():
+            turned = torch.rot90(frames[chosen], turn % 4, (2, 3))
+            out[chosen] = turned.flip(3) if turn >= 4 else turned
+    return out
