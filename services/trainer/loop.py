@@ -161,6 +161,10 @@ def run(
     params = task.params(job.params)
     local = fetch_dataset(job.dataset, cache=None, client=s3_client)
     data = task.load(local, params)
+    # A parameter the data decides (the classes a folder holds) is recorded as decided, not as its default.
+    decided = getattr(data, "class_names", None) or getattr(data, "classes", None)
+    if "classes" in params and not params["classes"] and decided:
+        params = {**params, "classes": list(decided)}
     seed_everything(int(params.get("seed", 0)))
     state = task.build(params, device.torch_device)
     progress = TrainingProgress()

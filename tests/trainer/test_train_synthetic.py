@@ -88,3 +88,10 @@ def test_a_queued_sky_job_cannot_name_synthetic(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 2 and "tessera sky submit" in done.stderr
+
+
+def test_the_metrics_record_the_classes_the_data_decided(tmp_path: Path) -> None:
+    done = _train("classifier", tmp_path / "out", "--steps", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["params"]["classes"] == ["good", "mirror_wobble", "shutter_fault"]
