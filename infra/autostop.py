@@ -1,4 +1,5 @@
-"""The auto-stop safety net: a scheduled Lambda function that stops idle instances tagged for auto-stop.
+"""The auto-stop safety net: a scheduled Lambda function that stops idle instances tagged for auto-stop, and
+starts the stopped training instance when training jobs wait on its queue.
 
 It does not depend on the instances at all, so it catches a training box whose own idle agent, CloudWatch
 agent or utilisation publisher has died (the box's idle alarm reads metrics that box publishes; silence is
@@ -8,8 +9,16 @@ stack passes in as a path: infra never imports service code.
 An instance counts as busy when its accelerators work or when it sent the busy heartbeat (a job running, data
 staging, someone logged in: ``infra.training.BUSY_NAMESPACE``); silence on both counts as idle.
 
+Whoever queues a training job (``tessera train submit``, the sight catalog's refresher), the next run starts
+the stack's stopped training instance (:attr:`AutoStopArgs.job_queues`): no service role needs EC2 rights, and
+a job waits at most ``schedule_minutes`` before its box starts. A training box with jobs waiting is given
+``idle_minutes + start_grace_minutes`` from its start to boot and take one.
+
 Its role may describe instances and read metrics everywhere (AWS offers no narrower scope for those), but
-may stop only instances that carry ``tessera:auto-stop=true``, and write only to its own log group. When
+may stop only instances that carry ``tessera:auto-stop=true``, start only the training instances of its stack
+(``tessera:role=training``, ``tessera:start-on-demand=true``, ``tessera:stack``), let EC2 use the key of
+their encrypted volumes while it starts them (``kms:CreateGrant`` for an AWS resource, via EC2 only: a start
+without it fails at launch), read only the job queues' attributes, and write only to its own log group. When
 the function fails, its error alarm notifies the alerts topic (:attr:`AutoStop.alerts_topic_arn`, encrypted
 with ``kms_key_arn``), which the stack outputs for an operator to subscribe to.
 """
@@ -39,6 +48,13 @@ from infra.training import BUSY_METRIC, BUSY_NAMESPACE
 AUTO_STOP_TAG = "tessera:auto-stop"
 """The tag (value ``"true"``) that puts an instance under the safety net; ``infra/training.py`` sets it."""
 AUTO_STOP_VALUE = "true"
+ROLE_TAG = "tessera:role"
+ROLE_TRAINING = "training"
+START_ON_DEMAND_TAG = "tessera:start-on-demand"
+START_ON_DEMAND_VALUE = "true"
+STACK_TAG = "tessera:stack"
+"""The training instance's functional tags (``infra/training.py``; ``tessera:stack`` is a default tag of the
+stack's provider): the function may start only an instance that carries all three."""
 
 PACKAGE = "autostop"
 """The package name the code has inside the deployment zip."""
@@ -49,6 +65,9 @@ IDLE_MINUTES_ENV = "TESSERA_AUTOSTOP_IDLE_MINUTES"
 THRESHOLD_ENV = "TESSERA_AUTOSTOP_THRESHOLD_PERCENT"
 METRICS_ENV = "TESSERA_AUTOSTOP_METRICS"
 BUSY_METRIC_ENV = "TESSERA_AUTOSTOP_BUSY_METRIC"
+JOB_QUEUE_URLS_ENV = "TESSERA_AUTOSTOP_JOB_QUEUE_URLS"
+TRAINING_STACK_ENV = "TESSERA_AUTOSTOP_TRAINING_STACK"
+START_GRACE_ENV = "TESSERA_AUTOSTOP_START_GRACE_MINUTES"
 
 DEFAULT_METRICS: tuple[tuple[str, str], ...] = (
     (AGENT_NAMESPACE, NVIDIA_UTILIZATION_METRIC),
@@ -56,6 +75,16 @@ DEFAULT_METRICS: tuple[tuple[str, str], ...] = (
 )
 """Utilisation metrics (namespace, name) with an ``InstanceId`` dimension: NVIDIA via the CloudWatch agent,
 Gaudi and Neuron via the instance's own publisher."""
+
+
+@dataclass(frozen=True)
+class JobQueue:
+    """A queue of training jobs: its visible messages make the function start the training instance."""
+
+    url: Input[str]
+    """Its URL (the function reads its attributes)."""
+    arn: Input[str]
+    """Its ARN (the function's role may read its attributes, nothing more)."""
 
 
 @dataclass
@@ -91,6 +120,18 @@ class AutoStopArgs:
     unencrypted (alarms cannot publish to a topic under the AWS-managed SNS key)."""
     alarm_actions: Sequence[Input[str]] = field(default_factory=list)
     """More SNS topic ARNs the "safety net failing" alarm notifies, besides the component's alerts topic."""
+    job_queues: Sequence[JobQueue] = ()
+    """The training-jobs queue(s): while one holds visible messages the function starts a stopped training
+    instance of ``training_stack``, and spares one for ``start_grace_minutes`` beyond the idle period from its
+    start. Empty: it starts nothing, and its role may not."""
+    training_stack: str | None = None
+    """The ``tessera:stack`` tag of the training instances it may start; None: the current Pulumi stack."""
+    start_grace_minutes: int = 15
+    """Minutes beyond ``idle_minutes`` a training instance with jobs waiting gets, from its start, to boot
+    (image pull included) and take one before the idle rule may stop it."""
+    training_volume_kms_key_arn: Input[str] | None = None
+    """The KMS key of the training instances' encrypted volumes: starting an instance makes EC2 create a grant
+    on it in the caller's name. None: the volumes use the AWS-managed EBS key (no grant needed)."""
 
     def __post_init__(self) -> None:
         if self.idle_minutes < 1:
@@ -104,6 +145,12 @@ class AutoStopArgs:
             )
         if not self.metrics:
             raise ValueError("AutoStopArgs.metrics must name at least one utilisation metric")
+        if self.start_grace_minutes < 0:
+            raise ValueError(
+                f"AutoStopArgs.start_grace_minutes must be 0 or more, got {self.start_grace_minutes}"
+            )
+        if self.training_stack is not None and not self.training_stack.strip():
+            raise ValueError("AutoStopArgs.training_stack must be a stack name, or None for this stack")
         check_retention("AutoStopArgs.log_retention_days", self.log_retention_days)
         if self.log_group_arn is not None and self.log_group_name is None:
             raise ValueError(
@@ -127,8 +174,70 @@ def schedule_expression(minutes: int) -> str:
     return "rate(1 minute)" if minutes == 1 else f"rate({minutes} minutes)"
 
 
-def role_policy(*, region: str, account_id: str, log_group_arn: str) -> dict[str, object]:
-    """The function's permissions: find instances, read utilisation, stop only tagged instances, log."""
+def start_statements(
+    *,
+    region: str,
+    account_id: str,
+    training_stack: str,
+    job_queue_arns: Sequence[str],
+    volume_kms_key_arn: str | None = None,
+) -> list[dict[str, object]]:
+    """What starting the stack's training instance for queued jobs needs: count the jobs, start the instance
+    (by its tags), and let EC2 use its volumes' key. Empty without queues."""
+    if not job_queue_arns:
+        return []
+    partition = partition_of(region)
+    statements: list[dict[str, object]] = [
+        {
+            "Sid": "CountQueuedJobs",
+            "Effect": "Allow",
+            "Action": ["sqs:GetQueueAttributes"],
+            "Resource": list(job_queue_arns),
+        },
+        {
+            "Sid": "StartTrainingInstancesOfThisStack",
+            "Effect": "Allow",
+            "Action": ["ec2:StartInstances"],
+            "Resource": f"arn:{partition}:ec2:{region}:{account_id}:instance/*",
+            "Condition": {
+                "StringEquals": {
+                    f"ec2:ResourceTag/{ROLE_TAG}": ROLE_TRAINING,
+                    f"ec2:ResourceTag/{START_ON_DEMAND_TAG}": START_ON_DEMAND_VALUE,
+                    f"ec2:ResourceTag/{STACK_TAG}": training_stack,
+                }
+            },
+        },
+    ]
+    if volume_kms_key_arn is not None:
+        dns_suffix = "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
+        statements.append(
+            {
+                # StartInstances has EC2 create a grant on the volumes' key in the caller's name; without it
+                # the instance goes from pending back to stopped (Client.InternalError).
+                "Sid": "LetEc2UseTheTrainingVolumesKey",
+                "Effect": "Allow",
+                "Action": ["kms:CreateGrant"],
+                "Resource": volume_kms_key_arn,
+                "Condition": {
+                    "Bool": {"kms:GrantIsForAWSResource": "true"},
+                    "StringEquals": {"kms:ViaService": f"ec2.{region}.{dns_suffix}"},
+                },
+            }
+        )
+    return statements
+
+
+def role_policy(
+    *,
+    region: str,
+    account_id: str,
+    log_group_arn: str,
+    training_stack: str = "",
+    job_queue_arns: Sequence[str] = (),
+    volume_kms_key_arn: str | None = None,
+) -> dict[str, object]:
+    """The function's permissions: find instances, read utilisation, stop only tagged instances, log; with job
+    queues, also count their jobs and start only the stack's training instances (:func:`start_statements`)."""
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -159,6 +268,13 @@ def role_policy(*, region: str, account_id: str, log_group_arn: str) -> dict[str
                 "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
                 "Resource": f"{log_group_arn}:*",
             },
+            *start_statements(
+                region=region,
+                account_id=account_id,
+                training_stack=training_stack,
+                job_queue_arns=job_queue_arns,
+                volume_kms_key_arn=volume_kms_key_arn,
+            ),
         ],
     }
 
@@ -204,8 +320,26 @@ class AutoStop(pulumi.ComponentResource):
             force_detach_policies=True,
             opts=child,
         )
-        self.policy_json = Output.all(account_id, log_group_arn).apply(
-            lambda v: json.dumps(role_policy(region=args.region, account_id=v[0], log_group_arn=v[1]))
+        training_stack = args.training_stack or pulumi.get_stack()
+        queue_arns = [queue.arn for queue in args.job_queues]
+        # The volumes' key matters only to an instance this function starts.
+        volume_key = args.training_volume_kms_key_arn if args.job_queues else None
+        self.policy_json = Output.all(
+            account_id=account_id,
+            log_group_arn=log_group_arn,
+            queue_arns=queue_arns,
+            volume_key=volume_key,
+        ).apply(
+            lambda v: json.dumps(
+                role_policy(
+                    region=args.region,
+                    account_id=v["account_id"],
+                    log_group_arn=v["log_group_arn"],
+                    training_stack=training_stack,
+                    job_queue_arns=v["queue_arns"],
+                    volume_kms_key_arn=v["volume_key"],
+                )
+            )
         )
         self.policy = aws.iam.RolePolicy(
             f"{name}-policy", role=self.role.name, policy=self.policy_json, opts=child
@@ -213,9 +347,13 @@ class AutoStop(pulumi.ComponentResource):
 
         metrics = json.dumps([{"namespace": ns, "metric": metric} for ns, metric in args.metrics])
         busy_namespace, busy_metric = args.busy_metric
+        queue_urls = Output.json_dumps([queue.url for queue in args.job_queues])
         self.function = aws.lambda_.Function(
             f"{name}-fn",
-            description="tessera safety net: stop instances tagged tessera:auto-stop whose accelerators idle",
+            description=(
+                "tessera safety net: stop instances tagged tessera:auto-stop whose accelerators idle; "
+                "start the training instance for queued jobs"
+            ),
             runtime=RUNTIME,
             architectures=["arm64"],
             handler=HANDLER,
@@ -229,6 +367,9 @@ class AutoStop(pulumi.ComponentResource):
                     THRESHOLD_ENV: f"{args.gpu_idle_threshold_percent:g}",
                     METRICS_ENV: metrics,
                     BUSY_METRIC_ENV: json.dumps({"namespace": busy_namespace, "metric": busy_metric}),
+                    JOB_QUEUE_URLS_ENV: queue_urls,
+                    TRAINING_STACK_ENV: training_stack,
+                    START_GRACE_ENV: str(args.start_grace_minutes),
                 }
             ),
             logging_config=aws.lambda_.FunctionLoggingConfigArgs(log_format="Text", log_group=log_group_name),

@@ -24,7 +24,7 @@ The catalog only sends the job: its role may send to training-jobs, read the mod
 ``catalog/`` of the datasets bucket (``stacks/services.py``), nothing more; it may not start instances. The
 trainer's role writes the results to the models bucket and registers the model. A running training
 instance takes the job at once (its idle agent does not stop it while a job is queued); a stopped one runs
-it once started (``tessera train submit`` starts it; the platform does not start it on a queue backlog yet),
+it once started (the auto-stop Lambda starts it within 5 minutes of a queued job, ``services/autostop``),
 and a job nobody runs ends FAILED by the timeout below.
 
 **Collecting** (:func:`collect`). A TRAINING model becomes READY when the registry holds a version of its

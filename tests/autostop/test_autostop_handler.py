@@ -250,3 +250,194 @@ def test_the_function_needs_only_the_standard_library_and_boto3() -> None:
             for name in names:
                 top = name.split(".")[0]
                 assert top == "boto3" or top in sys.stdlib_module_names, f"{source.name} imports {name}"
+
+
+# --- starting the training instance for queued jobs ---------------------------------------------------------
+
+STACK = "dev"
+TRAINING = {
+    **AUTO_STOP,
+    "tessera:role": "training",
+    "tessera:start-on-demand": "true",
+    "tessera:stack": STACK,
+}
+
+
+@pytest.fixture
+def jobs(mocked_aws: boto3.Session) -> tuple[Any, str]:
+    """Moto's SQS and an empty training-jobs queue's URL."""
+    sqs = mocked_aws.client("sqs")
+    return sqs, str(sqs.create_queue(QueueName="tessera-dev-training-jobs")["QueueUrl"])
+
+
+def _queued(url: str) -> Settings:
+    return Settings(job_queue_urls=(url,), training_stack=STACK)
+
+
+def test_a_queued_job_starts_the_stopped_training_instance(
+    aws: tuple[Any, Any], jobs: tuple[Any, str]
+) -> None:
+    ec2, cloudwatch = aws
+    sqs, url = jobs
+    box, launched = _launch(ec2, TRAINING)
+    ec2.stop_instances(InstanceIds=[box])
+    now = launched + timedelta(hours=3)
+
+    quiet = check_instances(ec2, cloudwatch, _queued(url), now=now, sqs=sqs)
+    assert quiet["started"] == [] and quiet["queued"] == {url: 0}
+    assert _state(ec2, box) == "stopped"
+
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"task": "detector"}))  # the catalog's refresher
+    summary = check_instances(ec2, cloudwatch, _queued(url), now=now, sqs=sqs)
+    assert summary["started"] == [box] and summary["queued"] == {url: 1} and summary["failed"] == {}
+    assert _state(ec2, box) in ("pending", "running")
+    assert json.loads(json.dumps(summary)) == summary
+
+    # Up now: the next run, minutes later, starts nothing more (EC2 sets LaunchTime at each start; moto keeps
+    # the first, so "minutes later" is counted from that).
+    later = launched + timedelta(minutes=5)
+    again = check_instances(ec2, cloudwatch, _queued(url), now=later, sqs=sqs)
+    assert again["started"] == [] and "is up" in again["not_started"][box]
+
+
+def test_only_this_stacks_training_instance_is_started(aws: tuple[Any, Any], jobs: tuple[Any, str]) -> None:
+    ec2, cloudwatch = aws
+    sqs, url = jobs
+    others = [
+        _launch(ec2, {**AUTO_STOP, "tessera:stack": STACK})[0],  # no training role
+        _launch(ec2, {**TRAINING, "tessera:role": "worker"})[0],
+        _launch(ec2, {**TRAINING, "tessera:start-on-demand": "false"})[0],
+        _launch(ec2, {**TRAINING, "tessera:stack": "prod-compute"})[0],  # another stack's box and queue
+    ]
+    ec2.stop_instances(InstanceIds=others)
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    summary = check_instances(ec2, cloudwatch, _queued(url), now=datetime.now(UTC), sqs=sqs)
+    assert summary["started"] == [] and summary["not_started"] == {}
+    assert {_state(ec2, i) for i in others} == {"stopped"}
+    # Without queues the function starts nothing and needs no SQS client.
+    unqueued = check_instances(ec2, cloudwatch, Settings(), now=datetime.now(UTC))
+    assert unqueued["started"] == [] and unqueued["queued"] == {}
+
+
+def test_a_training_instance_with_jobs_waiting_gets_time_to_boot_and_take_one(
+    aws: tuple[Any, Any], jobs: tuple[Any, str]
+) -> None:
+    ec2, cloudwatch = aws
+    sqs, url = jobs
+    box, launched = _launch(ec2, TRAINING)  # just started, still pulling its image: publishes nothing yet
+    worker, _ = _launch(ec2, AUTO_STOP)  # not a training box: the queue does not spare it
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    settings = Settings(idle_minutes=15, start_grace_minutes=15, job_queue_urls=(url,), training_stack=STACK)
+
+    booting = check_instances(ec2, cloudwatch, settings, now=launched + timedelta(minutes=25), sqs=sqs)
+    assert booting["stopped"] == [worker]
+    assert "training jobs wait on its queue" in booting["spared"][box]
+    assert "30 min" in booting["spared"][box]
+    assert _state(ec2, box) == "running"
+
+    # Without the job the idle rule stops it as before.
+    idle = check_instances(
+        ec2, cloudwatch, Settings(idle_minutes=15), now=launched + timedelta(minutes=25), sqs=sqs
+    )
+    assert idle["stopped"] == [box]
+
+
+def test_a_box_that_never_takes_the_waiting_jobs_is_stopped_and_not_restarted(
+    aws: tuple[Any, Any], jobs: tuple[Any, str]
+) -> None:
+    ec2, cloudwatch = aws
+    sqs, url = jobs
+    box, launched = _launch(ec2, TRAINING)  # its trainer died: the job stays visible
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    settings = _queued(url)
+    summary = check_instances(ec2, cloudwatch, settings, now=launched + timedelta(minutes=31), sqs=sqs)
+    assert summary["stopped"] == [box] and summary["started"] == []
+    assert "stopped by this run" in summary["not_started"][box]
+
+    # Its last run: 31 minutes, no busy heartbeat. It is held back rather than restarted all day.
+    stopped = dict(ec2.describe_instances(InstanceIds=[box])["Reservations"][0]["Instances"][0])
+    ended = launched + timedelta(minutes=31)
+    stopped["StateTransitionReason"] = f"User initiated ({ended:%Y-%m-%d %H:%M:%S} GMT)"
+    reason = autostop.took_no_work(cloudwatch, stopped, settings)
+    assert reason is not None and "no busy heartbeat" in reason and "31 min" in reason
+    # A run that took a job (one heartbeat), or a short one, does not hold it back.
+    assert (
+        autostop.took_no_work(cloudwatch, {**stopped, "LaunchTime": ended - timedelta(minutes=10)}, settings)
+        is None
+    )
+    _busy(cloudwatch, box, launched + timedelta(minutes=5))
+    assert autostop.took_no_work(cloudwatch, stopped, settings) is None
+    assert autostop.took_no_work(cloudwatch, {**stopped, "StateTransitionReason": ""}, settings) is None
+
+
+def test_a_held_back_or_refused_start_tries_the_next_box(aws: tuple[Any, Any], jobs: tuple[Any, str]) -> None:
+    ec2, cloudwatch = aws
+    sqs, url = jobs
+    first, launched = _launch(ec2, TRAINING)
+    second, _ = _launch(ec2, TRAINING)
+    ec2.stop_instances(InstanceIds=[first, second])
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    refused = min(first, second)
+
+    class Refusing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ec2, name)
+
+        def start_instances(self, InstanceIds: list[str]) -> Any:  # noqa: N803 (boto3's keyword)
+            if refused in InstanceIds:
+                raise RuntimeError("InsufficientInstanceCapacity")
+            return ec2.start_instances(InstanceIds=InstanceIds)
+
+    summary = check_instances(
+        Refusing(), cloudwatch, _queued(url), now=launched + timedelta(hours=1), sqs=sqs
+    )
+    assert summary["started"] == [max(first, second)]
+    assert "InsufficientInstanceCapacity" in summary["failed"][refused]
+
+
+def test_an_unreadable_queue_starts_nothing_and_stops_as_before(aws: tuple[Any, Any]) -> None:
+    ec2, cloudwatch = aws
+    box, launched = _launch(ec2, TRAINING)
+
+    class Denied:
+        def get_queue_attributes(self, **_: Any) -> Any:
+            raise PermissionError("AccessDenied")
+
+    summary = check_instances(
+        ec2, cloudwatch, _queued("https://sqs/q"), now=launched + timedelta(minutes=20), sqs=Denied()
+    )
+    assert summary["stopped"] == [box] and summary["started"] == []
+    assert "AccessDenied" in str(summary["queued"]["https://sqs/q"])
+
+
+def test_handler_reads_the_queues_from_the_environment(
+    aws: tuple[Any, Any], jobs: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ec2, _ = aws
+    sqs, url = jobs
+    box, _ = _launch(ec2, TRAINING)
+    ec2.stop_instances(InstanceIds=[box])
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    monkeypatch.setenv("TESSERA_AUTOSTOP_JOB_QUEUE_URLS", json.dumps([url]))
+    monkeypatch.setenv("TESSERA_AUTOSTOP_TRAINING_STACK", STACK)
+    summary = autostop.handler({"source": "aws.events"}, None)
+    assert summary["started"] == [box] and summary["queued"] == {url: 1}
+
+
+def test_queue_settings_from_the_environment() -> None:
+    settings = Settings.from_environment(
+        {
+            "TESSERA_AUTOSTOP_JOB_QUEUE_URLS": json.dumps(["https://sqs/a"]),
+            "TESSERA_AUTOSTOP_TRAINING_STACK": "prod-compute",
+            "TESSERA_AUTOSTOP_START_GRACE_MINUTES": "20",
+        }
+    )
+    assert settings.job_queue_urls == ("https://sqs/a",) and settings.training_stack == "prod-compute"
+    assert settings.start_allowance == timedelta(minutes=35)
+    for env, match in [
+        ({"TESSERA_AUTOSTOP_JOB_QUEUE_URLS": '"https://sqs/a"'}, "TESSERA_AUTOSTOP_JOB_QUEUE_URLS"),
+        ({"TESSERA_AUTOSTOP_JOB_QUEUE_URLS": '["https://sqs/a"]'}, "TESSERA_AUTOSTOP_TRAINING_STACK"),
+        ({"TESSERA_AUTOSTOP_START_GRACE_MINUTES": "-1"}, "TESSERA_AUTOSTOP_START_GRACE_MINUTES"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Settings.from_environment(env)

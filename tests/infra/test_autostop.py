@@ -11,7 +11,7 @@ import pulumi
 import pytest
 
 from infra import autostop as infra_autostop
-from infra.autostop import AutoStop, AutoStopArgs, code_archive
+from infra.autostop import AutoStop, AutoStopArgs, JobQueue, code_archive
 from infra.cloudwatch_agent import (
     ACCELERATOR_NAMESPACE,
     ACCELERATOR_UTILIZATION_METRIC,
@@ -21,6 +21,7 @@ from infra.cloudwatch_agent import (
 from infra.iam import wildcard_violations
 from infra.training import BUSY_METRIC, BUSY_NAMESPACE, TrainingInstance, TrainingInstanceArgs
 from stacks.offline import Declared, OfflineRun
+from stacks.plan import Plan
 
 REPO = Path(__file__).resolve().parents[2]
 CODE_DIR = str(REPO / "services" / "autostop")
@@ -188,6 +189,10 @@ def test_infra_and_the_function_agree_on_the_tag_and_settings() -> None:
     assert infra_autostop.METRICS_ENV == handler.METRICS_ENV
     assert [(m.namespace, m.name) for m in handler.DEFAULT_METRICS] == list(infra_autostop.DEFAULT_METRICS)
     assert infra_autostop.BUSY_METRIC_ENV == handler.BUSY_METRIC_ENV
+    for name in ("JOB_QUEUE_URLS_ENV", "TRAINING_STACK_ENV", "START_GRACE_ENV", "ROLE_TAG", "ROLE_TRAINING"):
+        assert getattr(infra_autostop, name) == getattr(handler, name), name
+    for name in ("START_ON_DEMAND_TAG", "START_ON_DEMAND_VALUE", "STACK_TAG"):
+        assert getattr(infra_autostop, name) == getattr(handler, name), name
     busy = handler.DEFAULT_BUSY_METRIC
     assert (busy.namespace, busy.name) == (BUSY_NAMESPACE, BUSY_METRIC)
 
@@ -245,6 +250,9 @@ def test_the_training_instance_carries_the_tag_the_safety_net_looks_for(
     run = offline(program, config={"aws:region": REGION})
     tags = _one(run, "aws:ec2/instance:Instance").inputs["tags"]
     assert tags[infra_autostop.AUTO_STOP_TAG] == infra_autostop.AUTO_STOP_VALUE
+    # ... and the tags it may start (tessera:stack is the provider's default tag, set by stacks/program.py).
+    assert tags[infra_autostop.ROLE_TAG] == infra_autostop.ROLE_TRAINING
+    assert tags[infra_autostop.START_ON_DEMAND_TAG] == infra_autostop.START_ON_DEMAND_VALUE
 
 
 @pytest.mark.parametrize(
@@ -257,9 +265,99 @@ def test_the_training_instance_carries_the_tag_the_safety_net_looks_for(
         ({"log_retention_days": 10}, "log_retention_days"),
         ({"metrics": ()}, "metrics"),
         ({"log_group_arn": "arn:aws:logs:eu-west-1:1:log-group:x"}, "needs log_group_name"),
+        ({"start_grace_minutes": -1}, "start_grace_minutes"),
+        ({"training_stack": " "}, "training_stack"),
     ],
 )
 def test_bad_settings_say_what_to_fix(overrides: dict[str, Any], match: str) -> None:
     settings: dict[str, Any] = {"code_dir": CODE_DIR, "region": REGION, **overrides}
     with pytest.raises(ValueError, match=match):
         AutoStopArgs(**settings)
+
+
+QUEUE_ARN = f"arn:aws:sqs:{REGION}:{ACCOUNT}:tessera-dev-training-jobs"
+QUEUE_URL = f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/tessera-dev-training-jobs"
+VOLUME_KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/0000-volumes"
+
+
+def _with_queue(offline: Callable[..., OfflineRun], **overrides: Any) -> OfflineRun:
+    return _run(
+        offline,
+        job_queues=[JobQueue(url=QUEUE_URL, arn=QUEUE_ARN)],
+        training_stack="dev",
+        training_volume_kms_key_arn=VOLUME_KEY,
+        **overrides,
+    )
+
+
+def test_with_a_job_queue_it_may_start_only_this_stacks_training_instance(
+    offline: Callable[..., OfflineRun],
+) -> None:
+    statements = _statements(_with_queue(offline))
+    starters = [s for s in statements.values() if "ec2:StartInstances" in s["Action"]]
+    assert len(starters) == 1
+    (start,) = starters
+    assert start["Action"] == ["ec2:StartInstances"]
+    assert start["Resource"] == f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/*"
+    assert start["Condition"] == {
+        "StringEquals": {
+            "ec2:ResourceTag/tessera:role": "training",
+            "ec2:ResourceTag/tessera:start-on-demand": "true",
+            "ec2:ResourceTag/tessera:stack": "dev",
+        }
+    }
+    (count,) = [s for s in statements.values() if "sqs:GetQueueAttributes" in s["Action"]]
+    assert count["Action"] == ["sqs:GetQueueAttributes"] and count["Resource"] == [QUEUE_ARN]
+    # Starting an instance with volumes under a customer key has EC2 create a grant in the caller's name.
+    (grant,) = [s for s in statements.values() if any(a.startswith("kms:") for a in s["Action"])]
+    assert grant["Action"] == ["kms:CreateGrant"] and grant["Resource"] == VOLUME_KEY
+    assert grant["Condition"] == {
+        "Bool": {"kms:GrantIsForAWSResource": "true"},
+        "StringEquals": {"kms:ViaService": f"ec2.{REGION}.amazonaws.com"},
+    }
+    # Nothing else is new: the same actions as without a queue, plus those three.
+    actions = sorted(a for s in statements.values() for a in s["Action"])
+    without = sorted(a for s in _statements(_run(offline)).values() for a in s["Action"])
+    assert actions == sorted([*without, "ec2:StartInstances", "kms:CreateGrant", "sqs:GetQueueAttributes"])
+    assert wildcard_violations({"Statement": list(statements.values())}) == []
+
+
+def test_without_a_job_queue_it_may_start_nothing(offline: Callable[..., OfflineRun]) -> None:
+    run = _run(offline, training_volume_kms_key_arn=VOLUME_KEY, training_stack="dev")
+    actions = {a for s in _statements(run).values() for a in s["Action"]}
+    assert not actions & {"ec2:StartInstances", "kms:CreateGrant", "sqs:GetQueueAttributes"}
+    variables = _one(run, "aws:lambda/function:Function").inputs["environment"]["variables"]
+    assert json.loads(variables["TESSERA_AUTOSTOP_JOB_QUEUE_URLS"]) == []
+
+
+def test_the_queue_and_stack_reach_the_function(offline: Callable[..., OfflineRun]) -> None:
+    from services.autostop import handler
+
+    run = _with_queue(offline, start_grace_minutes=20)
+    variables = _one(run, "aws:lambda/function:Function").inputs["environment"]["variables"]
+    settings = handler.Settings.from_environment(variables)
+    assert settings.job_queue_urls == (QUEUE_URL,)
+    assert settings.training_stack == "dev"
+    assert settings.start_grace_minutes == 20
+    # The current stack by default: the tessera:stack tag its provider puts on the training instance.
+    default = _one(
+        _run(offline, job_queues=[JobQueue(url=QUEUE_URL, arn=QUEUE_ARN)]), "aws:lambda/function:Function"
+    )
+    assert default.inputs["environment"]["variables"]["TESSERA_AUTOSTOP_TRAINING_STACK"] == pulumi.get_stack()
+
+
+def test_the_stacks_start_their_training_box_for_the_training_jobs_queue(
+    dev: Plan, prod_compute: Plan
+) -> None:
+    for plan, stack in ((dev, "dev"), (prod_compute, "prod-compute")):
+        (policy,) = [p for p in plan.run.of_type("aws:iam/rolePolicy:RolePolicy") if "autostop" in p.name]
+        statements = {s["Sid"]: s for s in json.loads(policy.inputs["policy"])["Statement"]}
+        (queue_arn,) = statements["CountQueuedJobs"]["Resource"]
+        assert "training-jobs" in queue_arn and ":sqs:" in queue_arn
+        condition = statements["StartTrainingInstancesOfThisStack"]["Condition"]["StringEquals"]
+        assert condition["ec2:ResourceTag/tessera:stack"] == stack
+        (function,) = [f for f in plan.run.of_type("aws:lambda/function:Function") if "autostop" in f.name]
+        variables = function.inputs["environment"]["variables"]
+        (queue_url,) = json.loads(variables["TESSERA_AUTOSTOP_JOB_QUEUE_URLS"])
+        assert "training-jobs" in queue_url
+        assert variables["TESSERA_AUTOSTOP_TRAINING_STACK"] == stack
