@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,13 @@ class CatalogArgs:
     """A pinned AMI; None takes the newest Amazon Linux 2023."""
     public: CatalogPublicArgs | None = None
     """The optional public HTTPS listener; None keeps the catalog reachable through the jump host only."""
+    role_name: Input[str] | None = None
+    """The service role's name: it gets read and first-write access to the API token's secret. None makes
+    no token secret (the API then binds loopback only and cannot serve the load balancer)."""
+    kms_key_arn: Input[str] | None = None
+    """KMS key (ARN) of the API token's secret; None uses the AWS managed key."""
+    secret_recovery_window_days: int = 7
+    """Days a deleted token secret can still be restored (0 deletes at once)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_size <= self.max_size:
@@ -419,6 +427,49 @@ class Catalog(pulumi.ComponentResource):
             )
             target_groups.append(self.public.target_group_arn)
 
+        # The API's bearer token: an empty secret here; the first API instance stores a fresh token in it
+        # (services/sight_catalog/api.py), so the token never passes through Pulumi or its state. Clients
+        # read it with `aws secretsmanager get-secret-value --secret-id <catalogTokenSecretArn>`.
+        api_environment: dict[str, Input[str]] = {
+            **args.environment,
+            # Only the load balancers reach the app port (its security group), so their X-Forwarded-For is
+            # trusted: the rate limits then count clients, not the load balancer.
+            "FORWARDED_ALLOW_IPS": "*",
+        }
+        self.token_secret_arn: pulumi.Output[str] | None = None
+        if args.role_name is not None:
+            token = aws.secretsmanager.Secret(
+                f"{name}-api-token",
+                description="tessera sight catalog: the API's bearer token (made by the first API instance)",
+                kms_key_id=args.kms_key_arn,
+                recovery_window_in_days=args.secret_recovery_window_days,
+                opts=child,
+            )
+            aws.iam.RolePolicy(
+                f"{name}-api-token-access",
+                role=args.role_name,
+                policy=token.arn.apply(
+                    lambda arn: json.dumps(
+                        {
+                            "Version": "2012-10-17",
+                            "Statement": [
+                                {
+                                    "Sid": "CatalogApiToken",
+                                    "Effect": "Allow",
+                                    "Action": [
+                                        "secretsmanager:GetSecretValue",
+                                        "secretsmanager:PutSecretValue",
+                                    ],
+                                    "Resource": arn,
+                                }
+                            ],
+                        }
+                    )
+                ),
+                opts=child,
+            )
+            self.token_secret_arn = token.arn
+            api_environment["TESSERA_CATALOG_TOKEN_SECRET_ARN"] = token.arn
         api = WorkerFleetArgs(
             service=SERVICE,
             image_ref=args.image_ref,
@@ -432,7 +483,7 @@ class Catalog(pulumi.ComponentResource):
             min_size=args.min_size,
             max_size=args.max_size,
             root_volume_gb=args.root_volume_gb,
-            environment=args.environment,
+            environment=api_environment,
             command=list(API_COMMAND),
             log_group_name=args.log_group_name,
             agent_config_json=args.agent_config_json,
@@ -459,7 +510,7 @@ class Catalog(pulumi.ComponentResource):
                 ),
                 opts=child,
             )
-        # The same image, role, groups and environment; nothing the API serves with.
+        # The same image, role and groups; nothing the API serves with.
         refresher = dataclasses.replace(
             api,
             subnet_ids=args.refresher_subnet_ids or args.subnet_ids,
@@ -467,6 +518,7 @@ class Catalog(pulumi.ComponentResource):
             min_size=1,
             max_size=1,
             command=list(REFRESHER_COMMAND),
+            environment=args.environment,  # not the API's token nor its proxy trust
             extra_tags={"Name": f"tessera-{SERVICE}-refresher", "tessera:role": "refresher"},
             extra_security_group_ids=(),
             published_ports=(),

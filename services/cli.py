@@ -146,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
 
     from services.fits_classifier import commands as fits_classifier
     from services.model_runner import commands as model_runner
+    from services.sight_catalog import commands as sight_catalog
+    from services.sight_catalog import worker as sight_catalog_worker
     from services.sky_generator import commands as sky_generator
     from services.trainer import commands as trainer
 
@@ -153,10 +155,12 @@ def parser() -> argparse.ArgumentParser:
     trainer.register(commands)
     sky_generator.register(commands)
     fits_classifier.register(commands)
+    sight_catalog.register(commands)
     worker = commands.add_parser("worker", help="serve a service's queues")
     worker.add_argument("service", choices=sorted(WORKERS), help="which service")
     model_runner.add_worker_options(worker)
     trainer.add_worker_options(worker)
+    sight_catalog_worker.add_worker_options(worker)
     worker.set_defaults(handler=_worker)
     return top
 
@@ -167,6 +171,7 @@ WORKERS = {
     "trainer": "services.trainer.commands",
     "sky-generator": "services.sky_generator.commands",
     "fits-classifier": "services.fits_classifier.commands",
+    "sight-catalog": "services.sight_catalog.worker",
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from infra.autostop import AutoStop, AutoStopArgs
+from infra.autostop import AutoStop, AutoStopArgs, JobQueue
 from infra.catalog import Catalog, CatalogArgs, CatalogPublicArgs
 from infra.cloudwatch_agent import AGENT_ROLE_STATEMENT, agent_config_json
 from infra.database import (
@@ -427,6 +427,9 @@ class ComputeLayer(pulumi.ComponentResource):
                 opts=child,
             )
 
+        training_queues = (
+            next(spec for spec in SERVICES if spec.runs_on == "training").consumes if self.training else ()
+        )
         # Independent of the instance's own idle agent and alarm: catches a box whose agents died.
         self.autostop = AutoStop(
             f"{name}-autostop",
@@ -438,6 +441,15 @@ class ComputeLayer(pulumi.ComponentResource):
                 log_group_arn=data.item("logGroupArns", AUTOSTOP),
                 # Encrypts the alerts topic its error alarm notifies (output as alertsTopicArn).
                 kms_key_arn=data.get("kmsKeyArn"),
+                # Whoever queues a training job (the CLI, the sight catalog), the next run starts this stack's
+                # stopped training box: the trainer's queues, when the stack has the box.
+                job_queues=[
+                    JobQueue(url=data.item("queueUrls", queue), arn=data.item("queueArns", queue))
+                    for queue in training_queues
+                ],
+                training_stack=s.stack,
+                # The key of the box's volumes: starting it has EC2 use that key in the function's name.
+                training_volume_kms_key_arn=data.get("kmsKeyArn"),
             ),
             child,
         )
@@ -522,6 +534,9 @@ class ComputeLayer(pulumi.ComponentResource):
                 self.jump_host.public_ip, ssh_user="ec2-user"
             )
             self.outputs["catalogRefresherGroupName"] = self.catalog.refresher_group_name
+            if self.catalog.token_secret_arn is not None:
+                # Where the API's bearer token is (the first API instance stores it).
+                self.outputs["catalogTokenSecretArn"] = self.catalog.token_secret_arn
             if self.catalog.public_url is not None:
                 self.outputs["catalogPublicUrl"] = self.catalog.public_url
                 self.outputs["catalogPublicAlbDnsName"] = self.catalog.public_alb_dns_name
@@ -558,6 +573,8 @@ class ComputeLayer(pulumi.ComponentResource):
                 service_security_group_id=data.item("serviceSecurityGroupIds", CATALOG),
                 image_ref=data.item("imageRefs", CATALOG),
                 instance_profile_name=_profile(self.roles[CATALOG]),
+                role_name=self.roles[CATALOG].role_name,
+                kms_key_arn=data.get("kmsKeyArn"),
                 region=s.region,
                 environment=service_environment(spec, s, data),
                 instance_type=fleet.instance_type,

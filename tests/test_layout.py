@@ -63,7 +63,14 @@ def test_no_plain_onnxruntime_beside_the_gpu_build() -> None:
 
 
 #: The service packages; everything else under services/ is a shared library (or the CLI front door).
-SERVICE_PACKAGES = {"model_runner", "trainer", "autostop", "sky_generator", "fits_classifier"}
+SERVICE_PACKAGES = {
+    "model_runner",
+    "trainer",
+    "autostop",
+    "sky_generator",
+    "fits_classifier",
+    "sight_catalog",
+}
 
 
 def imported_service_packages(path: Path) -> set[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -393,6 +394,37 @@ def test_the_catalog_role_is_least_privilege(dev: Plan) -> None:
     everything = json.dumps(statements)
     for other in ("image-requests", "sky-requests", "fits-frames", "secretsmanager:GetSecretValue"):
         assert other not in everything
+
+
+def test_the_api_token_lives_in_its_own_secret_only_the_catalog_may_read_and_first_write(dev: Plan) -> None:
+    run, out = dev.run, dev.run.outputs
+    (secret,) = [x for x in run.of_type("aws:secretsmanager/secret:Secret") if x.name.endswith("-api-token")]
+    assert secret.inputs["kmsKeyId"] == out["kmsKeyArn"]  # the platform's key; no value set by Pulumi
+    assert not run.of_type("aws:secretsmanager/secretVersion:SecretVersion") or all(
+        v.inputs.get("secretId") != secret.outputs["arn"]
+        for v in run.of_type("aws:secretsmanager/secretVersion:SecretVersion")
+    )
+    (grant,) = [
+        x for x in run.of_type("aws:iam/rolePolicy:RolePolicy") if x.name.endswith("-api-token-access")
+    ]
+    (statement,) = json.loads(grant.inputs["policy"])["Statement"]
+    assert statement["Action"] == ["secretsmanager:GetSecretValue", "secretsmanager:PutSecretValue"]
+    assert statement["Resource"] == secret.outputs["arn"] == out["catalogTokenSecretArn"]
+    roles = {r.name: r for r in run.of_type("aws:iam/role:Role")}
+    assert any(name.endswith("role-sight-catalog-role") and role.outputs["name"] == grant.inputs["role"]
+               for name, role in roles.items())  # fmt: skip
+    api_env = _fleet_environment(run, "api")
+    assert api_env["TESSERA_CATALOG_TOKEN_SECRET_ARN"] == secret.outputs["arn"]
+    assert api_env["FORWARDED_ALLOW_IPS"] == "*"  # only the load balancers reach the app port
+    assert "TESSERA_CATALOG_TOKEN_SECRET_ARN" not in _fleet_environment(run, "refresher")
+
+
+def _fleet_environment(run: OfflineRun, part: str) -> dict[str, str]:
+    """The ``docker run -e NAME=VALUE`` pairs of a catalog fleet's boot script."""
+    (template,) = [t for t in run.of_type(LT) if t.name.endswith(f"-catalog-{part}-lt")]
+    script = base64.b64decode(template.inputs["userData"]).decode()
+    pairs = re.findall(r"--env '?([A-Z_]+)=([^' \\]*)'?", script)
+    return dict(pairs)
 
 
 def _dev_config(**changes: Any) -> dict[str, Any]:
