@@ -195,6 +195,9 @@ class CatalogArgs:
     """KMS key (ARN) of the API token's secret; None uses the AWS managed key."""
     secret_recovery_window_days: int = 7
     """Days a deleted token secret can still be restored (0 deletes at once)."""
+    rekognition_models: Mapping[str, str] = field(default_factory=dict)
+    """City slug -> Rekognition Custom Labels model version ARN the refresher may label with (needs
+    ``role_name``); empty: no Rekognition access at all."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_size <= self.max_size:
@@ -526,6 +529,35 @@ class Catalog(pulumi.ComponentResource):
             # The image's HEALTHCHECK probes the API's port, which the refresher does not serve.
             container_healthcheck=False,
         )
+        if args.rekognition_models and args.role_name is not None:
+            # The external labeller: DetectCustomLabels on exactly the configured models, nothing else.
+            aws.iam.RolePolicy(
+                f"{name}-rekognition",
+                role=args.role_name,
+                policy=json.dumps(
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Sid": "LabelWithTheCitiesModels",
+                                "Effect": "Allow",
+                                "Action": ["rekognition:DetectCustomLabels"],
+                                "Resource": sorted(args.rekognition_models.values()),
+                            }
+                        ],
+                    }
+                ),
+                opts=child,
+            )
+            refresher = dataclasses.replace(
+                refresher,
+                environment={
+                    **args.environment,
+                    "TESSERA_REKOGNITION_PROJECT_VERSIONS": json.dumps(
+                        dict(sorted(args.rekognition_models.items()))
+                    ),
+                },
+            )
         self.refresher = WorkerFleet(f"{name}-refresher", refresher, child)
 
         self.alb_dns_name = self.load_balancer.dns_name

@@ -575,6 +575,7 @@ class ComputeLayer(pulumi.ComponentResource):
                 instance_profile_name=_profile(self.roles[CATALOG]),
                 role_name=self.roles[CATALOG].role_name,
                 kms_key_arn=data.get("kmsKeyArn"),
+                rekognition_models=dict(s.catalog_rekognition_models),
                 region=s.region,
                 environment=service_environment(spec, s, data),
                 instance_type=fleet.instance_type,

@@ -86,6 +86,9 @@ class Settings:
     catalog_refresher_instance_type: str = "t3.small"
     #: The sight catalog's public HTTPS listener; None: reachable through the jump host only.
     catalog_public: CatalogPublicSettings | None = None
+    #: The catalog's Amazon Rekognition Custom Labels models, city slug -> model version ARN: the refresher
+    #: may call DetectCustomLabels on exactly these (``tessera:catalogRekognitionModels``); none by default.
+    catalog_rekognition_models: tuple[tuple[str, str], ...] = ()
     log_retention_days: int = 30
     build_images: bool = True
     #: Image name -> ``registry/repo@sha256:...`` built and pushed by CI: run as is, never built here.
@@ -323,6 +326,7 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
 
     fleets = _fleets("tessera:fleets", opt("tessera:fleets"))
     catalog_public = _catalog_public(opt, region, has_compute, fleets)
+    rekognition_models = _rekognition_models(opt("tessera:catalogRekognitionModels"), region, has_compute)
 
     training_type = opt("tessera:trainingInstanceType") or defaults.training_instance_type
     if accelerator_families:
@@ -373,6 +377,7 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
             "the sight catalog's refresher",
         ),
         catalog_public=catalog_public,
+        catalog_rekognition_models=rekognition_models,
         log_retention_days=ints["tessera:logRetentionDays"],
         build_images=flag("tessera:buildImages", True),
         image_refs=_image_refs("tessera:imageRefs", opt("tessera:imageRefs")),
@@ -385,6 +390,45 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
 _CERTIFICATE_ARN = re.compile(r"^arn:aws[a-z-]*:acm:([a-z0-9-]+):\d{12}:certificate/[0-9a-f-]{36}$")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 _PUBLIC_KEYS = ("tessera:catalogCertificateArn", "tessera:catalogDomain", "tessera:catalogPublicCidrs")
+
+
+_REKOGNITION_MODEL = re.compile(
+    r"^arn:aws[a-z-]*:rekognition:([a-z0-9-]+):\d{12}:project/[A-Za-z0-9_.-]{1,255}/version/"
+    r"[A-Za-z0-9_.-]{1,255}/\d{13}$"
+)
+_CITY_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def _rekognition_models(text: str | None, region: str, has_compute: bool) -> tuple[tuple[str, str], ...]:
+    """``tessera:catalogRekognitionModels``: a JSON object, city slug -> Custom Labels model version ARN in
+    the stack's region."""
+    key = "tessera:catalogRekognitionModels"
+    if not text:
+        return ()
+    if not has_compute:
+        raise ConfigError(f"{key}: the catalog runs in the stack holding the compute layer; set it there")
+    try:
+        given = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f'{key}: not JSON ({exc}); give an object such as {{"paris": "arn:..."}}') from None
+    if not isinstance(given, dict):
+        raise ConfigError(f"{key}: give an object, city slug -> Rekognition Custom Labels model version ARN")
+    models = []
+    for slug, arn in sorted(given.items()):
+        if not isinstance(slug, str) or not _CITY_SLUG.match(slug):
+            raise ConfigError(
+                f"{key}.{slug}: a city slug is lowercase letters, digits and '-' (e.g. sao-paulo)"
+            )
+        found = _REKOGNITION_MODEL.match(str(arn)) if isinstance(arn, str) else None
+        if found is None:
+            raise ConfigError(
+                f"{key}.{slug}: {arn!r} is not a Custom Labels model version ARN "
+                "(arn:aws:rekognition:REGION:ACCOUNT:project/NAME/version/NAME/TIMESTAMP)"
+            )
+        if found.group(1) != region:
+            raise ConfigError(f"{key}.{slug}: the model is in {found.group(1)}, the stack in {region}")
+        models.append((slug, str(arn)))
+    return tuple(models)
 
 
 def _catalog_public(

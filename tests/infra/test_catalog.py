@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -419,12 +419,54 @@ def test_the_api_token_lives_in_its_own_secret_only_the_catalog_may_read_and_fir
     assert "TESSERA_CATALOG_TOKEN_SECRET_ARN" not in _fleet_environment(run, "refresher")
 
 
+REKOGNITION_MODEL = (
+    "arn:aws:rekognition:us-east-1:123456789012:project/sights-paris/version/sights-paris.v1/1733380000000"
+)
+
+
+def test_rekognition_is_granted_on_the_configured_models_only_and_only_to_the_refresher() -> None:
+    plain = plan_stack("dev").run
+    assert not [x for x in plain.of_type("aws:iam/rolePolicy:RolePolicy") if "rekognition" in x.name]
+    assert "rekognition" not in json.dumps([x.inputs for x in plain.of_type("aws:iam/rolePolicy:RolePolicy")])
+    config = _dev_config(**{"tessera:catalogRekognitionModels": json.dumps({"paris": REKOGNITION_MODEL})})
+    run = plan_stack("dev", config=config).run
+    (grant,) = [x for x in run.of_type("aws:iam/rolePolicy:RolePolicy") if x.name.endswith("-rekognition")]
+    (statement,) = json.loads(grant.inputs["policy"])["Statement"]
+    assert statement["Action"] == ["rekognition:DetectCustomLabels"]
+    assert statement["Resource"] == [REKOGNITION_MODEL]
+    refresher = _fleet_environment(run, "refresher")
+    assert json.loads(refresher["TESSERA_REKOGNITION_PROJECT_VERSIONS"]) == {"paris": REKOGNITION_MODEL}
+    assert "TESSERA_REKOGNITION_PROJECT_VERSIONS" not in _fleet_environment(run, "api")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[1]", "give an object"),
+        ('{"Paris": "x"}', "a city slug is lowercase"),
+        ('{"paris": "arn:aws:s3:::bucket"}', "not a Custom Labels model version ARN"),
+        (
+            json.dumps({"paris": REKOGNITION_MODEL.replace("us-east-1", "eu-west-1")}),
+            "the model is in eu-west-1",
+        ),
+    ],
+)
+def test_bad_rekognition_models_name_the_setting(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_stack("dev", config=_dev_config(**{"tessera:catalogRekognitionModels": value}))
+
+
 def _fleet_environment(run: OfflineRun, part: str) -> dict[str, str]:
-    """The ``docker run -e NAME=VALUE`` pairs of a catalog fleet's boot script."""
+    """The ``docker run --env NAME=VALUE`` pairs of a catalog fleet's boot script (shell-quoted)."""
     (template,) = [t for t in run.of_type(LT) if t.name.endswith(f"-catalog-{part}-lt")]
     script = base64.b64decode(template.inputs["userData"]).decode()
-    pairs = re.findall(r"--env '?([A-Z_]+)=([^' \\]*)'?", script)
-    return dict(pairs)
+    pairs = {}
+    for line in script.splitlines():
+        words = shlex.split(line.rstrip(" \\"))
+        if len(words) == 2 and words[0] == "--env":
+            name, _, value = words[1].partition("=")
+            pairs[name] = value
+    return pairs
 
 
 def _dev_config(**changes: Any) -> dict[str, Any]:
