@@ -15,9 +15,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from services.errors import UserError
 
-class CommandError(RuntimeError):
-    """A command cannot go on; the message says what to do."""
+
+class CommandError(UserError):
+    """A command cannot go on; the message says what to do (a UserError: one line, status 2)."""
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -188,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (CommandError, ConfigError) as exc:
+    except (UserError, ConfigError) as exc:
+        # The one way a command fails on what a user can fix; handlers wrapped in user_errors (services/jobs/
+        # commands.py) say their verb ("tessera fits serve: ..."), the rest their command.
         print(f"tessera {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
