@@ -159,11 +159,18 @@ def parser() -> argparse.ArgumentParser:
     fits_classifier.register(commands)
     sight_catalog.register(commands)
     worker = commands.add_parser("worker", help="serve a service's queues")
-    worker.add_argument("service", choices=sorted(WORKERS), help="which service")
-    model_runner.add_worker_options(worker)
-    trainer.add_worker_options(worker)
-    sight_catalog_worker.add_worker_options(worker)
-    worker.set_defaults(handler=_worker)
+    services = worker.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    # Each service declares its own worker command: its options, its defaults (`--wait` is its own).
+    for name, module in (
+        ("model-runner", model_runner),
+        ("trainer", trainer),
+        ("sky-generator", sky_generator),
+        ("fits-classifier", fits_classifier),
+        ("sight-catalog", sight_catalog_worker),
+    ):
+        serve = services.add_parser(name, help=f"serve the {name}'s queues")
+        module.add_worker_options(serve)
+        serve.set_defaults(handler=_worker)
     return top
 
 

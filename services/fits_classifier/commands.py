@@ -262,6 +262,16 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def add_worker_options(worker: argparse.ArgumentParser) -> None:
+    """The options of ``tessera worker fits-classifier``."""
+    from services.jobs.commands import add_queue_worker_options
+
+    add_queue_worker_options(worker, wait_s=1, records="the frames it judges")
+    worker.add_argument(
+        "--providers", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider"
+    )
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Serve the fits-frames queue (``tessera worker fits-classifier``)."""
     return user_errors("worker", _worker)(args)
@@ -273,7 +283,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     log_to_stderr()
     settings = WorkerSettings.from_env(**worker_overrides(args))
-    classifier = load_classifier(settings.model, providers=getattr(args, "providers", None) or "auto")
+    classifier = load_classifier(settings.model, providers=args.providers)
     return serve_until_stopped(
         lambda: Worker(settings, classifier), on_signal="finishing the frame in hand, then stopping"
     )

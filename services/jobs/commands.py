@@ -31,6 +31,19 @@ def user_errors(name: str, run: Handler) -> Handler:
     return handler
 
 
+def add_queue_worker_options(
+    parser: argparse.ArgumentParser, *, wait_s: int, records: str = "the work it does"
+) -> None:
+    """The options every queue worker has: ``--once``, ``--max-messages``, ``--wait`` (its long-poll when
+    idle, default ``wait_s``) and ``--worker-id`` (the name recorded on ``records``)."""
+    parser.add_argument("--once", action="store_true", help="handle at most one message, then exit")
+    parser.add_argument("--max-messages", type=int, metavar="N", help="exit after handling N messages")
+    parser.add_argument(
+        "--wait", type=int, default=wait_s, help=f"seconds to long-poll when idle (default: {wait_s})"
+    )
+    parser.add_argument("--worker-id", help=f"name recorded on {records} (default: host:pid)")
+
+
 def worker_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Worker settings from the options every ``tessera worker`` has: ``--once``, ``--max-messages``,
     ``--wait`` and ``--worker-id`` (those a parser lacks are left to the settings' defaults)."""

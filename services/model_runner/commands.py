@@ -19,6 +19,7 @@ import numpy as np
 
 from services.errors import UserError
 from services.jobs.commands import (
+    add_queue_worker_options,
     log_to_stderr,
     serve_until_stopped,
     service_main,
@@ -233,12 +234,9 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def add_worker_options(worker: argparse.ArgumentParser) -> None:
-    """The options of ``tessera worker model-runner`` (the CLI owns the ``worker`` command itself)."""
-    worker.add_argument("--once", action="store_true", help="handle at most one message, then exit")
-    worker.add_argument("--max-messages", type=int, metavar="N", help="exit after handling N messages")
+    """The options of ``tessera worker model-runner``."""
+    add_queue_worker_options(worker, wait_s=1, records="the regions it runs")
     worker.add_argument("--providers", choices=PROVIDERS, default="auto", help="ONNX Runtime provider")
-    worker.add_argument("--wait", type=int, default=1, help="seconds to long-poll when idle (default: 1)")
-    worker.add_argument("--worker-id", help="name recorded on the regions it runs (default: host:pid)")
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -160,25 +160,19 @@ class Worker(QueueWorker):
 
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
-    """The options of ``tessera worker sight-catalog``; those ``parser`` has already (the other workers'
-    ``--once``, ``--max-messages``, ``--worker-id``) are left as they are."""
-    options: list[tuple[str, dict[str, Any]]] = [
-        ("--once", {"action": "store_true", "help": "handle at most one message, then exit"}),
-        ("--max-messages", {"type": int, "metavar": "N", "help": "exit after handling N messages"}),
-        ("--worker-id", {"help": "name recorded on the work it does (default: host:pid)"}),
-        (
-            "--refresh-s",
-            {
-                "type": float,
-                "metavar": "SECONDS",
-                "help": f"sight-catalog: seconds between refresher passes (default: ${REFRESH_ENV}, else 60)",
-            },
-        ),
-    ]
-    have = {option for action in parser._actions for option in action.option_strings}
-    for flag, settings in options:
-        if flag not in have:
-            parser.add_argument(flag, **settings)
+    """The options of ``tessera worker sight-catalog``."""
+    from services.jobs.commands import add_queue_worker_options
+
+    add_queue_worker_options(parser, wait_s=1, records="the work it does")
+    parser.add_argument(
+        "--refresh-s",
+        type=float,
+        metavar="SECONDS",
+        help=f"seconds between refresher passes (default: ${REFRESH_ENV}, else 60)",
+    )
+    parser.add_argument(
+        "--providers", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider of the city models"
+    )
 
 
 def run_worker(args: argparse.Namespace) -> int:

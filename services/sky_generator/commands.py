@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from services.errors import UserError
-from services.jobs.commands import log_to_stderr, serve_until_stopped, user_errors, worker_overrides
+from services.jobs.commands import (
+    add_queue_worker_options,
+    log_to_stderr,
+    serve_until_stopped,
+    user_errors,
+    worker_overrides,
+)
 
 QUEUE_ENV = "TESSERA_QUEUE_SKY_REQUESTS_URL"
 
@@ -230,7 +236,8 @@ def register(subparsers: Any) -> None:
 
 
 def add_worker_options(worker: argparse.ArgumentParser) -> None:
-    """The options of ``tessera worker sky-generator`` (shared ones are added by the other services)."""
+    """The options of ``tessera worker sky-generator``."""
+    add_queue_worker_options(worker, wait_s=1, records="the shards it renders")
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 from services.errors import UserError
 from services.jobs.commands import (
+    add_queue_worker_options,
     log_to_stderr,
     serve_until_stopped,
     service_main,
@@ -257,22 +258,11 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
-    """The options of ``tessera worker trainer``; those ``parser`` has already (the model runner's worker
-    shares ``--once``, ``--max-messages``, ``--wait``, ``--worker-id``) are left as they are."""
-    options: list[tuple[str, dict[str, Any]]] = [
-        ("--once", {"action": "store_true", "help": "handle at most one message, then exit"}),
-        ("--max-messages", {"type": int, "metavar": "N", "help": "exit after handling N messages"}),
-        ("--wait", {"type": int, "default": 5, "help": "seconds to long-poll when idle (default: 5)"}),
-        ("--worker-id", {"help": "name recorded on the jobs it runs (default: host:pid)"}),
-        (
-            "--state-file",
-            {"help": "the trainer state file the idle agent reads (default: $TESSERA_TRAINER_STATE)"},
-        ),
-    ]
-    have = {option for action in parser._actions for option in action.option_strings}
-    for flag, settings in options:
-        if flag not in have:
-            parser.add_argument(flag, **settings)
+    """The options of ``tessera worker trainer``."""
+    add_queue_worker_options(parser, wait_s=5, records="the jobs it runs")
+    parser.add_argument(
+        "--state-file", help="the trainer state file the idle agent reads (default: $TESSERA_TRAINER_STATE)"
+    )
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -350,12 +340,9 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = None) -> None:
-    """Add ``train`` (``train TASK ...`` and ``train submit TASK ...``) to the ``tessera`` subparsers.
-
-    ``worker_parser``, if given, is ``tessera worker``'s parser: the trainer's options are added to it
-    (the caller dispatches ``service == "trainer"`` to :func:`run_worker`).
-    """
+def register(subparsers: Any) -> None:
+    """Add ``train`` (``train TASK ...`` and ``train submit TASK ...``) and ``models`` to the ``tessera``
+    subparsers (``tessera worker trainer`` is :func:`add_worker_options` and :func:`run_worker`)."""
     models = subparsers.add_parser(
         "models", help="the registered models (TESSERA_DB_URL's registry, else this machine's own)"
     )
@@ -395,8 +382,6 @@ def register(subparsers: Any, worker_parser: argparse.ArgumentParser | None = No
         "--stack", help="start only the training instance of this (compute) stack, by its tessera:stack tag"
     )
     submit.set_defaults(handler=user_errors("train submit", _submit))
-    if worker_parser is not None:
-        add_worker_options(worker_parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -342,7 +342,6 @@ def test_worker_settings_and_options() -> None:
     with pytest.raises(UserError, match="TESSERA_BUCKET_DATASETS is not set"):
         Worker(WorkerSettings(refresher=RefresherSettings()))  # said before anything is reached
     parser = argparse.ArgumentParser()
-    parser.add_argument("--once", action="store_true")  # another worker's, already there
     add_worker_options(parser)
     args = parser.parse_args(["--once", "--refresh-s", "2.5"])
     assert args.once and args.refresh_s == 2.5 and args.max_messages is None

@@ -55,8 +55,20 @@ def test_params_and_worker_options() -> None:
     }
     with pytest.raises(UserError, match="NAME=VALUE"):
         parse_params(["oops"])
-    shared = argparse.ArgumentParser()
-    shared.add_argument("--once", action="store_true")  # the model runner's worker has some already
-    add_worker_options(shared)
-    args = shared.parse_args(["--once", "--state-file", "/tmp/busy", "--wait", "2"])
+    own = argparse.ArgumentParser()
+    add_worker_options(own)
+    args = own.parse_args(["--once", "--state-file", "/tmp/busy", "--wait", "2"])
     assert (args.once, args.state_file, args.wait) == (True, "/tmp/busy", 2)
+    assert own.parse_args([]).wait == 5  # the trainer's own default, not another worker's
+
+
+def test_each_worker_command_has_its_own_options_and_defaults() -> None:
+    from services.cli import parser
+
+    cli = parser()
+    assert cli.parse_args(["worker", "trainer"]).wait == 5
+    assert cli.parse_args(["worker", "model-runner"]).wait == 1
+    assert cli.parse_args(["worker", "sight-catalog", "--refresh-s", "2"]).refresh_s == 2.0
+    assert cli.parse_args(["worker", "fits-classifier", "--providers", "cpu"]).providers == "cpu"
+    with pytest.raises(SystemExit):  # the trainer has no --providers, the model runner no --state-file
+        cli.parse_args(["worker", "trainer", "--providers", "cpu"])
