@@ -1,5 +1,6 @@
-"""The VPC: public subnets that hold only NAT gateways, private subnets for everything else, flow
-logs, and one egress-only security group per service."""
+"""The VPC: public subnets for the NAT gateways, the jump host and (when configured) the sight catalog's
+public load balancer; private subnets for everything else; flow logs; one egress-only security group per
+service."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ groups a service uses; the program derives each service's IAM role, container en
 database user from it, so a permission cannot be granted without showing up here.
 
 Database schemas are named after the service package whose ``migrations`` create their tables
-(``model_runner``, ``trainer``, ``registry``); the database bootstrap (``DATABASE_BOOTSTRAP``) applies the
-migrations into them and grants each service's user exactly what its :class:`DatabaseUse` lists.
+(``model_runner``, ``registry``, ``sight_catalog``...); the database bootstrap (``DATABASE_BOOTSTRAP``)
+applies the migrations into them and grants each service's user exactly what its :class:`DatabaseUse` lists.
 """
 
 from __future__ import annotations

@@ -224,8 +224,10 @@ def _fleets(key: str, raw: str | None) -> dict[str, FleetSettings]:
                 "scales on CPU; set instanceType and maxSize only (maxSize 0 leaves the catalog out)"
             )
         base = fleets[service]
-        families = NVIDIA_FAMILIES if service in GPU_FLEETS else NVIDIA_FAMILIES + CPU_FAMILIES
-        what = "a GPU service (NVIDIA instance)" if service in GPU_FLEETS else "a worker fleet"
+        # A CPU service's fleet boots the plain Amazon Linux image: a GPU instance would idle without its
+        # driver (and cost 3-10x), so only CPU families are offered to it.
+        families = NVIDIA_FAMILIES if service in GPU_FLEETS else CPU_FAMILIES
+        what = "a GPU service (NVIDIA instance)" if service in GPU_FLEETS else "a CPU service (no GPU driver)"
         fleets[service] = FleetSettings(
             instance_type=_instance_type(
                 f"{key}.{service}.instanceType",

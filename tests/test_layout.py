@@ -1,4 +1,4 @@
-"""The repository layout and the dependency rules of ARCHITECTURE.md, checked on the import statements."""
+"""The repository layout and dependency rules of docs/ARCHITECTURE.md, checked on the import statements."""
 
 from __future__ import annotations
 

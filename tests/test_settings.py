@@ -129,3 +129,22 @@ def test_a_pinned_training_ami_reaches_the_training_instance(offline: Any) -> No
     run = offline(_program, config={**config, "tessera:trainingAmiId": "ami-0123456789abcdef0"}, stack="dev")
     [box] = [r for r in run.of_type("aws:ec2/instance:Instance") if r.name.endswith("-training-instance")]
     assert box.inputs["ami"] == "ami-0123456789abcdef0"
+
+
+def test_a_cpu_service_is_refused_a_gpu_instance() -> None:
+    """A CPU service's fleet boots the plain Amazon Linux image: a GPU instance would idle without its
+    driver (the sky generator once ran on g4dn/g5 this way)."""
+    import json
+
+    import pytest
+
+    from stacks.settings import ConfigError, _fleets
+
+    with pytest.raises(ConfigError, match=r"sky-generator\.instanceType.*CPU service"):
+        _fleets("tessera:fleets", json.dumps({"sky-generator": {"instanceType": "g4dn.xlarge"}}))
+    assert (
+        _fleets("tessera:fleets", json.dumps({"sky-generator": {"instanceType": "c6i.large"}}))[
+            "sky-generator"
+        ].instance_type
+        == "c6i.large"
+    )

@@ -7,7 +7,8 @@ locally and in tests :func:`bootstrap` runs over any psycopg connection with the
 What it leaves behind:
 
 - each service package's migrations applied in a schema named after the package (``model_runner``,
-  ``trainer``, ``registry``), owned by the master user, so no service may create, alter or drop anything;
+  ``registry``, ``sight_catalog``...), owned by the master user, so no service may create, alter or drop
+  anything;
 - one role per service user, ``LOGIN`` and a member of ``rds_iam`` (RDS then accepts only IAM tokens for
   it; where that role does not exist, as on a local server, the grant is skipped);
 - on the schemas a user ``writes``: USAGE, and SELECT/INSERT/UPDATE/DELETE on their tables and use of

@@ -9,7 +9,7 @@
   says so in ``recorded`` (``id``, and ``new``: False when the frame was judged by this model before).
 - ``GET /health``: 200 ``{"status": "ok", "model": ..., "version": ...}``, without a token.
 
-The trust boundary (ARCHITECTURE.md): every request is untrusted, as for the model endpoint
+The trust boundary (docs/ARCHITECTURE.md): every request is untrusted, as for the model endpoint
 (:mod:`services.inference.endpoint`), whose conventions this server follows.
 
 - It binds 127.0.0.1 unless another address is asked for (``host=``).

@@ -14,7 +14,7 @@ endpoint; :func:`endpoint_server` / :func:`serve_endpoint` stand any detector up
 ``POST /invocations`` (standard library HTTP server), so a local model can be served the same way. Only
 the standard library, NumPy and Pillow are used.
 
-The trust boundary (ARCHITECTURE.md): every request the server gets is untrusted.
+The trust boundary (docs/ARCHITECTURE.md): every request the server gets is untrusted.
 
 - It binds 127.0.0.1 unless another address is asked for explicitly (``host=``).
 - With a bearer token (``token=``, else ``TESSERA_ENDPOINT_TOKEN``) every request, ``/ping`` included,

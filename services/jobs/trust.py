@@ -1,4 +1,4 @@
-"""Where a request may make a service read, write and connect: the trust boundary of ARCHITECTURE.md.
+"""Where a request may make a service read, write and connect: the trust boundary of docs/ARCHITECTURE.md.
 
 Whoever can send to a queue writes the requests on it, so a queued request is confined: its sources
 (images, models) come from allowed S3 buckets or from under a configured local root, its outputs go to
