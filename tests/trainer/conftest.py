@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,3 +19,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def local_job_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Queued training jobs read and write local files only under the worker's roots (services/jobs/trust.py):
+    the tests' jobs use this test's temporary directory, so it is both roots here."""
+    monkeypatch.setenv("TESSERA_LOCAL_ROOT", str(tmp_path))
+    monkeypatch.setenv("TESSERA_OUTPUT_ROOT", str(tmp_path))
+    return tmp_path

@@ -43,6 +43,10 @@ def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(
 ) -> None:
     state_file = tmp_path / "trainer-state.json"
     datasets = resources.buckets["datasets"]
+    # Queued jobs read and write local files only under the worker's roots (services/jobs/trust.py).
+    monkeypatch.setenv("TESSERA_LOCAL_ROOT", str(tmp_path))
+    monkeypatch.setenv("TESSERA_OUTPUT_ROOT", str(tmp_path))
+    monkeypatch.setenv("TESSERA_ALLOWED_BUCKETS", ",".join(resources.buckets.values()))
     base = {"task": "detector", "dataset": "synthetic", "steps": 2, "params": TINY}
     jobs: list[Any] = [
         {**base, "job_id": "unknown-task", "task": "poetry", "output": str(tmp_path / "a")},
@@ -60,6 +64,14 @@ def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(
         },
         {**base, "job_id": "bad-params", "params": {**TINY, "batch_size": 0}, "output": str(tmp_path / "d")},
         {**base, "job_id": "no-length", "steps": None, "output": str(tmp_path / "e")},
+        # Whoever can send to the queue writes the job: outside the roots and the buckets it is refused.
+        {**base, "job_id": "output-outside", "output": "/etc/tessera-owned"},
+        {
+            **base,
+            "job_id": "foreign-bucket",
+            "dataset": "s3://someone-elses-bucket/data/",
+            "output": str(tmp_path / "f"),
+        },
         {
             **base,
             "job_id": "good",
@@ -98,6 +110,9 @@ def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(
     assert "holds no files" in reasons["empty-dataset"]
     assert "$.params.batch_size" in reasons["bad-params"]
     assert "$.epochs: give epochs or steps" in reasons["no-length"]
+    assert "$.output" in reasons["output-outside"] and "TESSERA_OUTPUT_ROOT" in reasons["output-outside"]
+    assert "$.dataset" in reasons["foreign-bucket"] and "someone-elses-bucket" in reasons["foreign-bucket"]
+    assert not Path("/etc/tessera-owned").exists()
     invalid = [row for job_id, row in rows.items() if job_id.startswith("message-")]
     assert len(invalid) == 1 and "$.task: required" in (invalid[0][1] or "")
     assert {job_id: row[0] for job_id, row in rows.items() if job_id != "good"} == {
