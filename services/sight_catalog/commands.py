@@ -3,11 +3,13 @@
 - ``serve``: the HTTP API and web UI (:mod:`services.sight_catalog.api`), what the platform runs;
 - ``cities``: list the cities with their status, or request new ones (``--add``);
 - ``ingest``: photos into a city from folders, ``s3://`` prefixes, URLs or files listing URLs;
-- ``label``: one labelling round over a city's unlabelled images, with a detector or Amazon Rekognition.
+- ``label``: one labelling round over a city's unlabelled images, with a detector or Amazon Rekognition;
+- ``demo``: the whole loop on the embedded default (:mod:`services.sight_catalog.demo`): generated photos
+  ingested and labelled, a training through the queue, recognitions through the API, then the web UI.
 
 Each verb connects to the database of ``TESSERA_DB_URL`` (or the platform's ``TESSERA_DB_*``), applying the
-migrations first where this process may (:func:`~services.cloud.database.apply_migrations`). More verbs
-(``demo``) register themselves in :func:`register` the same way.
+migrations first where this process may (:func:`~services.cloud.database.apply_migrations`); ``demo``
+starts a platform of its own.
 """
 
 from __future__ import annotations
@@ -178,9 +180,25 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from services.sight_catalog.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        out_dir=Path(args.out_dir),
+        city=args.city,
+        photos=args.photos,
+        sights=args.sights,
+        steps=args.steps,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        serve=not args.no_serve,
+    )
+    return run_demo(settings)
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``sights`` (``serve``, ``cities``, ``ingest``, ``label``) to the ``tessera`` command parser's
-    subparsers; returns the ``sights`` parser, whose ``get_default("verbs")`` takes more verbs (``demo``)."""
+    """Add ``sights`` (``serve``, ``cities``, ``ingest``, ``label``, ``demo``) to the ``tessera`` command
+    parser's subparsers; returns the ``sights`` parser, whose ``get_default("verbs")`` takes more verbs."""
     sights = subparsers.add_parser(
         "sights", help="the sight catalog: cities, their photos and labels, recognition (API and web UI)"
     )
@@ -266,6 +284,33 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     label.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
     label.add_argument("--bucket", help="the datasets bucket (default $TESSERA_BUCKET_DATASETS)")
     label.set_defaults(handler=user_errors("sights label", _label))
+
+    demo = verbs.add_parser(
+        "demo",
+        help="the whole loop on the embedded default: photos, labels, a training, recognitions, the web UI",
+        description=(
+            "Start moto and an embedded PostgreSQL, request CITY, ingest generated photos of its sights "
+            "(nothing is downloaded), label the training share with the generator's boxes, let the refresher "
+            "train a tiny detector on the CPU through the training-jobs queue, recognise the held-out photos "
+            "through the API and print precision, recall and latency; then serve the API and web UI on "
+            "127.0.0.1 until Ctrl-C (--no-serve: stop after the figures). Everything goes to --out-dir."
+        ),
+    )
+    demo.add_argument(
+        "--out-dir", default="out/sights-demo", help="where photos, logs and figures go (%(default)s)"
+    )
+    demo.add_argument("--city", default="Paris", help="the city to request (default %(default)s)")
+    demo.add_argument("--photos", type=int, default=240, help="photos to generate (default %(default)s)")
+    demo.add_argument(
+        "--sights", type=int, default=4, help="sights of the city, 1 to 6 (default %(default)s)"
+    )
+    demo.add_argument("--steps", type=int, default=400, help="training steps (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=12, help="the photos' seed (default %(default)s)")
+    demo.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the model (default %(default)s)"
+    )
+    demo.add_argument("--no-serve", action="store_true", help="stop after the figures (tests, CI)")
+    demo.set_defaults(handler=user_errors("sights demo", _demo))
     return sights
 
 
