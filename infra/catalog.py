@@ -32,7 +32,6 @@ host name get a 404. Point the domain's DNS at ``public_alb_dns_name`` (a CNAME 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -43,7 +42,7 @@ import pulumi_aws as aws
 from pulumi import Input
 
 from infra.gpu_fleet import WorkerFleet, WorkerFleetArgs
-from infra.instances import allow_tcp_from_group
+from infra.instances import allow_tcp_from_group, cidr_block
 
 SERVICE = "sight-catalog"
 """The service whose image, role, log group and security group the catalog runs with."""
@@ -87,16 +86,7 @@ def validate_public_cidrs(cidrs: Sequence[str]) -> list[str]:
         )
     checked: list[str] = []
     for cidr in cidrs:
-        text = str(cidr).strip()
-        try:
-            if "/" not in text:
-                raise ValueError("no prefix length")
-            network = ipaddress.ip_network(text, strict=True)
-        except ValueError as err:
-            raise ValueError(
-                f"{PUBLIC_CIDRS_SETTING}: {cidr!r} is not a CIDR block ({err}); write a network with its "
-                "prefix length, e.g. 198.51.100.0/24"
-            ) from None
+        network = cidr_block(cidr, PUBLIC_CIDRS_SETTING, "198.51.100.0/24")
         if network.version != 4:
             raise ValueError(
                 f"{PUBLIC_CIDRS_SETTING}: {cidr!r} is IPv6; the load balancer has IPv4 addresses only"

@@ -7,6 +7,7 @@ a rule such as "session tokens are required" is written once and reads the same 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 
 import pulumi
@@ -181,3 +182,18 @@ def allow_egress_anywhere(
         description=description,
         opts=opts,
     )
+
+
+def cidr_block(cidr: object, setting: str, example: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``cidr`` as a network in CIDR notation (a prefix length required, no host bits); ValueError naming
+    ``setting`` and showing ``example`` otherwise."""
+    text = str(cidr).strip()
+    try:
+        if "/" not in text:
+            raise ValueError("no prefix length")
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as err:
+        raise ValueError(
+            f"{setting}: {cidr!r} is not a CIDR block ({err}); write a network with its prefix length, "
+            f"e.g. {example}"
+        ) from None

@@ -18,6 +18,7 @@ import pulumi_aws as aws
 from infra.instances import (
     allow_egress_anywhere,
     amazon_linux_ami,
+    cidr_block,
     encrypted_root_volume,
     imdsv2_metadata_options,
 )
@@ -84,16 +85,7 @@ def validate_allowed_cidrs(cidrs: Sequence[str]) -> list[str]:
         )
     checked: list[str] = []
     for cidr in cidrs:
-        text = str(cidr).strip()
-        try:
-            if "/" not in text:
-                raise ValueError("no prefix length")
-            network = ipaddress.ip_network(text, strict=True)
-        except ValueError as err:
-            raise ValueError(
-                f"{ALLOWED_CIDRS_SETTING}: {cidr!r} is not a CIDR block ({err}); "
-                "write a network with its prefix length, e.g. 203.0.113.7/32"
-            ) from None
+        network = cidr_block(cidr, ALLOWED_CIDRS_SETTING, "203.0.113.7/32")
         if network.prefixlen == 0:
             raise ValueError(
                 f"{ALLOWED_CIDRS_SETTING}: {cidr!r} would open SSH to the whole internet. "

@@ -179,23 +179,27 @@ def _instance_type(key: str, value: str, families: tuple[str, ...], what: str) -
     return value
 
 
-def _cidrs(key: str, raw: str) -> tuple[str, ...]:
+def _cidrs(
+    key: str,
+    raw: str,
+    *,
+    example: str = "198.51.100.7/32",
+    refuse: Callable[[ipaddress.IPv4Network | ipaddress.IPv6Network], str | None] | None = None,
+) -> tuple[str, ...]:
+    """A non-empty list of CIDR blocks (JSON, or one block); ``refuse(net)`` says why a block is not
+    allowed here, or None."""
     value = _as_json(key, raw) if raw.strip().startswith("[") else [raw]
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"{key} must be a non-empty list of CIDRs, e.g. ['198.51.100.7/32']")
+        raise ConfigError(f"{key} must be a non-empty list of CIDRs, e.g. ['{example}']")
     cidrs = []
     for item in value:
         try:
             net = ipaddress.ip_network(str(item), strict=True)
         except ValueError as exc:
-            raise ConfigError(
-                f"{key}: {item!r} is not a valid CIDR ({exc}); write e.g. 198.51.100.7/32"
-            ) from None
-        if net.prefixlen == 0:
-            raise ConfigError(
-                f"{key}: {item} would open SSH to the whole internet; list only your office or VPN "
-                f"addresses, e.g. 198.51.100.7/32"
-            )
+            raise ConfigError(f"{key}: {item!r} is not a valid CIDR ({exc}); write e.g. {example}") from None
+        reason = refuse(net) if refuse is not None else None
+        if reason:
+            raise ConfigError(f"{key}: {item} {reason}")
         cidrs.append(str(net))
     return tuple(cidrs)
 
@@ -311,6 +315,12 @@ def read_settings(get: Getter, stack: str, accelerator_families: tuple[str, ...]
                 "tessera:jumpHostAllowedCidrs",
                 "--path 'jumpHostAllowedCidrs[0]' 198.51.100.7/32",
                 "the only addresses allowed to SSH to the jump host; there is no default",
+            ),
+            refuse=lambda net: (
+                "would open SSH to the whole internet; list only your office or VPN addresses, e.g. "
+                "198.51.100.7/32"
+                if net.prefixlen == 0
+                else None
             ),
         )
         public_key = need(
@@ -477,22 +487,13 @@ def _catalog_public(
             f"{domain_key}: {given[domain_key]!r} is not a host name; write the name people open, e.g. "
             + _hint(domain_key, "catalog.example.org")
         )
-    raw = str(given[cidrs_key])
-    value = _as_json(cidrs_key, raw) if raw.strip().startswith("[") else [raw]
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{cidrs_key} must be a non-empty list of CIDRs, e.g. ['198.51.100.0/24']")
-    cidrs = []
-    for item in value:
-        try:
-            net = ipaddress.ip_network(str(item), strict=True)
-        except ValueError as exc:
-            raise ConfigError(
-                f"{cidrs_key}: {item!r} is not a valid CIDR ({exc}); write e.g. 198.51.100.0/24"
-            ) from None
-        if net.version != 4:
-            raise ConfigError(f"{cidrs_key}: {item} is IPv6; the load balancer has IPv4 addresses only")
-        cidrs.append(str(net))
-    return CatalogPublicSettings(certificate_arn=arn, domain=domain, allowed_cidrs=tuple(cidrs))
+    cidrs = _cidrs(
+        cidrs_key,
+        str(given[cidrs_key]),
+        example="198.51.100.0/24",
+        refuse=lambda net: "is IPv6; the load balancer has IPv4 addresses only" if net.version != 4 else None,
+    )
+    return CatalogPublicSettings(certificate_arn=arn, domain=domain, allowed_cidrs=cidrs)
 
 
 def _ami_id(key: str, raw: str | None) -> str | None:
