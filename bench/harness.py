@@ -118,6 +118,78 @@ def wider_detector(data_dir: Path, width: int) -> Path:
     return model
 
 
+#: The near-free model's version: bump it when its graph changes, so cached copies are rebuilt.
+NEAR_FREE_VERSION = 2
+
+
+def near_free_model(data_dir: Path, *, tile: int = 512, cell: int = 32, top: int = 8) -> Path:
+    """A detector-contract ONNX model that costs almost nothing: where a pipeline's own cost shows.
+
+    A handful of operators: a ``cell`` px average pool of the tile, the channel mean, the ``top`` brightest
+    cells of each tile (TopK) and their cells' boxes (Gather from a constant). A cell scores
+    ``Relu(20 * (mean - 0.55))`` of its mean brightness in [0, 1]: on the synthetic scenes about one cell in
+    200 passes the 0.25 threshold (a few detections per tile, which overlapping tiles see alike: the merge
+    must keep each once), label 0 ("bright"). It takes float32 ``[N, 3, tile, tile]`` scaled by 1/255 like the
+    demo detector, and is built with ``onnx.helper`` into ``data_dir`` once (nothing is downloaded).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = data_dir / f"near-free-v{NEAR_FREE_VERSION}-t{tile}-c{cell}-k{top}.onnx"
+    if path.exists():
+        return path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    side = tile // cell
+    ys, xs = np.divmod(np.arange(side * side), side)
+    cells = np.stack([xs * cell, ys * cell, xs * cell + cell, ys * cell + cell], axis=1).astype(np.float32)
+    constants = [
+        numpy_helper.from_array(cells, "cell_boxes"),
+        numpy_helper.from_array(np.array([0, side * side], np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array([top], np.int64), "k"),
+        numpy_helper.from_array(np.array(0.55, np.float32), "floor"),
+        numpy_helper.from_array(np.array(20.0, np.float32), "gain"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+    ]
+    nodes = [
+        helper.make_node(
+            "AveragePool", ["input"], ["pooled"], kernel_shape=[cell, cell], strides=[cell, cell]
+        ),
+        helper.make_node("ReduceMean", ["pooled"], ["grey"], axes=[1], keepdims=0),
+        helper.make_node("Reshape", ["grey", "flat_shape"], ["flat"]),
+        helper.make_node("TopK", ["flat", "k"], ["best", "index"], axis=1),
+        helper.make_node("Sub", ["best", "floor"], ["above"]),
+        helper.make_node("Mul", ["above", "gain"], ["lifted"]),
+        helper.make_node("Relu", ["lifted"], ["scores"]),
+        helper.make_node("Gather", ["cell_boxes", "index"], ["boxes"], axis=0),
+        helper.make_node("Mul", ["index", "zero"], ["labels"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "near-free",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, tile, tile])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", top, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", top]),
+            helper.make_tensor_value_info("labels", TensorProto.INT64, ["N", top]),
+        ],
+        initializer=constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in {
+        "tessera.name": "near-free",
+        "tessera.class_names": json.dumps(["bright"]),
+        "tessera.input_scale": "1/255",
+    }.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx.checker.check_model(model)
+    partial = path.with_name(path.name + ".partial")
+    onnx.save(model, partial)
+    partial.rename(path)
+    return path
+
+
 def run_measured(
     argv: Sequence[str], *, env: dict[str, str] | None = None, echo: Callable[[str], None] | None = None
 ) -> ChildRun:

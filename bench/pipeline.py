@@ -39,7 +39,7 @@ from services.inference.detections import Detections
 from services.inference.detector import OnnxDetector
 from services.model_runner import pipeline
 from services.model_runner.request import DEFAULT_REGION, MergeSettings
-from services.tiling import reader
+from services.tiling import batches as reader
 from services.tiling.reader import RasterSource
 from services.tiling.windows import Window
 

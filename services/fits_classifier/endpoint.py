@@ -32,7 +32,6 @@ The trust boundary (docs/ARCHITECTURE.md): every request is untrusted, as for th
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -51,7 +50,13 @@ from services.errors import UserError
 from services.fits_classifier import records
 from services.fits_classifier.model import FrameClassifier
 from services.fits_classifier.verdicts import CLASSIFIED, Verdict, judge
-from services.inference.endpoint import endpoint_token, is_loopback
+from services.inference.endpoint import (
+    bearer_token_ok,
+    endpoint_token,
+    is_loopback,
+    send_json_error,
+    send_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ MAX_NAME_CHARS = 1024
 _CHUNK = 1 << 16
 # Which methods each path answers; anything else on a known path is a 405.
 _ROUTES = {"/classify": "POST", "/health": "GET"}
+#: Sent with every answer: a verdict is about one upload, never to be cached.
+_NO_STORE = {"Cache-Control": "no-store"}
 
 
 def fits_token(token: str | None = None) -> str | None:
@@ -310,11 +317,7 @@ def _handler(
             return True
 
         def _authorized(self) -> bool:
-            if not expected:
-                return True
-            scheme, _, value = (self.headers.get("Authorization") or "").strip().partition(" ")
-            given = value.strip().encode("latin-1", "replace")
-            if scheme.lower() == "bearer" and hmac.compare_digest(given, expected):
+            if bearer_token_ok(self, expected):
                 return True
             self._error(
                 401,
@@ -392,15 +395,7 @@ def _handler(
             self, status: int, message: str, *, read: bool = True, extra: dict[str, str] | None = None
         ) -> None:
             """An error answer; ``read=False``: the body (if any) was not read, so the connection closes."""
-            headers = dict(extra or {})
-            unread = not read and self.command in {"POST", "PUT", "PATCH"}
-            if unread:
-                # The unread body would be taken for the next request: answer, then close.
-                headers["Connection"] = "close"
-                self.close_connection = True
-            self._send(status, json.dumps({"error": message}).encode(), headers)
-            if unread:
-                self._linger()
+            send_json_error(self, status, message, read=read, headers={**_NO_STORE, **(extra or {})})
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
             """The standard library's own refusals (a malformed request line, an unknown method) as JSON."""
@@ -410,28 +405,7 @@ def _handler(
                 self._send(code, json.dumps({"error": text}).encode(), {"Connection": "close"})
 
         def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("Cache-Control", "no-store")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(payload)
-
-        def _linger(self) -> None:
-            """Discard a little of what the client already sent, so that closing with unread data does not
-            reset the connection before the client reads the answer; never the whole body."""
-            try:
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_WR)
-                self.connection.settimeout(0.5)
-                for _ in range(16):
-                    if not self.connection.recv(4096):
-                        break
-            except OSError:
-                pass
+            send_reply(self, status, payload, "application/json", {**_NO_STORE, **(headers or {})})
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)

@@ -55,8 +55,9 @@ import numpy as np
 
 from services.errors import UserError
 from services.inference.detections import BoxChecks, Detections, check_boxes
+from services.inference.native_input import fold_uint8_scaling
 from services.inference.run_control import STOP_GRACE_S, Run, RunControl
-from services.inference.session import CPU, create_session
+from services.inference.session import CPU, CUDA, create_session
 from services.inference.yolo import decode_yolo, ultralytics_class_names
 
 CLASS_NAMES_KEY = "tessera.class_names"
@@ -151,6 +152,7 @@ class OnnxDetector:
         yolo_iou_threshold: float = 0.45,
         sessions: int | None = None,
         batch_timeout_s: float | None = None,
+        _uint8_input: bool = False,
     ) -> None:
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
@@ -177,6 +179,18 @@ class OnnxDetector:
             self._sessions = [opened.session]
         self._session = opened.session
         self._pool: ThreadPoolExecutor | None = None
+        self._model = model
+        self._options: dict[str, Any] = {
+            "providers": "cuda" if self.provider == CUDA else "cpu",
+            "score_threshold": score_threshold,
+            "intra_op_threads": intra_op_threads,
+            "yolo_iou_threshold": yolo_iou_threshold,
+            "sessions": sessions,
+            "batch_timeout_s": batch_timeout_s,
+        }
+        self._folded: dict[tuple[float, int, float | None], OnnxDetector | None] = {}
+        #: What a batch holds: float32 per the contract, uint8 for a model composed by :meth:`for_uint8`.
+        self.input_dtype: type[np.generic] = np.uint8 if _uint8_input else np.float32
         meta = opened.session.get_modelmeta()
         self.metadata: dict[str, str] = dict(meta.custom_metadata_map or {})
         self.name: str = self.metadata.get(NAME_KEY) or (
@@ -216,7 +230,7 @@ class OnnxDetector:
         """Detections in tile pixels, one :class:`Detections` per tile of ``pixels`` ``[B, C, H, W]``
         (float32, scaled per the contract). Runs in batches of ``batch_size``, padding the last one.
         ``on_checks`` is called with what the output checks dropped and changed, once per batch."""
-        pixels = np.asarray(pixels, dtype=np.float32)
+        pixels = np.asarray(pixels, dtype=self.input_dtype)
         expected = (self.channels, self.tile_height, self.tile_width)
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
             raise UserError(
@@ -292,12 +306,37 @@ class OnnxDetector:
 
     def close(self) -> None:
         """Stop the threads that run batches side by side (a later call starts them again)."""
+        for folded in self._folded.values():
+            if folded is not None:
+                folded.close()
         if self._pool is not None:
             self._pool.shutdown(wait=not self.control.stuck, cancel_futures=True)
             self._pool = None
 
+    def for_uint8(self, scale: float, zero_point: int, clip_max: float | None) -> OnnxDetector | None:
+        """This model taking uint8 tiles, its input scaling ``(x - zero_point) * scale`` (clipped to
+        ``[0, clip_max]`` when given) folded into the graph (:mod:`services.inference.native_input`);
+        composed once per scaling and kept. It shares this detector's sessions' settings, name and run
+        control (a :meth:`stop` here stops its batches too). None when the model cannot be composed."""
+        key = (float(scale), int(zero_point), clip_max)
+        if key not in self._folded:
+            model = self._model if isinstance(self._model, bytes) else Path(self._model).read_bytes()
+            composed = fold_uint8_scaling(model, scale=scale, zero_point=zero_point, clip_max=clip_max)
+            folded = None
+            if composed is not None:
+                folded = OnnxDetector(
+                    composed,
+                    batch_size=self.batch_size,
+                    tile_size=(self.tile_width, self.tile_height),
+                    _uint8_input=True,
+                    **self._options,
+                )
+                folded.name, folded.control = self.name, self.control
+            self._folded[key] = folded
+        return self._folded[key]
+
     def _checked(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch, dtype=np.float32)
+        batch = np.asarray(batch, dtype=self.input_dtype)
         expected = (self.channels, self.tile_height, self.tile_width)
         if (
             batch.ndim != 4
@@ -315,7 +354,7 @@ class OnnxDetector:
         to the batch shape; its checked detections and what the checks did."""
         n, bs = batch.shape[0], self.batch_size
         if n < bs:
-            batch = np.concatenate([batch, np.zeros((bs - n, *batch.shape[1:]), dtype=np.float32)])
+            batch = np.concatenate([batch, np.zeros((bs - n, *batch.shape[1:]), dtype=batch.dtype)])
         try:
             raw = session.run(None, {self._input_name: np.ascontiguousarray(batch)}, run.options)
         except Exception as error:  # ONNX Runtime's own types; a stop or timeout is re-raised as such
@@ -381,7 +420,8 @@ class OnnxDetector:
             )
         (inp,) = inputs
         shape = list(inp.shape)
-        if len(shape) != 4 or inp.type != "tensor(float)":
+        wanted = "tensor(uint8)" if self.input_dtype is np.uint8 else "tensor(float)"
+        if len(shape) != 4 or inp.type != wanted:
             raise UserError(
                 f"model {self.name} takes {_describe(inputs)}; the detector contract wants one input "
                 f"[N, C, H, W] float32"

@@ -12,7 +12,9 @@ FeatureCollection of "unlocated" features (``geometry`` null) whose properties c
 :class:`EndpointDetector` is a detector (same interface as ``OnnxDetector``) that sends each tile to such an
 endpoint; :func:`endpoint_server` / :func:`serve_endpoint` stand any detector up behind ``GET /ping`` and
 ``POST /invocations`` (standard library HTTP server), so a local model can be served the same way. Only
-the standard library, NumPy and Pillow are used.
+the standard library, NumPy and Pillow are used. The wire format both sides speak (tile images, feature
+collections) is :mod:`services.inference.endpoint_wire`; the server's reply helpers (:func:`send_reply`,
+:func:`send_json_error`, :func:`bearer_token_ok`) serve the FITS classifier's server too.
 
 The trust boundary (docs/ARCHITECTURE.md): every request the server gets is untrusted.
 
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import hmac
 import http.client
-import io
 import ipaddress
 import json
 import logging
@@ -52,16 +53,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from services.errors import UserError
 from services.inference.detections import Detections
 from services.inference.detector import Detector
+from services.inference.endpoint_wire import (
+    TILE_FORMATS,
+    TILE_MODES,
+    decode_tile,
+    encode_tile,
+    excerpt,
+    features_of,
+    parse_features,
+)
 
 log = logging.getLogger(__name__)
-
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-_FORMATS = {"png": ("PNG", "image/png"), "tiff": ("TIFF", "image/tiff")}
 
 TOKEN_ENV = "TESSERA_ENDPOINT_TOKEN"
 TIMEOUT_ENV = "TESSERA_ENDPOINT_TIMEOUT_S"
@@ -145,10 +151,10 @@ class EndpointDetector:
         backoff_s: float = 0.5,
         token: str | None = None,
     ) -> None:
-        if channels not in _MODES:
+        if channels not in TILE_MODES:
             raise UserError(f"an endpoint takes 1, 3 or 4 band tiles, not {channels}")
-        if encoding not in _FORMATS:
-            raise UserError(f"unknown tile encoding {encoding!r}; use one of {', '.join(_FORMATS)}")
+        if encoding not in TILE_FORMATS:
+            raise UserError(f"unknown tile encoding {encoding!r}; use one of {', '.join(TILE_FORMATS)}")
         if not url.startswith(("http://", "https://")):
             raise UserError(f"endpoint URL must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
@@ -209,7 +215,7 @@ class EndpointDetector:
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def _post(self, body: bytes) -> Any:
-        fmt, content_type = _FORMATS[self.encoding]
+        fmt, content_type = TILE_FORMATS[self.encoding]
         url = f"{self.url}/invocations"
         headers = {"Content-Type": content_type, "Accept": "application/geo+json, application/json"}
         headers.update(self._auth_headers())
@@ -221,7 +227,7 @@ class EndpointDetector:
             try:
                 payload = self._exchange(request)
             except urllib.error.HTTPError as exc:
-                detail = _excerpt(exc.read(4096))
+                detail = excerpt(exc.read(4096))
                 if exc.code >= 500 or exc.code == 429:
                     last = f"HTTP {exc.code} {detail}"
                     log.warning("endpoint %s answered %s (attempt %d)", url, last, attempt + 1)
@@ -242,7 +248,7 @@ class EndpointDetector:
                 return json.loads(payload)
             except ValueError as exc:
                 raise UserError(
-                    f"endpoint {url} answered something that is not JSON: {_excerpt(payload)}"
+                    f"endpoint {url} answered something that is not JSON: {excerpt(payload)}"
                 ) from exc
         raise EndpointUnavailableError(f"endpoint {url} failed {self.retries + 1} times; last: {last}")
 
@@ -297,142 +303,75 @@ def _refusal(url: str, fmt: str, code: int, detail: str, *, size: int, token: st
     return f"endpoint {url} refused the tile ({fmt}): HTTP {code} {detail}"
 
 
-def encode_tile(tile: np.ndarray, encoding: str = "png") -> bytes:
-    """One tile ``[C, H, W]`` (float in [0, 1], or uint8) as an 8-bit PNG or TIFF."""
-    if tile.dtype != np.uint8:
-        tile = np.rint(np.clip(np.nan_to_num(tile.astype(np.float32)), 0.0, 1.0) * 255.0).astype(np.uint8)
-    channels = tile.shape[0]
-    if channels not in _MODES:
-        raise UserError(f"an endpoint tile must have 1, 3 or 4 bands, not {channels}")
-    hwc = tile[0] if channels == 1 else np.ascontiguousarray(tile.transpose(1, 2, 0))
-    buffer = io.BytesIO()
-    # Pillow infers L, RGB or RGBA from the shape of uint8 data.
-    Image.fromarray(hwc).save(buffer, format=_FORMATS[encoding][0])
-    return buffer.getvalue()
+#: Methods whose requests carry a body; one refused unread closes its connection (:func:`send_json_error`).
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def decode_tile(body: bytes, channels: int, width: int, height: int) -> np.ndarray:
-    """An image body as float32 ``[1, C, height, width]`` / 255, zero-padded right and bottom when smaller
-    (edge tiles may be). Raises UserError on bodies that are not images or are too large."""
-    try:
-        image = Image.open(io.BytesIO(body))
-    except Exception as exc:  # Pillow raises several types for bad input
-        raise UserError(
-            f"the request body is not an image Pillow can read: {_excerpt(str(exc), 80)}"
-        ) from exc
-    # Checked before decoding, so a small body that claims a huge image is never decompressed.
-    if image.width > width or image.height > height:
-        raise UserError(f"tile is {image.width}x{image.height} but the model takes {width}x{height}")
-    try:
-        image.load()
-        array = np.asarray(image.convert(_MODES[channels]))
-    except Exception as exc:
-        raise UserError(
-            f"the request body is not an image Pillow can decode: {_excerpt(str(exc), 80)}"
-        ) from exc
-    if array.ndim == 2:
-        array = array[:, :, None]
-    out = np.zeros((1, channels, height, width), dtype=np.float32)
-    out[0, :, : array.shape[0], : array.shape[1]] = array.transpose(2, 0, 1).astype(np.float32) / 255.0
-    return out
+def send_reply(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    payload: bytes,
+    content_type: str,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Answer ``status`` with ``payload`` (no body to a HEAD request), its Content-Type and Content-Length
+    first, then ``headers``."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(payload)))
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(payload)
 
 
-def parse_features(doc: Any, label_of: Any, *, source: str = "endpoint") -> Detections:
-    """Detections from a GeoJSON FeatureCollection in the OSML convention (module docstring).
+def send_json_error(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    message: str,
+    *,
+    read: bool = True,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Answer ``status`` with ``{"error": message}`` as JSON, then ``headers``.
 
-    ``label_of`` maps a class name (or an integer class) to a label.
+    ``read=False``: the request's body (if its method has one) was not read, so the answer closes the
+    connection, and lingers (:func:`linger`) so that the client still gets it.
     """
-    if (
-        not isinstance(doc, dict)
-        or doc.get("type") != "FeatureCollection"
-        or not isinstance(doc.get("features"), list)
-    ):
-        raise UserError(f"{source} did not answer a GeoJSON FeatureCollection: {_excerpt(json.dumps(doc))}")
-    features = doc["features"]
-    boxes = np.zeros((len(features), 4), dtype=np.float32)
-    scores = np.ones(len(features), dtype=np.float32)
-    labels = np.zeros(len(features), dtype=np.int32)
-    for i, feature in enumerate(features):
-        props = feature.get("properties") if isinstance(feature, dict) else None
-        if not isinstance(props, dict):
-            raise UserError(f"{source}: feature {i} has no properties")
-        try:
-            boxes[i] = _bbox(props)
-            name, score = _class_and_score(props)
-        except (TypeError, ValueError, KeyError, IndexError) as exc:
-            raise UserError(
-                f"{source}: feature {i} is malformed ({exc}): {_excerpt(json.dumps(props))}"
-            ) from exc
-        labels[i] = label_of(name)
-        scores[i] = score
-    return Detections(boxes, scores, labels)
+    extra = dict(headers or {})
+    unread = not read and handler.command in _BODY_METHODS
+    if unread:
+        # The unread body would be taken for the next request: answer, then close.
+        extra["Connection"] = "close"
+        handler.close_connection = True
+    send_reply(handler, status, json.dumps({"error": message}).encode(), "application/json", extra)
+    if unread:
+        linger(handler)
 
 
-def _bbox(props: dict[str, Any]) -> list[float]:
-    box = props.get("imageBBox", props.get("bounds_imcoords"))
-    if box is None and isinstance(props.get("imageGeometry"), dict):
-        xy = np.asarray(_flatten_coordinates(props["imageGeometry"]["coordinates"]), dtype=np.float64)
-        if xy.size == 0:
-            raise ValueError("empty imageGeometry")
-        xy = xy.reshape(-1, 2)
-        return [*xy.min(axis=0).tolist(), *xy.max(axis=0).tolist()]
-    if box is None:
-        raise KeyError("no imageBBox, bounds_imcoords or imageGeometry")
-    values = [float(v) for v in box]
-    if len(values) == 6:  # [minx, miny, minz, maxx, maxy, maxz], as RFC 7946 bboxes allow
-        values = [values[0], values[1], values[3], values[4]]
-    if len(values) != 4:
-        raise ValueError(f"a box needs 4 numbers, got {len(values)}")
-    return values
+def linger(handler: BaseHTTPRequestHandler) -> None:
+    """Discard a little of what the client already sent, so that closing with unread data does not reset
+    the connection before the client reads the answer; never the whole body."""
+    try:
+        handler.wfile.flush()
+        handler.connection.shutdown(socket.SHUT_WR)
+        handler.connection.settimeout(0.5)
+        for _ in range(16):
+            if not handler.connection.recv(4096):
+                break
+    except OSError:
+        pass
 
 
-def _flatten_coordinates(coords: Any) -> list[float]:
-    if isinstance(coords, int | float):
-        return [float(coords)]
-    if isinstance(coords, list) and coords and isinstance(coords[0], int | float):
-        return [float(c) for c in coords[:2]]
-    out: list[float] = []
-    for c in coords:
-        out.extend(_flatten_coordinates(c))
-    return out
-
-
-def _class_and_score(props: dict[str, Any]) -> tuple[str | int, float]:
-    classes = props.get("featureClasses", props.get("feature_types"))
-    if isinstance(classes, dict):  # the older {name: score}
-        classes = [{"iri": k, "score": v} for k, v in classes.items()]
-    if isinstance(classes, list) and classes:
-        best = max(classes, key=lambda c: float(c.get("score", 1.0)))
-        return str(best["iri"]), float(best.get("score", 1.0))
-    name = props.get("class", props.get("label"))
-    if name is None:
-        raise KeyError("no featureClasses, feature_types, class or label")
-    score = float(props.get("score", props.get("detection_score", 1.0)))
-    return (name if isinstance(name, int) else str(name)), score
-
-
-def features_of(d: Detections, class_names: Sequence[str]) -> dict[str, Any]:
-    """Detections (tile pixels) as an OSML-style FeatureCollection (what ``/invocations`` answers)."""
-    features = []
-    for (x1, y1, x2, y2), score, label in zip(
-        d.boxes.tolist(), d.scores.tolist(), d.labels.tolist(), strict=True
-    ):
-        name = class_names[label] if 0 <= label < len(class_names) else str(label)
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": None,
-                "properties": {
-                    "imageGeometry": {
-                        "type": "Polygon",
-                        "coordinates": [[[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]]],
-                    },
-                    "imageBBox": [x1, y1, x2, y2],
-                    "featureClasses": [{"iri": name, "score": score}],
-                },
-            }
-        )
-    return {"type": "FeatureCollection", "features": features}
+def bearer_token_ok(handler: BaseHTTPRequestHandler, expected: bytes) -> bool:
+    """Whether the request carries ``Authorization: Bearer <expected>`` (compared in constant time); always
+    True when ``expected`` is empty (no token is asked for)."""
+    if not expected:
+        return True
+    scheme, _, value = (handler.headers.get("Authorization") or "").strip().partition(" ")
+    given = value.strip().encode("latin-1", "replace")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, expected)
 
 
 def endpoint_server(
@@ -469,15 +408,15 @@ def endpoint_server(
             if not self._authorized():
                 return
             if self.path.rstrip("/") == "/ping":
-                self._send(200, b"", "text/plain")
+                send_reply(self, 200, b"", "text/plain")
             else:
-                self._error(404, "not found")
+                send_json_error(self, 404, "not found")
 
         def do_POST(self) -> None:
             if not self._authorized():
                 return
             if self.path.rstrip("/") != "/invocations":
-                self._error(404, "not found", read_body=False)
+                send_json_error(self, 404, "not found", read=False)
                 return
             body = self._body()
             if body is None:
@@ -485,26 +424,22 @@ def endpoint_server(
             try:
                 tile = decode_tile(body, detector.channels, detector.tile_width, detector.tile_height)
             except UserError as exc:
-                self._error(400, str(exc))
+                send_json_error(self, 400, str(exc))
                 return
             try:
                 (d,) = detector.detect(tile)
             except Exception:  # the model failed: the client may retry; the detail stays in this log
                 log.exception("detector failed")
-                self._error(500, "the model failed on this tile; the endpoint's log says why")
+                send_json_error(self, 500, "the model failed on this tile; the endpoint's log says why")
                 return
             payload = json.dumps(features_of(d, detector.class_names)).encode()
-            self._send(200, payload, "application/geo+json")
+            send_reply(self, 200, payload, "application/geo+json")
 
         def _authorized(self) -> bool:
-            if not expected:
+            if bearer_token_ok(self, expected):
                 return True
-            scheme, _, value = (self.headers.get("Authorization") or "").strip().partition(" ")
-            given = value.strip().encode("latin-1", "replace")
-            if scheme.lower() == "bearer" and hmac.compare_digest(given, expected):
-                return True
-            self._error(
-                401, "missing or wrong bearer token", read_body=False, extra={"WWW-Authenticate": "Bearer"}
+            send_json_error(
+                self, 401, "missing or wrong bearer token", read=False, headers={"WWW-Authenticate": "Bearer"}
             )
             return False
 
@@ -512,55 +447,19 @@ def endpoint_server(
             """The request body, or None after answering 411, 400 or 413 without reading it."""
             length = self.headers.get("Content-Length")
             if self.headers.get("Transfer-Encoding") or length is None:
-                self._error(411, "a Content-Length is required (no chunked bodies)", read_body=False)
+                send_json_error(self, 411, "a Content-Length is required (no chunked bodies)", read=False)
                 return None
             if not length.strip().isdigit():
-                self._error(400, "Content-Length must be a whole number of bytes", read_body=False)
+                send_json_error(self, 400, "Content-Length must be a whole number of bytes", read=False)
                 return None
             if int(length) > limit:
-                self._error(413, f"the body is over the {limit}-byte limit", read_body=False)
+                send_json_error(self, 413, f"the body is over the {limit}-byte limit", read=False)
                 return None
             body = self.rfile.read(int(length))
             if len(body) < int(length):  # the client went away mid-body
                 self.close_connection = True
                 return None
             return body
-
-        def _error(
-            self, status: int, message: str, *, read_body: bool = True, extra: dict[str, str] | None = None
-        ) -> None:
-            headers = dict(extra or {})
-            if not read_body and self.command == "POST":
-                # The unread body would be taken for the next request: answer, then close.
-                headers["Connection"] = "close"
-                self.close_connection = True
-            self._send(status, json.dumps({"error": message}).encode(), "application/json", headers)
-            if not read_body and self.command == "POST":
-                self._linger()
-
-        def _send(
-            self, status: int, payload: bytes, content_type: str, headers: dict[str, str] | None = None
-        ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(payload)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def _linger(self) -> None:
-            """Discard a little of what the client already sent, so that closing with unread data does not
-            reset the connection before the client reads the answer; never the whole body."""
-            try:
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_WR)
-                self.connection.settimeout(0.5)
-                for _ in range(16):
-                    if not self.connection.recv(4096):
-                        break
-            except OSError:
-                pass
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
@@ -597,9 +496,3 @@ def serve_endpoint(
         pass
     finally:
         server.server_close()
-
-
-def _excerpt(payload: bytes | str, limit: int = 200) -> str:
-    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -40,14 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
 from services.errors import UserError
 from services.inference.detections import Detections
 
-ALGORITHMS: tuple[str, ...] = ("nms", "ios", "nms+ios")
+#: The merge rules (see above); a request's JSON and the model runner's job records carry these strings.
+MergeAlgorithm = Literal["nms", "ios", "nms+ios"]
+ALGORITHMS: tuple[MergeAlgorithm, ...] = ("nms", "ios", "nms+ios")
 
 #: Candidate pairs per chunk: bounds the temporary arrays even where many boxes crowd one cell.
 _PAIRS_PER_CHUNK = 1 << 17
@@ -62,7 +64,7 @@ def merge_detections(
     *,
     iou_threshold: float = 0.5,
     ios_threshold: float = 0.8,
-    algorithm: str = "nms+ios",
+    algorithm: MergeAlgorithm = "nms+ios",
 ) -> Detections:
     """Drop duplicate and partial detections (see the module docstring for the rules and conditions).
 
@@ -88,7 +90,7 @@ def merge_keep(
     *,
     iou_threshold: float = 0.5,
     ios_threshold: float = 0.8,
-    algorithm: str = "nms+ios",
+    algorithm: MergeAlgorithm = "nms+ios",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The merge on bare columns: a keep mask ``[N]`` and the (possibly raised) scores ``[N]``."""
     if algorithm not in ALGORITHMS:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
+from enum import StrEnum
 from typing import Any
 
 import psycopg
@@ -43,7 +43,7 @@ from services.model_runner.pipeline import (
     roi_polygon,
     settle_grid,
 )
-from services.model_runner.request import ImageRequest, parse_request
+from services.model_runner.request import ImageRequest, local_model_path, parse_request
 from services.registry import is_registry_ref, resolve_model_uri
 from services.tiling.reader import RasterSource
 from services.tiling.scaling import InputScaling
@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 REGION_SCHEMA = "tessera.region-request/v1"
 #: Seconds added when hiding a message until another worker's lease lapses.
 LEASE_SLACK_S = 1.0
+
+
+class Finalising(StrEnum):
+    """What :func:`finalise_if_ready` did with a job."""
+
+    FINALISED = "finalised"
+    #: Regions are still open, or the job is closed already.
+    OPEN = "open"
+    #: Another worker holds the finalisation.
+    HELD = "held"
 
 
 @dataclass(frozen=True)
@@ -136,13 +146,7 @@ class DetectorCache:
     def _version(self, model: str) -> str:
         if model.startswith("s3://"):
             return objects.object_etag(model, self.s3_client)
-        path = Path(model[len("file://") :] if model.startswith("file://") else model)
-        try:
-            stat = path.stat()
-        except OSError:
-            raise UserError(
-                f"model {model} does not exist; give the path, file:// or s3:// URI of an ONNX file"
-            ) from None
+        stat = local_model_path(model).stat()
         return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
@@ -296,15 +300,15 @@ def handle_region_request(ctx: Context, message: Message, leases: Leases) -> Out
     region = parse_region_request(message.body)
     job_id, index = region.job_id, region.index
     claim = jobs.claim_region(ctx.conn, job_id, index, ctx.worker, ctx.lease_s)
-    if claim.state == "missing":
+    if claim.state == jobs.ClaimState.MISSING:
         log.warning("job %s has no region %d; dropping the message", job_id, index)
         return Outcome(delete=True, note="no such region")
-    if claim.state == "leased":
+    if claim.state == jobs.ClaimState.LEASED:
         # Another worker holds it; its own message brings the region back if that worker dies.
         return Outcome(
             delete=False, defer_s=claim.lease_left_s + LEASE_SLACK_S, note="held by another worker"
         )
-    if claim.state == "finished":
+    if claim.state == jobs.ClaimState.FINISHED:
         return _after_region(ctx, leases, job_id, note=f"region {index} was done already")
 
     assert claim.window is not None
@@ -369,42 +373,32 @@ def handle_region_request(ctx: Context, message: Message, leases: Leases) -> Out
 
 def _after_region(ctx: Context, leases: Leases, job_id: str, *, note: str) -> Outcome:
     state, wait_s = finalise_if_ready(ctx, leases, job_id)
-    if state == "held":
+    if state == Finalising.HELD:
         # Another worker is finalising; keep this message until it is done, in case that worker dies.
         return Outcome(delete=False, defer_s=wait_s + LEASE_SLACK_S, note=note + "; job being finalised")
-    return Outcome(delete=True, note=note + ("; job finalised" if state == "finalised" else ""))
+    return Outcome(delete=True, note=note + ("; job finalised" if state == Finalising.FINALISED else ""))
 
 
-def finalise_if_ready(ctx: Context, leases: Leases, job_id: str) -> tuple[str, float]:
+def finalise_if_ready(ctx: Context, leases: Leases, job_id: str) -> tuple[Finalising, float]:
     """Finalise the job if every region is closed and nobody else is: merge seams, write outputs, close it.
 
-    Returns ``("finalised", 0)``, ``("open", 0)`` (regions still open, or the job is closed already) or
-    ``("held", seconds)`` (another worker holds the finalisation for that many more seconds).
+    Returns ``(FINALISED, 0)``, ``(OPEN, 0)`` (regions still open, or the job is closed already) or
+    ``(HELD, seconds)`` (another worker holds the finalisation for that many more seconds).
     """
     if not jobs.claim_finalisation(ctx.conn, job_id, ctx.worker, ctx.lease_s):
-        row = ctx.conn.execute(
-            "SELECT status, finaliser, GREATEST(EXTRACT(EPOCH FROM finalise_until - now()), 0)"
-            " FROM jobs WHERE id = %s",
-            (job_id,),
-        ).fetchone()
-        if row and row[0] == "IN_PROGRESS" and row[1] is not None and not jobs.open_regions(ctx.conn, job_id):
-            return "held", float(row[2] or 0.0)
-        return "open", 0.0
+        held_s = jobs.finalisation_held_s(ctx.conn, job_id)
+        return (Finalising.OPEN, 0.0) if held_s is None else (Finalising.HELD, held_s)
     leases.hold_finalisation(job_id)
     started = time.perf_counter()
     try:
         _finalise(ctx, job_id)
     except BaseException:
-        # Let the next delivery claim it at once rather than after the lease.
-        ctx.conn.execute(
-            "UPDATE jobs SET finaliser = NULL, finalise_until = NULL WHERE id = %s AND finaliser = %s",
-            (job_id, ctx.worker),
-        )
+        jobs.release_finalisation(ctx.conn, job_id, ctx.worker)
         raise
     finally:
         leases.drop_finalisation(job_id)
     log.info("job %s finalised in %.2f s", job_id, time.perf_counter() - started)
-    return "finalised", 0.0
+    return Finalising.FINALISED, 0.0
 
 
 def _finalise(ctx: Context, job_id: str) -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal
 
 import numpy as np
 import psycopg
@@ -26,7 +27,23 @@ from psycopg.types.json import Jsonb
 from services.inference.detections import Detections
 from services.tiling.windows import Window
 
-FINAL = ("SUCCESS", "PARTIAL", "FAILED")
+#: A job's ``status`` column, as stored (the database holds these strings; psycopg reads them back as such).
+JobStatus = Literal["STARTED", "IN_PROGRESS", "SUCCESS", "PARTIAL", "FAILED"]
+#: The statuses of a closed job.
+FinalStatus = Literal["SUCCESS", "PARTIAL", "FAILED"]
+#: A region's ``status`` column, as stored.
+RegionStatus = Literal["PENDING", "RUNNING", "DONE", "FAILED"]
+
+FINAL: tuple[FinalStatus, ...] = ("SUCCESS", "PARTIAL", "FAILED")
+
+
+class ClaimState(StrEnum):
+    """What asking for a region found (never stored: see :class:`Claim`)."""
+
+    CLAIMED = "claimed"
+    FINISHED = "finished"
+    LEASED = "leased"
+    MISSING = "missing"
 
 
 @dataclass(frozen=True)
@@ -34,7 +51,7 @@ class Job:
     """A job record."""
 
     id: str
-    status: str
+    status: JobStatus
     reason: str | None
     request: dict[str, Any] | None
     regions_total: int | None
@@ -48,12 +65,12 @@ class Job:
 class Claim:
     """The outcome of asking for a region.
 
-    ``state`` is ``"claimed"`` (it is yours: ``window``, ``attempts``), ``"finished"`` (DONE or FAILED
-    already: nothing to do), ``"leased"`` (another live worker holds it for ``lease_left_s`` more seconds)
-    or ``"missing"`` (no such region).
+    ``state`` is ``CLAIMED`` (it is yours: ``window``, ``attempts``), ``FINISHED`` (DONE or FAILED
+    already: nothing to do), ``LEASED`` (another live worker holds it for ``lease_left_s`` more seconds)
+    or ``MISSING`` (no such region).
     """
 
-    state: str
+    state: ClaimState
     window: Window | None = None
     attempts: int = 0
     lease_left_s: float = 0.0
@@ -65,7 +82,7 @@ class RegionResult:
 
     index: int
     window: Window
-    status: str
+    status: RegionStatus
     detections: Detections
     tiles: int
     error: str | None
@@ -213,18 +230,18 @@ def claim_region(
         (worker, float(lease_s), job_id, index),
     ).fetchone()
     if row is not None:
-        return Claim("claimed", Window(*row[:4]), attempts=int(row[4]))
+        return Claim(ClaimState.CLAIMED, Window(*row[:4]), attempts=int(row[4]))
     row = conn.execute(
         "SELECT status, GREATEST(EXTRACT(EPOCH FROM lease_until - now()), 0)"
         " FROM regions WHERE job_id = %s AND region_index = %s",
         (job_id, index),
     ).fetchone()
     if row is None:
-        return Claim("missing")
+        return Claim(ClaimState.MISSING)
     if row[0] in ("DONE", "FAILED"):
-        return Claim("finished")
+        return Claim(ClaimState.FINISHED)
     # RUNNING under a live lease (a PENDING row would have been claimed above, barring a race just now).
-    return Claim("leased", lease_left_s=float(row[1] or 0.0))
+    return Claim(ClaimState.LEASED, lease_left_s=float(row[1] or 0.0))
 
 
 def extend_region_lease(
@@ -311,6 +328,29 @@ def claim_finalisation(conn: psycopg.Connection[Any], job_id: str, worker: str, 
     return row is not None
 
 
+def finalisation_held_s(conn: psycopg.Connection[Any], job_id: str) -> float | None:
+    """Seconds left on the finalisation claim another worker holds on an IN_PROGRESS job whose regions are
+    all closed; None when nobody holds one, a region is open, or the job is closed (or missing)."""
+    row = conn.execute(
+        "SELECT status, finaliser, GREATEST(EXTRACT(EPOCH FROM finalise_until - now()), 0)"
+        " FROM jobs WHERE id = %s",
+        (job_id,),
+    ).fetchone()
+    if row and row[0] == "IN_PROGRESS" and row[1] is not None and not open_regions(conn, job_id):
+        return float(row[2] or 0.0)
+    return None
+
+
+def release_finalisation(conn: psycopg.Connection[Any], job_id: str, worker: str) -> bool:
+    """Drop ``worker``'s finalisation claim (its finalisation failed), so the job's next delivery claims it
+    at once rather than after the lease; False when ``worker`` did not hold it."""
+    cursor = conn.execute(
+        "UPDATE jobs SET finaliser = NULL, finalise_until = NULL WHERE id = %s AND finaliser = %s",
+        (job_id, worker),
+    )
+    return cursor.rowcount > 0
+
+
 def extend_finalisation(conn: psycopg.Connection[Any], job_id: str, worker: str, lease_s: float) -> bool:
     """Keep a finalisation claim alive while the output is written."""
     row = conn.execute(
@@ -346,7 +386,7 @@ def finish_job(
     job_id: str,
     worker: str,
     *,
-    status: str,
+    status: FinalStatus,
     reason: str | None,
     tiles: int,
     detections: int,
@@ -367,7 +407,7 @@ def finish_job(
 class Progress:
     """How far a job has got."""
 
-    status: str
+    status: JobStatus
     reason: str | None
     regions_total: int
     regions_closed: int

@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,8 +30,9 @@ from services.inference.endpoint import EndpointDetector
 from services.inference.merge import drop_edge_truncated, image_edges, merge_detections
 from services.inference.session import CPU
 from services.model_runner.outputs import check_outputs, write_outputs
-from services.model_runner.request import ImageRequest, MergeSettings
-from services.tiling.reader import RasterSource, iter_tile_batches
+from services.model_runner.request import ImageRequest, MergeSettings, local_model_path
+from services.tiling.batches import TileBatch, iter_tile_batches
+from services.tiling.reader import RasterSource
 from services.tiling.roi import RoiCoordinates, parse_roi, roi_pixel_polygon, tiles_in_roi
 from services.tiling.scaling import InputScaling, ScalingRule
 from services.tiling.windows import Window, region_windows, tiles_of_region
@@ -114,10 +114,7 @@ def load_model_bytes(model: str, *, s3_client: Any = None) -> bytes:
     """The ONNX file a request names: a path, ``file://`` or ``s3://`` URI. Missing -> UserError."""
     if model.startswith("s3://"):
         return objects.read_object(model, s3_client)
-    path = Path(model[len("file://") :] if model.startswith("file://") else model)
-    if not path.is_file():
-        raise UserError(f"model {model} does not exist; give the path, file:// or s3:// URI of an ONNX file")
-    return path.read_bytes()
+    return local_model_path(model).read_bytes()
 
 
 def open_detector(
@@ -247,6 +244,28 @@ def plan_job(grid: Grid, source: RasterSource, roi: BaseGeometry | None) -> JobP
     return JobPlan(grid, source.width, source.height, regions, counts)
 
 
+#: Set to 1 to keep converting pixels to float32 on the CPU instead of folding the scaling into the model.
+FLOAT_INPUT_ENV = "TESSERA_FLOAT_INPUT"
+
+
+def native_detector(
+    detector: Detector, scaling: InputScaling, source: RasterSource, bands: Sequence[int] | None = None
+) -> tuple[OnnxDetector, int] | None:
+    """``detector`` composed to take the image's own uint8 pixels, its scaling folded into the graph
+    (:meth:`OnnxDetector.for_uint8`), and the pixel value that pads a tile (one the scaling makes 0); None
+    where that does not apply: an endpoint, an image that is not
+    uint8, a scaling that is not affine, or ``TESSERA_FLOAT_INPUT=1``. The CPU then writes a quarter of
+    the bytes per tile, and a GPU receives a quarter (bench/README.md, "Pipeline floor")."""
+    if not isinstance(detector, OnnxDetector) or os.environ.get(FLOAT_INPUT_ENV, "").strip() == "1":
+        return None
+    settled = scaling.for_image(source.dtype, source.count, nbits=source.nbits, bands=bands)
+    affine = settled.uint8_affine(source.dtype, source.nodata)
+    if affine is None:
+        return None
+    native = detector.for_uint8(*affine)
+    return (native, affine[1]) if native is not None else None
+
+
 def reader_threads(detector: Detector) -> int:
     """How many threads decode strips for ``detector``: :data:`READER_THREADS_BESIDE_CPU_MODEL` when the
     model runs on this CPU; otherwise every core but the tile assembler's (2 to :data:`MAX_READER_THREADS`),
@@ -282,8 +301,11 @@ def detect_region(
     batches, skipped = 0, 0
     reading = 0.0  # seconds spent drawing batches from the reader, inside the waits on the model
     shape = (detector.tile_height, detector.tile_width)
-    # The tiles of the batches handed to the model, oldest first, with the skipped tiles counted up to them.
-    in_flight: deque[tuple[list[Window], int]] = deque()
+    native = native_detector(detector, scaling, source)
+    model: Detector = native[0] if native is not None else detector
+    pad = native[1] if native is not None else None
+    # The batches handed to the model, oldest first, with the skipped tiles counted up to them.
+    in_flight: deque[tuple[TileBatch, int]] = deque()
 
     def feed() -> Generator[np.ndarray, None, None]:
         nonlocal skipped, reading
@@ -296,16 +318,17 @@ def detect_region(
             tile_shape=shape,
             threads=threads or reader_threads(detector),
             prefetch=prefetch,
+            native_pad=pad,
         ):
             skipped += batch.skipped
             if batch.tiles:
-                in_flight.append((batch.tiles, batch.skipped))
+                in_flight.append((batch, batch.skipped))
                 reading += time.perf_counter() - tick
                 yield batch.pixels
                 tick = time.perf_counter()
             elif in_flight:  # only skipped tiles left: report them with the last batch
-                tiles_of, before = in_flight.pop()
-                in_flight.append((tiles_of, before + batch.skipped))
+                last, before = in_flight.pop()
+                in_flight.append((last, before + batch.skipped))
             elif on_tiles is not None:
                 on_tiles(batch.skipped)
         reading += time.perf_counter() - tick
@@ -318,7 +341,7 @@ def detect_region(
 
     waited = 0.0
     fed = feed()
-    results = detect_batches(detector, fed, on_checks=count)
+    results = detect_batches(model, fed, on_checks=count)
     try:
         while True:
             tick = time.perf_counter()
@@ -326,7 +349,9 @@ def detect_region(
             waited += time.perf_counter() - tick
             if found is None:
                 break
-            batch_tiles, batch_skipped = in_flight.popleft()
+            batch, batch_skipped = in_flight.popleft()
+            batch.release()  # the model has returned: its pixels may take a later batch
+            batch_tiles = batch.tiles
             batches += 1
             for tile, seen in zip(batch_tiles, found, strict=True):
                 kept = _whole_boxes(seen, tile, source, merge.edge_margin)
@@ -449,20 +474,24 @@ def run_image(
     on_tiles: TileProgress | None = None,
     s3_endpoint: str | None = None,
     scaling_rule: ScalingRule | None = None,
+    detector: Detector | None = None,
 ) -> RunSummary:
     """Run a whole request in this process (no queues, no database): every region, seam merge, outputs.
 
     ``scaling_rule`` states how the image's pixels become model input where the model's metadata does not
-    cover them (float, signed or single-band images; services/tiling/scaling.py).
+    cover them (float, signed or single-band images; services/tiling/scaling.py). ``detector``: one already
+    opened for this request (it stays open; by default the request's model is opened here and closed).
     """
     started = time.perf_counter()
     check_outputs(request.outputs, request.job_id, image=request.image)
-    detector = open_detector(request, providers=providers)
-    try:
+    if detector is not None:
         return _run_opened(request, detector, started, on_plan, on_tiles, s3_endpoint, scaling_rule)
+    opened = open_detector(request, providers=providers)
+    try:
+        return _run_opened(request, opened, started, on_plan, on_tiles, s3_endpoint, scaling_rule)
     finally:
-        if isinstance(detector, OnnxDetector):
-            detector.close()
+        if isinstance(opened, OnnxDetector):
+            opened.close()
 
 
 def _run_opened(  # noqa: PLR0917 - run_image's arguments, passed on

@@ -48,7 +48,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from services.errors import UserError
 from services.jobs import trust
@@ -58,7 +59,9 @@ from services.registry import is_registry_ref
 from services.tiling.scaling import ScalingRule, rule_to_json
 
 SCHEMA = "tessera.image-request/v1"
-MERGE_ALGORITHMS = ("nms+ios", "nms")
+#: The merge algorithms a request may ask for (of :data:`services.inference.merge.ALGORITHMS`).
+RequestMergeAlgorithm = Literal["nms+ios", "nms"]
+MERGE_ALGORITHMS: tuple[RequestMergeAlgorithm, ...] = ("nms+ios", "nms")
 ROI_CRS = ("lonlat", "map")
 #: Feature properties the model runner writes itself; a request cannot override them.
 RESERVED_PROPERTIES = frozenset({"class", "score", "pixel_bbox", "model", "job"})
@@ -104,7 +107,7 @@ class RegionOfInterest:
 class MergeSettings:
     """How duplicate detections in tile and region overlaps are merged."""
 
-    algorithm: str = "nms+ios"
+    algorithm: RequestMergeAlgorithm = "nms+ios"
     iou: float = 0.5
     ios: float = 0.8
     score_threshold: float = 0.25
@@ -176,6 +179,19 @@ class ImageRequest:
         if self.scaling is not None:
             body["scaling"] = rule_to_json(self.scaling)
         return body
+
+
+def local_model_path(model: str) -> Path:
+    """The file a local ``model`` names (a path or a ``file://`` URI); UserError when there is none (or it
+    cannot be looked at)."""
+    path = Path(model[len("file://") :] if model.startswith("file://") else model)
+    try:
+        found = path.is_file()
+    except OSError:  # is_file() answers False for a missing path, and raises for one it may not look at
+        found = False
+    if not found:
+        raise UserError(f"model {model} does not exist; give the path, file:// or s3:// URI of an ONNX file")
+    return path
 
 
 def parse_request(data: str | bytes | Mapping[str, Any], policy: TrustPolicy | None = None) -> ImageRequest:
@@ -350,6 +366,7 @@ class _Checker(DocumentChecker):
             self.problem(
                 "$.merge.algorithm", f"must be one of {', '.join(MERGE_ALGORITHMS)}, got {kind(algorithm)}"
             )
+            algorithm = MergeSettings.algorithm  # a placeholder: done() refuses the request
         values = {}
         for key in ("iou", "ios", "score_threshold"):
             value = merge.get(key, getattr(MergeSettings, key))
@@ -366,7 +383,7 @@ class _Checker(DocumentChecker):
             )
             margin = MergeSettings.edge_margin
         return MergeSettings(
-            algorithm=str(algorithm),
+            algorithm=algorithm,
             edge_margin=None if margin is None else float(margin),
             **values,
         )

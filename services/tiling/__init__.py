@@ -3,7 +3,8 @@
 No AWS here: ``s3://`` images are read by GDAL itself (``/vsis3`` range reads).
 """
 
-from services.tiling.reader import RasterSource, TileBatch, iter_tile_batches
+from services.tiling.batches import TileBatch, iter_tile_batches
+from services.tiling.reader import RasterSource
 from services.tiling.roi import parse_roi, roi_pixel_polygon, roi_windows, tiles_in_roi
 from services.tiling.scaling import InputScaling
 from services.tiling.windows import Window, region_windows, tile_origins, tiles_of_region

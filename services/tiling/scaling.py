@@ -35,6 +35,7 @@ Bands
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -305,6 +306,35 @@ class InputScaling:
             )
         raise UserError(f"the image is {kind}{bands}; the model takes {self._expects()}; {why}: {_RULE_HELP}")
 
+    def uint8_affine(
+        self, dtype: np.dtype | str, nodata: float | None
+    ) -> tuple[float, int, float | None] | None:
+        """This scaling of ``dtype`` pixels as ``(scale, zero_point, clip_max)``: ``y = (x - zero_point) *
+        scale``, clipped to ``[0, clip_max]`` when that is not None — what a model composed to take uint8
+        computes (services/inference/native_input.py). None where it is not that simple: other dtypes, a
+        range whose low end is not a whole uint8 value, or a nodata value the formula would not make 0.
+        Multiplying by the reciprocal, the values agree with :meth:`apply` to within one float32 ulp."""
+        if np.dtype(dtype) != np.uint8:
+            return None
+        span = self.unit_range(np.dtype(np.uint8))
+        if span is None:  # rule "none": the values are the input
+            scale, zero_point, clip_max = 1.0, 0, None
+        else:
+            low, high = span
+            if not (float(low).is_integer() and 0 <= low <= 255):
+                return None
+            scale = self.output_scale / (float(np.float32(high)) - float(np.float32(low)))
+            zero_point = int(low)
+            clip_max = self.output_scale if self.value_range is not None else None
+        # A nodata value that is no uint8 value matches no pixel: nothing to mask.
+        if nodata is not None and not np.isnan(nodata) and float(nodata).is_integer() and 0 <= nodata <= 255:
+            value = (nodata - zero_point) * scale
+            if clip_max is not None:
+                value = min(max(value, 0.0), clip_max)
+            if value != 0.0:
+                return None
+        return scale, zero_point, clip_max
+
     def _expects(self) -> str:
         """What the model takes, in words, for error messages."""
         if self.output_scale == 1.0:
@@ -349,16 +379,22 @@ class InputScaling:
 
     def _nodata_scales_to_zero(self, dtype: np.dtype, nodata: float) -> bool:
         """Whether integer pixels equal to ``nodata`` come out of the scaling as 0 already (uint8 nodata 0):
-        then the nodata mask, a pass over the tile, changes nothing."""
+        then the nodata mask, a pass over the tile, changes nothing. Settled once per scaling, dtype and
+        value (the reader calls :meth:`apply` once per strip piece of every tile)."""
         if dtype.kind not in "ui":
             return False
-        info = np.iinfo(dtype)
-        if not info.min <= nodata <= info.max:
-            return False
-        probe = np.array([nodata]).astype(dtype)
-        if probe[0] != nodata:  # not a value of this dtype: the mask is left to decide, as before
-            return False
-        return bool(self.apply(probe)[0] == 0.0)
+        return _scales_to_zero(self, dtype, float(nodata))
+
+
+@functools.lru_cache(maxsize=64)
+def _scales_to_zero(scaling: InputScaling, dtype: np.dtype, nodata: float) -> bool:
+    info = np.iinfo(dtype)
+    if not info.min <= nodata <= info.max:
+        return False
+    probe = np.array([nodata]).astype(dtype)
+    if probe[0] != nodata:  # not a value of this dtype: the mask is left to decide, as before
+        return False
+    return bool(scaling.apply(probe)[0] == 0.0)
 
 
 def parse_value_range(text: str) -> tuple[float, float]:

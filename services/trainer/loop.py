@@ -76,6 +76,25 @@ class RunResult:
     resumed_from_step: int | None = None
 
 
+@dataclass
+class TrainingRun:
+    """One job under way, as :func:`run` sets it up: what training it and finishing it share."""
+
+    task: Task
+    job: TrainingJob
+    device: Device
+    storage: Storage
+    state: TrainState
+    #: What ``task.load`` made of the dataset.
+    data: Any
+    #: The task's hyper-parameters, merged with the job's (and those the data decided).
+    params: Mapping[str, Any]
+    #: Where training stands; updated in place as it goes.
+    progress: TrainingProgress
+    workdir: Path
+    console: Console
+
+
 def verify_export(check: ExportCheck) -> float:
     """Run the exported model with ONNX Runtime on ``check.inputs``; the largest difference from torch.
 
@@ -183,18 +202,21 @@ def run(
         storage.put_bytes(json.dumps(job.to_json(), indent=2).encode(), JOB_NAME)
     writer = _summary_writer(workdir / "tensorboard") if device.is_main else None
     last_saved = progress.step if saved is not None else -1
+    training = TrainingRun(
+        task=task,
+        job=job,
+        device=device,
+        storage=storage,
+        state=state,
+        data=data,
+        params=params,
+        progress=progress,
+        workdir=workdir,
+        console=console,
+    )
     try:
         _train(
-            task,
-            job,
-            device,
-            storage,
-            state=state,
-            data=data,
-            params=params,
-            progress=progress,
-            workdir=workdir,
-            console=console,
+            training,
             metrics=metrics,
             metrics_every=metrics_every,
             writer=writer,
@@ -217,35 +239,14 @@ def run(
         resumed_from_step=resumed_from,
     )
     if device.is_main:
-        _finish(
-            task,
-            job,
-            storage,
-            state=state,
-            data=data,
-            params=params,
-            progress=progress,
-            result=result,
-            workdir=workdir,
-            console=console,
-            conn=conn,
-        )
+        _finish(training, result=result, conn=conn)
     barrier(device)
     return result
 
 
 def _train(
-    task: Task,
-    job: TrainingJob,
-    device: Device,
-    storage: Storage,
+    training: TrainingRun,
     *,
-    state: TrainState,
-    data: Any,
-    params: Mapping[str, Any],
-    progress: TrainingProgress,
-    workdir: Path,
-    console: Console,
     metrics: TrainingMetrics,
     metrics_every: int,
     writer: Any,
@@ -253,6 +254,9 @@ def _train(
     should_stop: Callable[[], bool] | None,
     last_saved: int,
 ) -> None:
+    task, job, device, progress = training.task, training.job, training.device, training.progress
+    state, data, params = training.state, training.data, training.params
+
     def done() -> bool:
         if job.steps is not None:
             return progress.step >= job.steps
@@ -261,7 +265,9 @@ def _train(
     def save() -> None:
         nonlocal last_saved
         if last_saved != progress.step:
-            checkpoints.save_checkpoint(state, progress, storage, device, workdir / "checkpoints")
+            checkpoints.save_checkpoint(
+                state, progress, training.storage, device, training.workdir / "checkpoints"
+            )
             last_saved = progress.step
 
     columns = (
@@ -272,7 +278,7 @@ def _train(
         TimeElapsedColumn(),
     )
     images_since, since = 0, time.perf_counter()
-    with Progress(*columns, console=console, transient=False, disable=not device.is_main) as bar:
+    with Progress(*columns, console=training.console, transient=False, disable=not device.is_main) as bar:
         total = job.steps
         bar_task = bar.add_task(
             "train",
@@ -346,25 +352,14 @@ def _train(
         save()
 
 
-def _finish(
-    task: Task,
-    job: TrainingJob,
-    storage: Storage,
-    *,
-    state: TrainState,
-    data: Any,
-    params: Mapping[str, Any],
-    progress: TrainingProgress,
-    result: RunResult,
-    workdir: Path,
-    console: Console,
-    conn: psycopg.Connection[Any] | None,
-) -> None:
+def _finish(training: TrainingRun, *, result: RunResult, conn: psycopg.Connection[Any] | None) -> None:
     """Evaluate, export and verify, store everything, register (rank 0)."""
+    task, job, storage, progress = training.task, training.job, training.storage, training.progress
+    state, params, workdir, console = training.state, training.params, training.workdir, training.console
     for model in state.models.values():
         model.eval()
     with torch.no_grad():
-        evaluated = {k: float(v) for k, v in task.evaluate(state, data, params).items()}
+        evaluated = {k: float(v) for k, v in task.evaluate(state, training.data, params).items()}
     export_dir = workdir / "export"
     export_dir.mkdir(parents=True, exist_ok=True)
     check = task.export(state, export_dir, params)

@@ -29,11 +29,10 @@ from services.inference.endpoint import (
     TOKEN_ENV,
     EndpointDetector,
     EndpointUnavailableError,
-    encode_tile,
     endpoint_server,
-    parse_features,
     serve_endpoint,
 )
+from services.inference.endpoint_wire import encode_tile, parse_features
 
 # Multiples of 1/255, so the 8-bit image on the wire carries the tiles exactly.
 MEANS = [200 / 255, 60 / 255, 0.0, 1.0]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.errors import UserError
 from services.jobs.documents import job_id_of
-from services.model_runner.request import SCHEMA, Endpoint, parse_request
+from services.model_runner.request import SCHEMA, Endpoint, local_model_path, parse_request
 
 GOOD: dict[str, Any] = {
     "schema": SCHEMA,
@@ -167,3 +168,16 @@ def test_the_job_id_of_a_bad_request_is_still_found() -> None:
     assert job_id_of(json.dumps({"job_id": "j-1", "image": 3})) == "j-1"
     assert job_id_of("{broken") is None
     assert job_id_of(json.dumps({"job_id": "../x"})) is None
+
+
+def test_a_local_model_is_a_path_or_a_file_uri_of_a_file(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"onnx")
+    assert local_model_path(str(model)) == model
+    assert local_model_path(f"file://{model}") == model
+    for missing in (str(tmp_path / "gone.onnx"), f"file://{tmp_path}"):
+        with pytest.raises(UserError) as refused:
+            local_model_path(missing)
+        assert str(refused.value) == (
+            f"model {missing} does not exist; give the path, file:// or s3:// URI of an ONNX file"
+        )

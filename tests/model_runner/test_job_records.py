@@ -138,6 +138,27 @@ def test_an_abandoned_finalisation_is_taken_over(conn: psycopg.Connection[Any]) 
     assert jobs.claim_finalisation(conn, "job-1", "b", 30)
 
 
+def test_a_held_finalisation_says_how_long_and_is_released(conn: psycopg.Connection[Any]) -> None:
+    _job(conn, regions=1)
+    jobs.claim_region(conn, "job-1", 0, "a", 30)
+    assert jobs.finalisation_held_s(conn, "job-1") is None  # a region is open
+    jobs.complete_region(conn, "job-1", 0, _detections(1), tiles=4, seconds=1.0, worker="a")
+    assert jobs.finalisation_held_s(conn, "job-1") is None  # nobody holds it yet
+    assert jobs.claim_finalisation(conn, "job-1", "a", 30)
+    held = jobs.finalisation_held_s(conn, "job-1")
+    assert held is not None and 20 < held <= 30
+    assert not jobs.release_finalisation(conn, "job-1", "b")  # not b's to release
+    assert jobs.finalisation_held_s(conn, "job-1") is not None
+    assert jobs.release_finalisation(conn, "job-1", "a")
+    assert jobs.finalisation_held_s(conn, "job-1") is None
+    assert jobs.claim_finalisation(conn, "job-1", "b", 30)  # at once, not after a's lease
+    assert jobs.finish_job(
+        conn, "job-1", "b", status="SUCCESS", reason=None, tiles=4, detections=1, output_uris=[]
+    )
+    assert jobs.finalisation_held_s(conn, "job-1") is None  # the job is closed
+    assert jobs.finalisation_held_s(conn, "no-such-job") is None
+
+
 def test_racing_workers_finalise_exactly_once(database_url: str, conn: psycopg.Connection[Any]) -> None:
     """Many workers complete the last regions of many jobs at the same moment: one finaliser per job."""
     workers, rounds = 6, 8

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.errors import UserError
-from services.tiling.reader import _all_nodata, native_nodata
+from services.tiling.batches import _all_nodata, native_nodata
 from services.tiling.scaling import InputScaling, ScalingRule, parse_value_range
 
 

@@ -14,7 +14,8 @@ import rasterio
 from moto.server import ThreadedMotoServer
 
 from services.errors import UserError
-from services.tiling.reader import RasterSource, gdal_path, gdal_s3_options, iter_tile_batches
+from services.tiling.batches import iter_tile_batches
+from services.tiling.reader import RasterSource, gdal_path, gdal_s3_options
 from services.tiling.scaling import InputScaling
 from services.tiling.windows import Window, tiles_of_region
 

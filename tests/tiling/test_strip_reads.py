@@ -13,7 +13,8 @@ import pytest
 import rasterio
 
 from services.errors import UserError
-from services.tiling.reader import RasterSource, TileBatch, iter_tile_batches
+from services.tiling.batches import TileBatch, iter_tile_batches
+from services.tiling.reader import RasterSource
 from services.tiling.scaling import InputScaling
 from services.tiling.windows import Window, region_windows, tiles_of_region
 
