@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.tiling.windows import region_windows, tiles_of_region  # noqa: E402
+from services.tiling.windows import Grid  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ def workload(
 ) -> Workload:
     """The regions and tiles of a ``width`` x ``height`` image (overlap defaults to the pipeline's tile/8)."""
     overlap = tile // 8 if overlap is None else overlap
-    regions = region_windows(width, height, region, region, tile, tile, overlap, overlap)
-    counts = tuple(len(tiles_of_region(r, width, height, tile, tile, overlap, overlap)) for r in regions)
+    grid = Grid(tile, tile, overlap, overlap, region, region)
+    counts = tuple(len(grid.tiles_of(r, width, height)) for r in grid.regions(width, height))
     return Workload(width, height, counts)
 
 

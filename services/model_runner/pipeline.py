@@ -35,7 +35,7 @@ from services.tiling.batches import TileBatch, iter_tile_batches
 from services.tiling.reader import RasterSource
 from services.tiling.roi import RoiCoordinates, parse_roi, roi_pixel_polygon, tiles_in_roi
 from services.tiling.scaling import InputScaling, ScalingRule
-from services.tiling.windows import Window, region_windows, tiles_of_region
+from services.tiling.windows import Grid, Window
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,6 @@ MAX_BATCH_ENV = "TESSERA_MAX_BATCH_MB"
 #: One batch of float32 input may take this much (512 px x 512 px x 3 x 8 tiles is 24 MiB; the reader, the
 #: prefetch and each session hold batches, so a worker's peak is a few times this).
 DEFAULT_MAX_BATCH_MB = 512.0
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Tile size, overlap and region size for one image, settled from the request and the model."""
-
-    tile_w: int
-    tile_h: int
-    overlap_x: int
-    overlap_y: int
-    region_w: int
-    region_h: int
 
 
 @dataclass(frozen=True)
@@ -192,10 +180,6 @@ def settle_grid(request: ImageRequest, detector: Detector) -> Grid:
     check_batch_size(detector)
     tile_w, tile_h = detector.tile_width, detector.tile_height
     overlap_x, overlap_y = request.overlap if request.overlap is not None else (tile_w // 8, tile_h // 8)
-    if overlap_x >= tile_w or overlap_y >= tile_h:
-        raise UserError(
-            f"overlap ({overlap_x}, {overlap_y}) must be smaller than the tile ({tile_w} x {tile_h})"
-        )
     region_w, region_h = request.region_size
     return Grid(tile_w, tile_h, overlap_x, overlap_y, region_w, region_h)
 
@@ -213,9 +197,7 @@ def region_tiles(
     grid: Grid, region: Window, image_width: int, image_height: int, roi: BaseGeometry | None
 ) -> list[Window]:
     """The tiles a region runs: the global-grid tiles with their origin in it, less those outside the ROI."""
-    tiles = tiles_of_region(
-        region, image_width, image_height, grid.tile_w, grid.tile_h, grid.overlap_x, grid.overlap_y
-    )
+    tiles = grid.tiles_of(region, image_width, image_height)
     return tiles_in_roi(tiles, roi) if roi is not None else tiles
 
 
@@ -225,16 +207,7 @@ def plan_job(grid: Grid, source: RasterSource, roi: BaseGeometry | None) -> JobP
     Regions with no tile inside the ROI are left out; an ROI that misses the image is a UserError.
     """
     regions, counts = [], []
-    for region in region_windows(
-        source.width,
-        source.height,
-        grid.region_w,
-        grid.region_h,
-        grid.tile_w,
-        grid.tile_h,
-        grid.overlap_x,
-        grid.overlap_y,
-    ):
+    for region in grid.regions(source.width, source.height):
         count = len(region_tiles(grid, region, source.width, source.height, roi))
         if count:
             regions.append(region)

@@ -7,19 +7,17 @@ from services.tiling.batches import TileBatch, iter_tile_batches
 from services.tiling.reader import RasterSource
 from services.tiling.roi import parse_roi, roi_pixel_polygon, roi_windows, tiles_in_roi
 from services.tiling.scaling import InputScaling
-from services.tiling.windows import Window, region_windows, tile_origins, tiles_of_region
+from services.tiling.windows import Grid, Window
 
 __all__ = [
+    "Grid",
     "InputScaling",
     "RasterSource",
     "TileBatch",
     "Window",
     "iter_tile_batches",
     "parse_roi",
-    "region_windows",
     "roi_pixel_polygon",
     "roi_windows",
-    "tile_origins",
     "tiles_in_roi",
-    "tiles_of_region",
 ]

@@ -54,17 +54,8 @@ class Window:
         return Window(self.col_off + dx, self.row_off + dy, self.width, self.height)
 
 
-def _check_grid(  # noqa: PLR0917 - the grid is six numbers, always in this order
-    image_width: int, image_height: int, tile_w: int, tile_h: int, overlap_x: int, overlap_y: int
-) -> None:
-    if image_width < 1 or image_height < 1:
-        raise UserError(f"the image has no pixels ({image_width} x {image_height})")
-    if tile_w < 1 or tile_h < 1:
-        raise UserError(f"tile size must be positive, got {tile_w} x {tile_h}")
-    if not (0 <= overlap_x < tile_w and 0 <= overlap_y < tile_h):
-        raise UserError(
-            f"overlap ({overlap_x}, {overlap_y}) must be >= 0 and smaller than the tile ({tile_w} x {tile_h})"
-        )
+#: Region side when a grid names none (the request default, services/model_runner/request.py).
+DEFAULT_REGION = 8192
 
 
 def _axis_origins(size: int, tile: int, overlap: int) -> np.ndarray:
@@ -79,19 +70,6 @@ def _axis_origins(size: int, tile: int, overlap: int) -> np.ndarray:
     return origins
 
 
-def tile_origins(  # noqa: PLR0917 - positional by the shared contract
-    image_width: int, image_height: int, tile_w: int, tile_h: int, overlap_x: int, overlap_y: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The global tile grid: the column origins and the row origins (int64, ascending).
-
-    ``stride = tile - overlap``; the last tile along each axis is shifted back to end at the image edge.
-    An axis shorter than the tile gets one tile at 0 (that tile is then the image's size on that axis).
-    Raises UserError for a non-positive tile or an overlap outside ``[0, tile)``.
-    """
-    _check_grid(image_width, image_height, tile_w, tile_h, overlap_x, overlap_y)
-    return _axis_origins(image_width, tile_w, overlap_x), _axis_origins(image_height, tile_h, overlap_y)
-
-
 def _axis_region_starts(size: int, region: int, tile: int, overlap: int) -> np.ndarray:
     stride = tile - overlap
     step = max(1, region // stride) * stride  # whole strides, at least one
@@ -101,52 +79,74 @@ def _axis_region_starts(size: int, region: int, tile: int, overlap: int) -> np.n
     return np.arange(0, last_origin + 1, step, dtype=np.int64)
 
 
-def region_windows(  # noqa: PLR0917 - positional by the shared contract
-    image_width: int,
-    image_height: int,
-    region_w: int,
-    region_h: int,
-    tile_w: int,
-    tile_h: int,
-    overlap_x: int,
-    overlap_y: int,
-) -> list[Window]:
-    """Regions partitioning the image, row by row.
+def _check_image(image_width: int, image_height: int) -> None:
+    if image_width < 1 or image_height < 1:
+        raise UserError(f"the image has no pixels ({image_width} x {image_height})")
 
-    The region size is rounded down to whole tile strides (at least one stride), so every tile of the
-    global grid has its origin in exactly one region. A last strip too narrow to hold a tile origin joins
-    the region before it, so the last region along an axis may be up to one region plus one tile long.
+
+@dataclass(frozen=True)
+class Grid:
+    """The global tile grid and its regions: tile size, overlap and region size, in pixels.
+
+    Raises UserError for a non-positive tile or region, or an overlap outside ``[0, tile)``.
     """
-    _check_grid(image_width, image_height, tile_w, tile_h, overlap_x, overlap_y)
-    if region_w < 1 or region_h < 1:
-        raise UserError(f"region size must be positive, got {region_w} x {region_h}")
-    xs = _axis_region_starts(image_width, region_w, tile_w, overlap_x)
-    ys = _axis_region_starts(image_height, region_h, tile_h, overlap_y)
-    x_ends = [*xs[1:].tolist(), image_width]
-    y_ends = [*ys[1:].tolist(), image_height]
-    return [
-        Window(int(x), int(y), int(x_end - x), int(y_end - y))
-        for y, y_end in zip(ys.tolist(), y_ends, strict=True)
-        for x, x_end in zip(xs.tolist(), x_ends, strict=True)
-    ]
 
+    tile_w: int
+    tile_h: int
+    overlap_x: int = 0
+    overlap_y: int = 0
+    region_w: int = DEFAULT_REGION
+    region_h: int = DEFAULT_REGION
 
-def tiles_of_region(  # noqa: PLR0917 - positional by the shared contract
-    region: Window,
-    image_width: int,
-    image_height: int,
-    tile_w: int,
-    tile_h: int,
-    overlap_x: int,
-    overlap_y: int,
-) -> list[Window]:
-    """The global-grid tiles whose origin lies in ``region``, in row-major order.
+    def __post_init__(self) -> None:
+        if self.tile_w < 1 or self.tile_h < 1:
+            raise UserError(f"tile size must be positive, got {self.tile_w} x {self.tile_h}")
+        if not (0 <= self.overlap_x < self.tile_w and 0 <= self.overlap_y < self.tile_h):
+            raise UserError(
+                f"overlap ({self.overlap_x}, {self.overlap_y}) must be >= 0 and smaller than the tile "
+                f"({self.tile_w} x {self.tile_h})"
+            )
+        if self.region_w < 1 or self.region_h < 1:
+            raise UserError(f"region size must be positive, got {self.region_w} x {self.region_h}")
 
-    Tiles are ``min(tile, image)`` in size and may reach past the region's right/bottom edge by up to the
-    overlap, so objects on a region seam are seen whole.
-    """
-    xs, ys = tile_origins(image_width, image_height, tile_w, tile_h, overlap_x, overlap_y)
-    width, height = min(tile_w, image_width), min(tile_h, image_height)
-    cols = xs[(xs >= region.col_off) & (xs < region.col_end)].tolist()
-    rows = ys[(ys >= region.row_off) & (ys < region.row_end)].tolist()
-    return [Window(int(x), int(y), width, height) for y in rows for x in cols]
+    def origins(self, image_width: int, image_height: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tile grid over an image: the column origins and the row origins (int64, ascending).
+
+        ``stride = tile - overlap``; the last tile along each axis is shifted back to end at the image edge.
+        An axis shorter than the tile gets one tile at 0 (that tile is then the image's size on that axis).
+        """
+        _check_image(image_width, image_height)
+        return (
+            _axis_origins(image_width, self.tile_w, self.overlap_x),
+            _axis_origins(image_height, self.tile_h, self.overlap_y),
+        )
+
+    def regions(self, image_width: int, image_height: int) -> list[Window]:
+        """Regions partitioning the image, row by row.
+
+        The region size is rounded down to whole tile strides (at least one stride), so every tile of the
+        grid has its origin in exactly one region. A last strip too narrow to hold a tile origin joins the
+        region before it, so the last region along an axis may be up to one region plus one tile long.
+        """
+        _check_image(image_width, image_height)
+        xs = _axis_region_starts(image_width, self.region_w, self.tile_w, self.overlap_x)
+        ys = _axis_region_starts(image_height, self.region_h, self.tile_h, self.overlap_y)
+        x_ends = [*xs[1:].tolist(), image_width]
+        y_ends = [*ys[1:].tolist(), image_height]
+        return [
+            Window(int(x), int(y), int(x_end - x), int(y_end - y))
+            for y, y_end in zip(ys.tolist(), y_ends, strict=True)
+            for x, x_end in zip(xs.tolist(), x_ends, strict=True)
+        ]
+
+    def tiles_of(self, region: Window, image_width: int, image_height: int) -> list[Window]:
+        """The grid's tiles whose origin lies in ``region``, in row-major order.
+
+        Tiles are ``min(tile, image)`` in size and may reach past the region's right/bottom edge by up to the
+        overlap, so objects on a region seam are seen whole.
+        """
+        xs, ys = self.origins(image_width, image_height)
+        width, height = min(self.tile_w, image_width), min(self.tile_h, image_height)
+        cols = xs[(xs >= region.col_off) & (xs < region.col_end)].tolist()
+        rows = ys[(ys >= region.row_off) & (ys < region.row_end)].tolist()
+        return [Window(int(x), int(y), width, height) for y in rows for x in cols]

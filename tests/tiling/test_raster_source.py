@@ -17,7 +17,7 @@ from services.errors import UserError
 from services.tiling.batches import iter_tile_batches
 from services.tiling.reader import RasterSource, gdal_path, gdal_s3_options
 from services.tiling.scaling import InputScaling
-from services.tiling.windows import Window, tiles_of_region
+from services.tiling.windows import Grid, Window
 
 RasterMaker = Callable[..., tuple[Path, np.ndarray]]
 
@@ -132,7 +132,7 @@ def test_s3_images_read_the_same_pixels_as_local_files(
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
     s3.create_bucket(Bucket="imagery")
     s3.upload_file(str(path), "imagery", "scenes/odd.tif")
-    tiles = tiles_of_region(Window(0, 0, 777, 555), 777, 555, 256, 256, 48, 48)
+    tiles = Grid(256, 256, 48, 48).tiles_of(Window(0, 0, 777, 555), 777, 555)
 
     def pixels(url: str, **kwargs: str) -> list[np.ndarray]:
         with RasterSource.open(url, **kwargs) as source:

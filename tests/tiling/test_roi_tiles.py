@@ -14,13 +14,13 @@ from rasterio.transform import from_origin
 from services.errors import UserError
 from services.tiling.reader import RasterSource
 from services.tiling.roi import parse_roi, roi_pixel_polygon, roi_windows, tiles_in_roi
-from services.tiling.windows import Window, region_windows, tiles_of_region
+from services.tiling.windows import Grid, Window
 
 RasterMaker = Callable[..., tuple[Path, np.ndarray]]
 
 # The UTM test raster: upper-left (500000, 5000000) in EPSG:32633, 0.5 m pixels, 1037 x 771.
 UTM_TRANSFORM = from_origin(500_000.0, 5_000_000.0, 0.5, 0.5)
-ALL_TILES = tiles_of_region(Window(0, 0, 1037, 771), 1037, 771, 200, 160, 30, 20)
+ALL_TILES = Grid(200, 160, 30, 20).tiles_of(Window(0, 0, 1037, 771), 1037, 771)
 
 
 def expected_tiles(col0: float, row0: float, col1: float, row1: float) -> set[Window]:
@@ -81,7 +81,7 @@ def test_a_concave_roi_drops_tiles_in_its_notch() -> None:
             )
         ],
     }
-    tiles = tiles_of_region(Window(0, 0, 1000, 1000), 1000, 1000, 100, 100, 0, 0)
+    tiles = Grid(100, 100, 0, 0).tiles_of(Window(0, 0, 1000, 1000), 1000, 1000)
     kept = set(
         roi_windows(json.dumps(collection), tiles, crs_of_text="lonlat", crs="EPSG:4326", transform=transform)
     )
@@ -107,7 +107,7 @@ def test_tiles_that_only_touch_the_roi_are_dropped() -> None:
 def test_regions_outside_the_roi_can_be_dropped_too() -> None:
     west, south, east, north = map_rectangle(10, 10, 100, 90)
     wkt = f"POLYGON (({west} {south}, {east} {south}, {east} {north}, {west} {north}, {west} {south}))"
-    regions = region_windows(1037, 771, 400, 300, 200, 160, 30, 20)
+    regions = Grid(200, 160, 30, 20, 400, 300).regions(1037, 771)
     kept = roi_windows(wkt, regions, crs_of_text="map", crs="EPSG:32633", transform=UTM_TRANSFORM)
     assert kept == [regions[0]]
 

@@ -16,7 +16,7 @@ from services.errors import UserError
 from services.tiling.batches import TileBatch, iter_tile_batches
 from services.tiling.reader import RasterSource
 from services.tiling.scaling import InputScaling
-from services.tiling.windows import Window, region_windows, tiles_of_region
+from services.tiling.windows import Grid, Window
 
 RasterMaker = Callable[..., tuple[Path, np.ndarray]]
 
@@ -103,8 +103,8 @@ def test_batches_hold_exactly_the_pixels_rasterio_reads(make_raster: RasterMaker
     scaling = InputScaling(channels=3, replicate=count == 1, value_range=stated)
     feed = scaling.band_indexes(count)
     with RasterSource.open(str(path)) as source:
-        for region in region_windows(width, height, 600, 600, *tile, overlap, overlap):
-            tiles = tiles_of_region(region, width, height, *tile, overlap, overlap)
+        for region in Grid(*tile, overlap, overlap, 600, 600).regions(width, height):
+            tiles = Grid(*tile, overlap, overlap).tiles_of(region, width, height)
             got_tiles, got_pixels, skipped = collect(iter_tile_batches(source, tiles, 3, scaling))
             assert skipped == 0
             assert sorted(got_tiles, key=lambda t: (t.row_off, t.col_off)) == got_tiles
@@ -135,8 +135,8 @@ def test_every_block_is_requested_once_per_region(
     )
     with RasterSource.open(str(path)) as source:
         assert source.block_shape == block
-        for region in region_windows(width, height, 500, 400, *tile, overlap, overlap):
-            tiles = tiles_of_region(region, width, height, *tile, overlap, overlap)[::keep_every]
+        for region in Grid(*tile, overlap, overlap, 500, 400).regions(width, height):
+            tiles = Grid(*tile, overlap, overlap).tiles_of(region, width, height)[::keep_every]
             log = ReadLog(monkeypatch)
             got, pixels, _ = collect(iter_tile_batches(source, tiles, 4, InputScaling(), threads=3))
             monkeypatch.undo()
@@ -161,7 +161,7 @@ def test_reads_follow_the_strips_plan_not_the_tiles(
     make_raster: RasterMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _ = make_raster(width=1024, height=1024, count=3, tiled=True, block=256)
-    tiles = tiles_of_region(Window(0, 0, 1024, 1024), 1024, 1024, 256, 256, 64, 64)
+    tiles = Grid(256, 256, 64, 64).tiles_of(Window(0, 0, 1024, 1024), 1024, 1024)
     log = ReadLog(monkeypatch)
     with RasterSource.open(str(path)) as source:
         collect(iter_tile_batches(source, tiles, 8, InputScaling()))
@@ -178,7 +178,7 @@ def test_all_nodata_tiles_are_skipped_and_counted(make_raster: RasterMaker) -> N
     data[:, :, :450] = 0  # the left half is nodata
     data[:, 10:20, 10:20] = 0
     path, _ = make_raster(width=width, height=height, data=data, nodata=0)
-    tiles = tiles_of_region(Window(0, 0, width, height), width, height, 200, 200, 20, 20)
+    tiles = Grid(200, 200, 20, 20).tiles_of(Window(0, 0, width, height), width, height)
     with RasterSource.open(str(path)) as source:
         got, pixels, skipped = collect(iter_tile_batches(source, tiles, 4, InputScaling()))
     empty = [t for t in tiles if t.col_end <= 450]
@@ -192,7 +192,7 @@ def test_all_nodata_tiles_are_skipped_and_counted(make_raster: RasterMaker) -> N
 def test_a_raster_of_nodata_reports_its_skips_in_one_empty_batch(make_raster: RasterMaker) -> None:
     data = np.full((1, 300, 300), 7, dtype=np.uint16)
     path, _ = make_raster(width=300, height=300, count=1, dtype="uint16", data=data, nodata=7)
-    tiles = tiles_of_region(Window(0, 0, 300, 300), 300, 300, 128, 128, 0, 0)
+    tiles = Grid(128, 128, 0, 0).tiles_of(Window(0, 0, 300, 300), 300, 300)
     with RasterSource.open(str(path)) as source:
         scaling = InputScaling(replicate=True, value_range=(0, 65535))  # one band, three channels: asked for
         batches = list(iter_tile_batches(source, tiles, 4, scaling, tile_shape=(128, 128)))
@@ -202,7 +202,7 @@ def test_a_raster_of_nodata_reports_its_skips_in_one_empty_batch(make_raster: Ra
 
 def test_a_small_image_is_padded_to_the_model_tile(make_raster: RasterMaker) -> None:
     path, data = make_raster(width=100, height=60, count=1, tiled=False)
-    tiles = tiles_of_region(Window(0, 0, 100, 60), 100, 60, 128, 96, 16, 16)
+    tiles = Grid(128, 96, 16, 16).tiles_of(Window(0, 0, 100, 60), 100, 60)
     with RasterSource.open(str(path)) as source:
         (batch,) = list(
             iter_tile_batches(source, tiles, 2, InputScaling(replicate=True), tile_shape=(96, 128))
@@ -234,7 +234,7 @@ def test_region_memory_is_a_few_strips_not_the_image(make_raster: RasterMaker) -
 
     def peak(path: Path) -> int:
         with RasterSource.open(str(path)) as source:
-            tiles = tiles_of_region(Window(0, 0, size, size), size, size, tile, tile, overlap, overlap)
+            tiles = Grid(tile, tile, overlap, overlap).tiles_of(Window(0, 0, size, size), size, size)
             tracemalloc.start()
             try:
                 for item in iter_tile_batches(
@@ -263,7 +263,7 @@ def test_memory_does_not_grow_with_the_image(make_raster: RasterMaker) -> None:
         data = np.full((1, height, 2048), 5, np.uint8)
         path, _ = make_raster(f"tall{height}.tif", width=2048, height=height, count=1, data=data)
         with RasterSource.open(str(path)) as source:
-            tiles = tiles_of_region(Window(0, 0, 2048, height), 2048, height, 256, 256, 32, 32)
+            tiles = Grid(256, 256, 32, 32).tiles_of(Window(0, 0, 2048, height), 2048, height)
             tracemalloc.start()
             try:
                 for _ in iter_tile_batches(source, tiles, 2, InputScaling(replicate=True)):
@@ -285,14 +285,14 @@ def test_read_errors_reach_the_consumer(make_raster: RasterMaker, monkeypatch: p
         raise UserError(f"reading {source.url} failed at {window}: truncated")
 
     monkeypatch.setattr(RasterSource, "read", broken)
-    tiles = tiles_of_region(Window(0, 0, 600, 600), 600, 600, 256, 256, 0, 0)
+    tiles = Grid(256, 256, 0, 0).tiles_of(Window(0, 0, 600, 600), 600, 600)
     with RasterSource.open(str(path)) as source, pytest.raises(UserError, match="truncated"):
         collect(iter_tile_batches(source, tiles, 2, InputScaling()))
 
 
 def test_a_consumer_that_stops_early_leaves_no_reader_running(make_raster: RasterMaker) -> None:
     path, _ = make_raster(width=2048, height=2048)
-    tiles = tiles_of_region(Window(0, 0, 2048, 2048), 2048, 2048, 256, 256, 0, 0)
+    tiles = Grid(256, 256, 0, 0).tiles_of(Window(0, 0, 2048, 2048), 2048, 2048)
     before = {t.name for t in threading.enumerate()}
     with RasterSource.open(str(path)) as source:
         batches = iter_tile_batches(source, tiles, 2, InputScaling(), prefetch=1)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from services.errors import UserError
-from services.tiling.windows import Window, region_windows, tile_origins, tiles_of_region
+from services.tiling.windows import Grid, Window
 
 
 # (image w, h, tile w, h, overlap x, y, region w, h): odd sizes, non-square tiles, regions not multiples
 # of the stride, an image smaller than a tile on one axis, a single region, zero overlap.
-class Grid(NamedTuple):
+class Case(NamedTuple):
     w: int
     h: int
     tw: int
@@ -25,24 +25,24 @@ class Grid(NamedTuple):
 
 
 GRIDS = [
-    Grid(1037, 771, 256, 256, 32, 32, 600, 500),
-    Grid(1037, 771, 300, 200, 50, 20, 700, 333),
-    Grid(4099, 2050, 512, 384, 128, 64, 1500, 1100),
-    Grid(200, 771, 256, 128, 40, 16, 1000, 300),
-    Grid(513, 511, 512, 512, 100, 100, 5000, 5000),
-    Grid(1000, 1000, 250, 250, 0, 0, 500, 500),
-    Grid(1300, 257, 256, 256, 255, 255, 256, 256),
+    Case(1037, 771, 256, 256, 32, 32, 600, 500),
+    Case(1037, 771, 300, 200, 50, 20, 700, 333),
+    Case(4099, 2050, 512, 384, 128, 64, 1500, 1100),
+    Case(200, 771, 256, 128, 40, 16, 1000, 300),
+    Case(513, 511, 512, 512, 100, 100, 5000, 5000),
+    Case(1000, 1000, 250, 250, 0, 0, 500, 500),
+    Case(1300, 257, 256, 256, 255, 255, 256, 256),
 ]
 
 
-def all_tiles(grid: Grid) -> list[list[Window]]:
+def all_tiles(grid: Case) -> list[list[Window]]:
     w, h, tw, th, ox, oy, rw, rh = grid
-    regions = region_windows(w, h, rw, rh, tw, th, ox, oy)
-    return [tiles_of_region(region, w, h, tw, th, ox, oy) for region in regions]
+    tiling = Grid(tw, th, ox, oy, rw, rh)
+    return [tiling.tiles_of(region, w, h) for region in tiling.regions(w, h)]
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
-def test_tiles_cover_every_pixel_at_full_size(grid: Grid) -> None:
+def test_tiles_cover_every_pixel_at_full_size(grid: Case) -> None:
     w, h, tw, th = grid.w, grid.h, grid.tw, grid.th
     coverage = np.zeros((h, w), dtype=np.int32)
     for tiles in all_tiles(grid):
@@ -55,19 +55,19 @@ def test_tiles_cover_every_pixel_at_full_size(grid: Grid) -> None:
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
-def test_regions_partition_the_image_and_own_each_tile_once(grid: Grid) -> None:
+def test_regions_partition_the_image_and_own_each_tile_once(grid: Case) -> None:
     w, h, tw, th, ox, oy, rw, rh = grid
-    regions = region_windows(w, h, rw, rh, tw, th, ox, oy)
+    regions = Grid(tw, th, ox, oy, rw, rh).regions(w, h)
     owner = np.zeros((h, w), dtype=np.int32)
     for region in regions:
         owner[region.row_off : region.row_end, region.col_off : region.col_end] += 1
     assert (owner == 1).all(), "regions must partition the image"
 
-    xs, ys = tile_origins(w, h, tw, th, ox, oy)
+    xs, ys = Grid(tw, th, ox, oy).origins(w, h)
     origins = {(int(x), int(y)) for y in ys for x in xs}
     seen: list[tuple[int, int]] = []
     for region in regions:
-        tiles = tiles_of_region(region, w, h, tw, th, ox, oy)
+        tiles = Grid(tw, th, ox, oy).tiles_of(region, w, h)
         assert tiles, f"region {region} has no tiles"
         for tile in tiles:
             # A region's tiles start inside it and reach past it by at most the overlap.
@@ -81,7 +81,7 @@ def test_regions_partition_the_image_and_own_each_tile_once(grid: Grid) -> None:
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
-def test_every_object_no_larger_than_the_overlap_lies_inside_one_tile(grid: Grid) -> None:
+def test_every_object_no_larger_than_the_overlap_lies_inside_one_tile(grid: Case) -> None:
     w, h, tw, ox, oy = grid.w, grid.h, grid.tw, grid.ox, grid.oy
     tiles = np.array([(t.col_off, t.row_off, t.col_end, t.row_end) for ts in all_tiles(grid) for t in ts])
     rng = np.random.default_rng(7)
@@ -111,21 +111,21 @@ def test_every_object_no_larger_than_the_overlap_lies_inside_one_tile(grid: Grid
 
 
 def test_grid_strides_and_edge_shift() -> None:
-    xs, ys = tile_origins(1037, 771, 256, 200, 56, 40)
+    xs, ys = Grid(256, 200, 56, 40).origins(1037, 771)
     assert xs.tolist() == [0, 200, 400, 600, 781]  # last shifted back to 1037 - 256
     assert ys.tolist() == [0, 160, 320, 480, 571]
-    xs, ys = tile_origins(100, 50, 256, 256, 32, 32)
+    xs, ys = Grid(256, 256, 32, 32).origins(100, 50)
     assert xs.tolist() == [0] and ys.tolist() == [0]
-    assert tiles_of_region(Window(0, 0, 100, 50), 100, 50, 256, 256, 32, 32) == [Window(0, 0, 100, 50)]
+    assert Grid(256, 256, 32, 32).tiles_of(Window(0, 0, 100, 50), 100, 50) == [Window(0, 0, 100, 50)]
 
 
 def test_region_size_rounds_to_whole_strides() -> None:
-    regions = region_windows(5000, 300, 1000, 1000, 512, 512, 64, 64)
+    regions = Grid(512, 512, 64, 64, 1000, 1000).regions(5000, 300)
     # 1000 rounds down to 896, two strides of 448.
     assert [r.col_off for r in regions] == [0, 896, 1792, 2688, 3584, 4480]
     assert regions[-1].col_end == 5000
     # 4900 wide: the last tile starts at 4388, a region at 4480 would hold no tile: it joins the one before.
-    regions = region_windows(4900, 300, 1000, 1000, 512, 512, 64, 64)
+    regions = Grid(512, 512, 64, 64, 1000, 1000).regions(4900, 300)
     assert [(r.col_off, r.col_end) for r in regions][-2:] == [(2688, 3584), (3584, 4900)]
 
 
@@ -137,9 +137,9 @@ def test_bad_grid_settings_raise_user_errors(
     tile: tuple[int, int], overlap: tuple[int, int], region: tuple[int, int]
 ) -> None:
     with pytest.raises(UserError, match=r"tile|overlap"):
-        region_windows(1000, 1000, *region, *tile, *overlap)
+        Grid(*tile, *overlap, *region).regions(1000, 1000)
     with pytest.raises(UserError, match="region size"):
-        region_windows(1000, 1000, 0, 512, 256, 256, 0, 0)
+        Grid(256, 256, 0, 0, 0, 512).regions(1000, 1000)
 
 
 def test_window_geometry() -> None:
