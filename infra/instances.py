@@ -8,6 +8,7 @@ a rule such as "session tokens are required" is written once and reads the same 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 
 import pulumi
@@ -18,6 +19,15 @@ AL2023_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-d
 
 USER_DATA_LIMIT_BYTES = 16 * 1024
 """EC2's limit on user data, counted before base64 encoding."""
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+"""What the name of a container's environment variable must look like on any instance: a shell name."""
+
+PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+"""A placeholder in a boot script's template: ``@NAME@`` (bash's own ``${...}`` and ``{...}`` are left)."""
+
+HEREDOC_END = "TESSERA_EOF"
+"""The line that ends each here-document :func:`heredoc_install` writes."""
 
 
 def amazon_linux_ami(parent: pulumi.Resource) -> pulumi.Output[str]:
@@ -197,3 +207,27 @@ def cidr_block(cidr: object, setting: str, example: str) -> ipaddress.IPv4Networ
             f"{setting}: {cidr!r} is not a CIDR block ({err}); write a network with its prefix length, "
             f"e.g. {example}"
         ) from None
+
+
+def fill_template(template: str, **values: str | int) -> str:
+    """``template`` with each ``@NAME@`` replaced by ``values[NAME]``, ending in one newline.
+
+    Placeholders are filled in one pass, so a value that holds ``@NAME@`` text is left as it is. A
+    placeholder with no value is refused (a ValueError names it): an unfilled one would reach the box.
+    """
+    missing = [name for name in PLACEHOLDER.findall(template) if name not in values]
+    if missing:
+        raise ValueError(f"boot script template placeholder @{missing[0]}@ was not filled")
+    text = template.strip("\n") + "\n"
+    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), text)
+
+
+def heredoc_install(path: str, body: str, *, mode: str = "0644", quote_path: bool = False) -> str:
+    """A bash command that writes ``body`` to ``path`` with ``mode``, making its directories: ``install``
+    reading a quoted here-document, so that nothing in ``body`` is expanded. ``quote_path`` puts the path in
+    single quotes (names that are not plain words). ``body`` must not hold the line :data:`HEREDOC_END`."""
+    if f"\n{HEREDOC_END}\n" in f"\n{body}\n":
+        raise ValueError(f"{path}: content must not contain the line {HEREDOC_END}")
+    target = f"'{path}'" if quote_path else path
+    content = body.rstrip("\n")
+    return f"install -D -m {mode} /dev/stdin {target} <<'{HEREDOC_END}'\n{content}\n{HEREDOC_END}\n"

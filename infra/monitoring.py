@@ -33,6 +33,8 @@ from infra.instances import (
     allow_tcp_from_group,
     amazon_linux_ami,
     encrypted_root_volume,
+    fill_template,
+    heredoc_install,
     imdsv2_metadata_options,
 )
 
@@ -136,24 +138,16 @@ def render_user_data(
     *, region: str, grafana_version: str, admin_secret_arn: str, files: dict[str, str]
 ) -> str:
     """The first-boot script: install the pinned Grafana, write ``files``, set the admin password, start."""
-    writes = []
-    for path, body in files.items():
-        if "\nTESSERA_EOF\n" in f"\n{body}\n":
-            raise ValueError(f"{path}: content must not contain the line TESSERA_EOF")
-        writes.append(
-            f"install -D -m 0644 /dev/stdin '{path}' <<'TESSERA_EOF'\n{body.rstrip()}\nTESSERA_EOF\n"
-        )
-    script = _USER_DATA
-    for key, value in {
-        "VERSION": grafana_version,
-        "REGION": region,
-        "SECRET_ARN": admin_secret_arn,
-        "PORT": str(GRAFANA_PORT),
-        "DASHBOARDS": DASHBOARDS_PATH_ON_HOST,
-        "FILES": "".join(writes).rstrip("\n"),
-    }.items():
-        script = script.replace(f"@{key}@", value)
-    return script
+    writes = [heredoc_install(path, body, quote_path=True) for path, body in files.items()]
+    return fill_template(
+        _USER_DATA,
+        VERSION=grafana_version,
+        REGION=region,
+        SECRET_ARN=admin_secret_arn,
+        PORT=GRAFANA_PORT,
+        DASHBOARDS=DASHBOARDS_PATH_ON_HOST,
+        FILES="".join(writes).rstrip("\n"),
+    )
 
 
 def encode_user_data(script: str) -> str:

@@ -3,6 +3,11 @@
 Components never read ``pulumi.Config``: this module reads every key of a stack (``Pulumi.<stack>.yaml``),
 applies the documented defaults, and rejects a bad value with a message that names the key and says what to
 set. The README's configuration table is written from this module.
+
+It stays one file (over 500 lines) on purpose: :func:`read_settings` is the one reader of every ``tessera:``
+key, the single place the README's table is written from; its parsers (``_as_int``, ``_cidrs``,
+``_catalog_public``...) are private steps of that one reading and share its ``ConfigError`` and ``pulumi
+config set`` hints. Moving the catalog's keys elsewhere would split that table, not separate a concern.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# The NVIDIA families (what the worker fleet's GPU services can run on) are the accelerator table's, which
+# the training instance reads too.
+from infra.accelerators import NVIDIA_FAMILIES
+
 LAYERS = ("all", "data", "compute")
 
-#: Instance families that carry NVIDIA GPUs (what the worker fleet's GPU services can run on).
-NVIDIA_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en")
 #: Families for CPU-only workers (and small helper instances).
 CPU_FAMILIES = ("t3", "t3a", "t4g", "m5", "m6i", "m7i", "c5", "c6i", "c7i", "r6i", "r7i")
 #: The trainer images there are (infra/trainer_images.py builds them; a test keeps the two lists equal).

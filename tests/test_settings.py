@@ -148,3 +148,20 @@ def test_a_cpu_service_is_refused_a_gpu_instance() -> None:
         ].instance_type
         == "c6i.large"
     )
+
+
+def test_the_gpu_fleet_takes_the_nvidia_families_of_the_accelerator_table() -> None:
+    """One table says which families carry NVIDIA GPUs: the training instance's (infra/accelerators.py)."""
+    import json
+
+    from infra.accelerators import FAMILY_ACCELERATORS
+    from stacks.settings import _fleets
+
+    nvidia = [family for family, accelerator in FAMILY_ACCELERATORS.items() if accelerator == "nvidia"]
+    assert "g5" in nvidia and "p6-b200" in nvidia
+    for family in nvidia:
+        fleets = _fleets("tessera:fleets", json.dumps({"model-runner": {"instanceType": f"{family}.xlarge"}}))
+        assert fleets["model-runner"].instance_type == f"{family}.xlarge"
+    for family in (f for f, a in FAMILY_ACCELERATORS.items() if a != "nvidia"):
+        with pytest.raises(ConfigError, match=r"model-runner\.instanceType.*GPU service"):
+            _fleets("tessera:fleets", json.dumps({"model-runner": {"instanceType": f"{family}.xlarge"}}))

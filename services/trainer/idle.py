@@ -13,8 +13,8 @@ While someone is logged in the agent also publishes the busy heartbeat (:class:`
 :data:`BUSY_NAMESPACE` / :data:`BUSY_METRIC` = 1, dimension ``InstanceId``), as the trainer does while a job
 runs, so that the safety net (``services/autostop``), which cannot see logins or jobs, does not stop a box
 someone is debugging on or staging data with: it counts the box idle only when its accelerators idle and no
-busy heartbeat came. The box's idle alarm reads one metric the host publishes instead (``infra/training.py``,
-``ACTIVITY_CHECK``), which applies this module's job and login rules to the same state file and ``/proc``.
+busy heartbeat came. The box's idle alarm reads one metric the host publishes instead (``infra/boot/
+tessera-activity``), which applies this module's job and login rules to the same state file and ``/proc``.
 
 Once the box has been idle without a break for ``TESSERA_IDLE_MINUTES`` (default 5), the agent stops its own
 instance through the EC2 API (instance id from IMDSv2). Should that fail it runs ``shutdown -h now`` (the
@@ -69,7 +69,7 @@ EXIT_STOP_REQUESTED = 75
 IMDS = "http://169.254.169.254"
 
 BUSY_NAMESPACE = "tessera/Training"
-"""The busy heartbeat's namespace (the box's role may publish here; ``infra/training.py`` keeps a copy)."""
+"""The busy heartbeat's namespace (the box's role may publish here; ``infra/training_boot.py`` has a copy)."""
 BUSY_METRIC = "Busy"
 """1 while a job runs (data staging included) or someone is logged in, with an ``InstanceId`` dimension."""
 BUSY_INTERVAL_S = 50.0
@@ -83,40 +83,14 @@ QUEUE_ATTRIBUTES = (
     "ApproximateNumberOfMessagesDelayed",
 )
 
-SYSTEMD_UNIT = """\
-[Unit]
-Description=tessera idle agent: stop this training box when no job, no queue and no login for the idle period
-Wants=network-online.target
-After=network-online.target docker.service tessera-trainer.service
-Requires=docker.service
+HOST_DIR = Path(__file__).with_name("host")
+"""The files the box runs the agent with (package data): the Pulumi program (``infra/training_boot.py``)
+installs these very files on every training box."""
 
-[Service]
-ExecStartPre=-/usr/bin/docker rm -f tessera-idle
-ExecStart=/usr/local/bin/tessera-idle-agent
-ExecStop=/usr/bin/docker stop --time 10 tessera-idle
-Restart=always
-RestartSec=30
-
-[Install]
-WantedBy=multi-user.target
-"""
+SYSTEMD_UNIT = (HOST_DIR / "tessera-idle.service").read_text(encoding="utf-8")
 """``/etc/systemd/system/tessera-idle.service``: runs :data:`WRAPPER_SCRIPT`, and again should it die."""
 
-WRAPPER_SCRIPT = """\
-#!/bin/bash
-# tessera idle agent, run from the trainer image. Host network and PID namespaces let it see SSH connections
-# (/proc/net/tcp) and Session Manager sessions (/proc/*/comm) of the host; it reads the trainer's state file.
-# It stops the box through the EC2 API; exit status 75 asks this wrapper to shut the box down instead.
-set -uo pipefail
-image=$(cat /etc/tessera/trainer.image) || exit 1
-docker run --rm --name tessera-idle --network host --pid host \\
-  --env-file /etc/tessera/trainer.env -e AWS_REGION=@REGION@ -e TESSERA_IDLE_MINUTES=@IDLE_MINUTES@ \\
-  -e TESSERA_TRAINER_STATE=/run/tessera/trainer-state.json -v /run/tessera:/run/tessera:ro \\
-  --entrypoint python "$image" -m services.trainer.idle
-status=$?
-if [ "$status" -eq 75 ]; then exec /usr/sbin/shutdown -h now; fi
-exit "$status"
-"""
+WRAPPER_SCRIPT = (HOST_DIR / "tessera-idle-agent").read_text(encoding="utf-8")
 """``/usr/local/bin/tessera-idle-agent`` (mode 0755). Fill ``@REGION@`` and ``@IDLE_MINUTES@``. It needs
 ``/etc/tessera/trainer.image`` (the image the trainer start script resolved from SSM) and ``/etc/tessera/
 trainer.env`` (which carries ``TESSERA_QUEUE_TRAINING_JOBS_URL``)."""

@@ -20,14 +20,16 @@ import pytest
 
 from infra.catalog import (
     API_COMMAND,
+    LISTENER_PORT,
+    REFRESHER_COMMAND,
+    Catalog,
+    CatalogArgs,
+)
+from infra.catalog_balancers import (
     APP_PORT,
     HEALTH_PATH,
     HSTS,
-    LISTENER_PORT,
-    REFRESHER_COMMAND,
     TLS_POLICY,
-    Catalog,
-    CatalogArgs,
     CatalogPublicArgs,
     validate_certificate_arn,
     validate_domain,

@@ -14,11 +14,10 @@ import pytest
 from infra.database import (
     Database,
     DatabaseArgs,
-    DatabaseBootstrap,
-    DatabaseBootstrapArgs,
     bootstrap_function_name,
     database_identifier,
 )
+from infra.database_bootstrap import DatabaseBootstrap, DatabaseBootstrapArgs
 from infra.iam import wildcard_violations
 from stacks.offline import OfflineRun
 

@@ -16,13 +16,12 @@ import pulumi_aws as aws
 import pytest
 
 from infra.gpu_fleet import (
-    CONTAINER_STOP_TIMEOUT_S,
     CPU_AMI_PARAMETER,
     GPU_AMI_NAME,
     WorkerFleet,
     WorkerFleetArgs,
-    worker_user_data,
 )
+from infra.worker_boot import CONTAINER_STOP_TIMEOUT_S, worker_user_data
 from services.jobs.queue_worker import DEFAULT_DRAIN_S
 from stacks.offline import OfflineRun
 

@@ -14,6 +14,8 @@ from infra.instances import (
     allow_tcp_from_group,
     amazon_linux_ami,
     encrypted_root_volume,
+    fill_template,
+    heredoc_install,
     imdsv2_metadata_options,
     newest_amazon_ami,
 )
@@ -95,3 +97,24 @@ def test_egress_is_every_protocol_or_one_tcp_port(offline: Callable[..., Offline
     assert (rules["https-out"]["ipProtocol"], rules["https-out"]["fromPort"]) == ("tcp", 443)
     assert rules["https-out"]["toPort"] == 443
     assert {r["cidrIpv4"] for r in rules.values()} == {"0.0.0.0/0"}
+
+
+def test_a_template_is_filled_in_one_pass_and_refuses_a_placeholder_left_unfilled() -> None:
+    template = "\n\nregion=@REGION@ minutes=@MINUTES@ ${keep} {x}\n\n"
+    assert fill_template(template, REGION="@MINUTES@", MINUTES=7, UNUSED="x") == (
+        "region=@MINUTES@ minutes=7 ${keep} {x}\n"
+    )
+    with pytest.raises(ValueError, match="@MINUTES@ was not filled"):
+        fill_template(template, REGION="eu-west-1")
+
+
+def test_a_heredoc_writes_the_body_verbatim_and_refuses_its_own_end_line() -> None:
+    assert heredoc_install("/etc/x.conf", "a=$b\n\n") == (
+        "install -D -m 0644 /dev/stdin /etc/x.conf <<'TESSERA_EOF'\na=$b\nTESSERA_EOF\n"
+    )
+    assert heredoc_install("/opt/my file", "x", mode="0755", quote_path=True).startswith(
+        "install -D -m 0755 /dev/stdin '/opt/my file' <<'TESSERA_EOF'\n"
+    )
+    for body in ("TESSERA_EOF", "a\nTESSERA_EOF", "TESSERA_EOF\nb"):
+        with pytest.raises(ValueError, match="TESSERA_EOF"):
+            heredoc_install("/etc/x", body)

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,27 +18,30 @@ from typing import Any
 import pulumi
 import pytest
 
+from infra import training_boot
 from infra.cloudwatch_agent import ACCELERATOR_NAMESPACE, ACCELERATOR_UTILIZATION_METRIC
 from infra.iam import wildcard_violations
+from infra.instances import PLACEHOLDER
 from infra.training import (
+    AMI_NAME_PATTERNS,
+    GAUDI_SYNAPSE_VERSION,
+    INSTANCE_TYPE_SETTING,
+    VOLTA_AMI_NAME_PATTERN,
+    TrainingInstance,
+    TrainingInstanceArgs,
+    accelerator_for,
+)
+from infra.training_boot import (
     ACTIVITY_BUSY,
     ACTIVITY_CHECK,
     ACTIVITY_CHECK_PATH,
     ACTIVITY_METRIC,
     ACTIVITY_NAMESPACE,
-    AMI_NAME_PATTERNS,
     BUSY_METRIC,
     BUSY_NAMESPACE,
-    GAUDI_SYNAPSE_VERSION,
-    IDLE_AGENT_UNIT,
-    IDLE_AGENT_WRAPPER,
-    INSTANCE_TYPE_SETTING,
+    IDLE_AGENT_DIR,
     TRAINER_STATE_DIR,
     TRAINER_STATE_FILE,
-    VOLTA_AMI_NAME_PATTERN,
-    TrainingInstance,
-    TrainingInstanceArgs,
-    accelerator_for,
 )
 from services.trainer import idle
 from stacks.offline import Declared, OfflineRun
@@ -669,10 +673,19 @@ def test_the_data_volume_is_scratch_with_no_final_snapshot_and_the_trainer_can_w
     assert "-e TESSERA_DATA_DIR=/data" in files["/usr/local/bin/tessera-trainer"]
 
 
-def test_infra_copies_of_the_idle_agent_unit_and_wrapper_match_the_agent() -> None:
-    # infra imports no services code, so it keeps copies; they must not drift from the agent's own.
-    assert IDLE_AGENT_UNIT == idle.SYSTEMD_UNIT
-    assert IDLE_AGENT_WRAPPER == idle.WRAPPER_SCRIPT
+def test_the_box_gets_the_idle_agents_own_unit_and_wrapper_files() -> None:
+    # One source: the files beside the agent (services/trainer/host/), which infra reads as files (it imports
+    # no services code). The agent's image carries them as package data, the box gets them in its user data.
+    assert IDLE_AGENT_DIR.resolve() == idle.HOST_DIR.resolve()
+    shipped = sorted(p.name for p in idle.HOST_DIR.iterdir())
+    assert shipped == ["tessera-idle-agent", "tessera-idle.service"]
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for name in shipped:
+        inside = (idle.HOST_DIR / name).relative_to(ROOT / "services").as_posix()
+        assert any(fnmatch.fnmatch(inside, pattern) for pattern in patterns["services"]), inside
+    # The wrapper's placeholders are the ones the box's user data fills; the unit has none.
+    assert set(PLACEHOLDER.findall(idle.WRAPPER_SCRIPT)) == {"REGION", "IDLE_MINUTES"}
+    assert PLACEHOLDER.findall(idle.SYSTEMD_UNIT) == []
     assert str(idle.DEFAULT_TRAINER_STATE) == TRAINER_STATE_FILE
     assert TRAINER_STATE_FILE.startswith(TRAINER_STATE_DIR + "/")
 
@@ -730,3 +743,29 @@ def test_the_box_may_stop_only_itself(offline: Callable[..., OfflineRun]) -> Non
     ]
     assert ":instance/" in _instance(run).outputs["arn"]
     assert wildcard_violations({"Statement": stopping}) == []
+
+
+def test_every_boot_template_is_used_and_nothing_reaches_the_box_unfilled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read: set[str] = set()
+    template = training_boot.template
+
+    def recording(name: str) -> str:
+        read.add(name)
+        return template(name)
+
+    monkeypatch.setattr(training_boot, "template", recording)
+    for accelerator in ("nvidia", "gaudi", "neuron"):
+        user_data = training_boot.render_user_data(
+            accelerator=accelerator,
+            region="eu-west-1",
+            data_volume_id="vol-0123",
+            config_parameter_name="/tessera/test/trainer/config",
+            log_group_name="/tessera/training",
+            agent_config="{}",
+            idle_minutes=15,
+        )
+        assert PLACEHOLDER.search(user_data) is None, accelerator
+    # ACTIVITY_CHECK is read once, at import.
+    assert read | {"tessera-activity"} == {p.name for p in training_boot.BOOT_DIR.iterdir()}

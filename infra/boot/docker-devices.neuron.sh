@@ -1,0 +1,1 @@
+for d in /dev/neuron*; do args+=(--device="$d"); done

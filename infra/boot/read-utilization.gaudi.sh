@@ -1,0 +1,3 @@
+read_utilization() {
+  timeout 30 hl-smi --query-aip=utilization.aip --format=csv,noheader,nounits | tr -d ' %'
+}
