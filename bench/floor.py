@@ -44,7 +44,7 @@ from pipeline import Timed, predecode, time_raw
 
 from services.inference.detector import OnnxDetector, usable_cores
 from services.inference.session import CPU
-from services.model_runner import pipeline
+from services.model_runner import model_setup, pipeline
 from services.model_runner.request import ImageRequest, MergeSettings, Outputs
 from services.tiling.reader import RasterSource
 from services.tiling.windows import Window
@@ -107,7 +107,7 @@ FIRST_TILE_CHILD = """
 import sys, time, json
 started = time.perf_counter()
 sys.path.insert(0, {repo!r})
-from services.model_runner import pipeline
+from services.model_runner import model_setup, pipeline
 from services.inference.detector import OnnxDetector
 from services.tiling.batches import iter_tile_batches
 from services.tiling.reader import RasterSource
@@ -116,7 +116,7 @@ detector = OnnxDetector({model!r}, providers={providers!r}, batch_size={batch})
 sessions = time.perf_counter()
 with RasterSource.open({image!r}) as source:
     opened = time.perf_counter()
-    scaling = pipeline.input_scaling(detector)
+    scaling = model_setup.input_scaling(detector)
     grid = pipeline.Grid(detector.tile_width, detector.tile_height, {overlap}, {overlap}, 8192, 8192)
     plan = pipeline.plan_job(grid, source, None)
     tiles = pipeline.region_tiles(grid, plan.regions[0], source.width, source.height, None)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         overlap=(args.overlap, args.overlap),
         merge=MergeSettings(),
     )
-    grid = pipeline.settle_grid(request, detector)
+    grid = model_setup.settle_grid(request, detector)
     with RasterSource.open(str(scene.path)) as source:
         plan = pipeline.plan_job(grid, source, None)
         regions = [pipeline.region_tiles(grid, r, source.width, source.height, None) for r in plan.regions]

@@ -37,7 +37,7 @@ import harness
 
 from services.inference.detections import Detections
 from services.inference.detector import OnnxDetector
-from services.model_runner import pipeline
+from services.model_runner import model_setup, pipeline
 from services.model_runner.request import DEFAULT_REGION, MergeSettings
 from services.tiling import batches as reader
 from services.tiling.reader import RasterSource
@@ -92,7 +92,7 @@ def predecode(
     bs = detector.batch_size
     want = min(batches * bs, len(tiles))
     picked = [tiles[i] for i in np.linspace(0, len(tiles) - 1, want).round().astype(int)]
-    scaling = pipeline.input_scaling(detector)
+    scaling = model_setup.input_scaling(detector)
     shape = (detector.tile_height, detector.tile_width)
     out = []
     for batch in reader.iter_tile_batches(source, picked, bs, scaling, tile_shape=shape):
@@ -137,7 +137,7 @@ def time_reader(
     path: Path, detector: OnnxDetector, regions: list[list[Window]], *, threads: int, prefetch: int
 ) -> Timed:
     """The reader alone (no model): every region's tiles read, cut, scaled and batched, then dropped."""
-    scaling = pipeline.input_scaling(detector)
+    scaling = model_setup.input_scaling(detector)
     shape = (detector.tile_height, detector.tile_width)
     calls, tiles = 0, 0
     with harness.ThreadCpu() as cpu, RasterSource.open(str(path)) as source:
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model, providers=args.providers, batch_size=args.batch, intra_op_threads=args.intra_op_threads
     )
     if args.threads is None:
-        args.threads = pipeline.reader_threads(detector)
+        args.threads = model_setup.reader_threads(detector)
     overlap = args.overlap if args.overlap is not None else detector.tile_width // 8
     grid = pipeline.Grid(
         detector.tile_width, detector.tile_height, overlap, overlap, args.region, args.region

@@ -323,7 +323,7 @@ def run_case(
     roi: str | None,
 ) -> Case:
     """run_image on ``s3://BUCKET/key`` (with ``roi``); what it fetched against what its tiles cover."""
-    from services.model_runner import pipeline
+    from services.model_runner import model_setup, pipeline
     from services.model_runner.request import parse_request
     from services.tiling.reader import RasterSource
 
@@ -341,9 +341,9 @@ def run_case(
     summary = pipeline.run_image(request, providers="cpu", s3_endpoint=server.endpoint)
     responses = server.counter.take()
     # The tiles the job ran, by the pipeline's own functions (on the local copy: no requests counted).
-    detector = pipeline.open_detector(request, providers="cpu")
+    detector = model_setup.open_detector(request, providers="cpu")
     with RasterSource.open(str(local)) as source:
-        grid = pipeline.settle_grid(request, detector)
+        grid = model_setup.settle_grid(request, detector)
         polygon = pipeline.roi_polygon(request, source)
         plan = pipeline.plan_job(grid, source, polygon)
         tiles = [

@@ -4,6 +4,7 @@ queues/buckets per test."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -26,6 +27,10 @@ from stacks.plan import Plan, plan_stack
 
 Program = Callable[[], Mapping[str, Any] | None]
 ROOT = Path(__file__).resolve().parent.parent
+
+# Models composed for uint8 input (services/inference/native_input.py) are cached per test session, not in
+# the user's ~/.cache.
+os.environ.setdefault("TESSERA_MODEL_CACHE", tempfile.mkdtemp(prefix="tessera-model-cache-"))
 
 
 @pytest.fixture

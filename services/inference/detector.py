@@ -36,6 +36,9 @@ Every batch runs under a :class:`~services.inference.run_control.RunControl`: a 
 :class:`~services.inference.run_control.ModelTimeoutError`; :meth:`OnnxDetector.stop` stops the batches
 in flight (a worker draining); batches run on pool threads, so the caller's thread stays free to take
 Ctrl-C, and the batches in flight are stopped when it does.
+
+This module stays one file (~530 lines): it is the contract and the one class that enforces it — loading,
+the input and output checks, running batches side by side, decoding — and each part reads the others' state.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import numpy as np
 
 from services.errors import UserError
 from services.inference.detections import BoxChecks, Detections, check_boxes
-from services.inference.native_input import fold_uint8_scaling
+from services.inference.native_input import cached_fold
 from services.inference.run_control import STOP_GRACE_S, Run, RunControl
 from services.inference.session import CPU, CUDA, create_session
 from services.inference.yolo import decode_yolo, ultralytics_class_names
@@ -321,7 +324,7 @@ class OnnxDetector:
         key = (float(scale), int(zero_point), clip_max)
         if key not in self._folded:
             model = self._model if isinstance(self._model, bytes) else Path(self._model).read_bytes()
-            composed = fold_uint8_scaling(model, scale=scale, zero_point=zero_point, clip_max=clip_max)
+            composed = cached_fold(model, scale=scale, zero_point=zero_point, clip_max=clip_max)
             folded = None
             if composed is not None:
                 folded = OnnxDetector(

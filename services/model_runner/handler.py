@@ -32,17 +32,9 @@ from services.inference.run_control import RunStoppedError
 from services.jobs.documents import job_id_of, new_job_id
 from services.model_runner import jobs
 from services.model_runner.metrics import Metrics
+from services.model_runner.model_setup import input_scaling, open_detector, settle_grid
 from services.model_runner.outputs import write_outputs
-from services.model_runner.pipeline import (
-    detect_region,
-    input_scaling,
-    merge_seams,
-    open_detector,
-    plan_job,
-    region_tiles,
-    roi_polygon,
-    settle_grid,
-)
+from services.model_runner.pipeline import detect_region, merge_seams, plan_job, region_tiles, roi_polygon
 from services.model_runner.request import ImageRequest, local_model_path, parse_request
 from services.registry import is_registry_ref, resolve_model_uri
 from services.tiling.reader import RasterSource

@@ -12,9 +12,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from services.inference import native_input
 from services.inference.detector import OnnxDetector
-from services.inference.native_input import fold_uint8_scaling
-from services.model_runner.pipeline import FLOAT_INPUT_ENV, run_image
+from services.inference.native_input import CACHE_ENV, cached_fold, fold_uint8_scaling
+from services.model_runner.model_setup import FLOAT_INPUT_ENV
+from services.model_runner.pipeline import run_image
 from services.model_runner.request import ImageRequest, Outputs
 from services.scenes.geotiff import write_scene_geotiff
 from services.tiling.scaling import InputScaling
@@ -119,3 +121,22 @@ def test_a_run_finds_the_same_objects_fed_uint8_or_float32(
         assert a["properties"]["class"] == b["properties"]["class"]
         np.testing.assert_allclose(a["properties"]["pixel_bbox"], b["properties"]["pixel_bbox"], atol=0.01)
         assert abs(a["properties"]["score"] - b["properties"]["score"]) < 1e-3
+
+
+def test_a_composed_model_is_cached_on_disk_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    first = cached_fold(identity_model(), scale=1 / 255, zero_point=0, clip_max=None)
+    assert first is not None and len(list((tmp_path / "cache").glob("*.onnx"))) == 1
+
+    def no_composing(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("composed again although it is cached")
+
+    monkeypatch.setattr(native_input, "fold_uint8_scaling", no_composing)
+    assert cached_fold(identity_model(), scale=1 / 255, zero_point=0, clip_max=None) == first
+    # Another scaling of the same model is another entry.
+    monkeypatch.undo()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert cached_fold(identity_model(), scale=1.0, zero_point=0, clip_max=None) != first
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 2

@@ -10,7 +10,7 @@ from square_world import place_squares, write_raster
 
 from services.cli import main
 from services.errors import UserError
-from services.model_runner.pipeline import MAX_BATCH_ENV, batch_limit_bytes, check_batch_size
+from services.model_runner.model_setup import MAX_BATCH_ENV, batch_limit_bytes, check_batch_size
 
 
 class _Detector:

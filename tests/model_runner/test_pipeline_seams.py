@@ -91,13 +91,13 @@ def test_seams_need_the_seam_merge(
     scene: tuple[Path, np.ndarray], square_model: Path, tmp_path: Path
 ) -> None:
     """The control: region by region, without the seam merge, the seam squares do come out twice."""
-    from services.model_runner import pipeline
+    from services.model_runner import model_setup, pipeline
 
     image, squares = scene
     request = parse_request(_request(image, square_model, tmp_path / "x.geojson"))
-    detector = pipeline.open_detector(request)
+    detector = model_setup.open_detector(request)
     with pipeline.RasterSource.open(str(image)) as source:
-        grid = pipeline.settle_grid(request, detector)
+        grid = model_setup.settle_grid(request, detector)
         plan = pipeline.plan_job(grid, source, None)
         parts = [
             pipeline.detect_region(

@@ -11,24 +11,24 @@ from square_world import place_squares, write_raster
 
 from services.inference.detector import OnnxDetector
 from services.inference.endpoint import EndpointDetector
-from services.model_runner import pipeline
+from services.model_runner import model_setup, pipeline
 from services.model_runner.request import MergeSettings
 from services.tiling.windows import Window
 
 
 def test_two_threads_beside_a_model_on_this_cpu(square_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline, "usable_cores", lambda: 16)
+    monkeypatch.setattr(model_setup, "usable_cores", lambda: 16)
     detector = OnnxDetector(str(square_model), providers="cpu", batch_size=4)
-    assert pipeline.reader_threads(detector) == pipeline.READER_THREADS_BESIDE_CPU_MODEL == 2
+    assert model_setup.reader_threads(detector) == model_setup.READER_THREADS_BESIDE_CPU_MODEL == 2
 
 
 @pytest.mark.parametrize(("cores", "threads"), [(1, 2), (2, 2), (4, 3), (8, 7), (16, 8), (64, 8)])
 def test_every_core_but_one_when_the_model_runs_elsewhere(
     cores: int, threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline, "usable_cores", lambda: cores)
+    monkeypatch.setattr(model_setup, "usable_cores", lambda: cores)
     endpoint = EndpointDetector("http://127.0.0.1:9", tile_width=64, tile_height=64, class_names=["square"])
-    assert pipeline.reader_threads(endpoint) == threads
+    assert model_setup.reader_threads(endpoint) == threads
 
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
