@@ -32,16 +32,8 @@ from urllib.parse import unquote_plus
 
 from botocore.exceptions import ClientError
 
-from services.cloud import database, objects
 from services.cloud.events import FITS_INCOMING_PREFIX
-from services.cloud.queue import (
-    Heartbeat,
-    Message,
-    QueueSettings,
-    queue_settings,
-    receive_messages,
-    sqs_client,
-)
+from services.cloud.queue import Message
 from services.errors import UserError
 from services.fits_classifier import records
 from services.fits_classifier.model import FrameClassifier
@@ -54,7 +46,14 @@ from services.fits_classifier.sources import (
     streamed_checksum,
 )
 from services.fits_classifier.verdicts import CLASSIFIED, Verdict, checksum, judge, unreadable
-from services.jobs.queue_worker import QueueWorker, reconnected, settle
+from services.jobs.queue_worker import (
+    QueueWorker,
+    QueueWorkerSettings,
+    ServedQueue,
+    Settlement,
+    optional_setting,
+    setting,
+)
 from services.jobs.trust import TrustError, policy_in_force, s3_location
 
 log = logging.getLogger(__name__)
@@ -63,33 +62,29 @@ QUEUE_ENV = "TESSERA_QUEUE_FITS_FRAMES_URL"
 RESULTS_BUCKET_ENV = "TESSERA_BUCKET_RESULTS"
 INCOMING_ENV = "TESSERA_FITS_INCOMING_PREFIX"
 ANNOTATED_ENV = "TESSERA_FITS_ANNOTATED"
-#: The prefix the platform's notification route watches (``services.cloud.events``): one definition.
+#: The prefix the platform's notification route watches: ``services.cloud.events.FITS_INCOMING_PREFIX``, the
+#: one definition (this name stays for the tests that hold the two together).
 DEFAULT_INCOMING_PREFIX = FITS_INCOMING_PREFIX
 ANNOTATED_PREFIX = "fits/annotated/"
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings(QueueWorkerSettings):
     """Where the worker takes frames from, which model it runs and where its copies go."""
 
     queue_url: str
     annotated: str
     model: str | None = None
-    incoming_prefix: str = DEFAULT_INCOMING_PREFIX
-    database_url: str | None = None
-    worker_id: str = ""
-    wait_s: int = 1
-    max_messages: int | None = None
+    incoming_prefix: str = FITS_INCOMING_PREFIX
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
         """Settings from the container environment; ``overrides`` win."""
         env = os.environ if env is None else env
-        queue = overrides.pop("queue_url", None) or env.get(QUEUE_ENV)
-        if not queue:
-            raise UserError(f"{QUEUE_ENV} is not set: the frame classifier needs the fits-frames queue's URL")
-        annotated = overrides.pop("annotated", None) or env.get(ANNOTATED_ENV)
+        needed = "the frame classifier needs the fits-frames queue's URL"
+        queue = setting(env, overrides, "queue_url", QUEUE_ENV, needed)
+        annotated = optional_setting(env, overrides, "annotated", ANNOTATED_ENV)
         if not annotated:
             results = env.get(RESULTS_BUCKET_ENV)
             if not results:
@@ -97,8 +92,8 @@ class WorkerSettings:
                     f"neither {ANNOTATED_ENV} nor {RESULTS_BUCKET_ENV} is set: say where annotated frames go"
                 )
             annotated = f"s3://{results}/{ANNOTATED_PREFIX}"
-        prefix = overrides.pop("incoming_prefix", None) or env.get(INCOMING_ENV) or DEFAULT_INCOMING_PREFIX
-        model = overrides.pop("model", None) or env.get("TESSERA_FITS_MODEL")
+        prefix = optional_setting(env, overrides, "incoming_prefix", INCOMING_ENV) or FITS_INCOMING_PREFIX
+        model = optional_setting(env, overrides, "model", "TESSERA_FITS_MODEL")
         return cls(queue_url=queue, annotated=annotated, incoming_prefix=prefix, model=model, **overrides)
 
 
@@ -143,18 +138,13 @@ def frame_events(body: str) -> list[FrameEvent]:
     return events
 
 
-class Worker(QueueWorker):
+class Worker(QueueWorker[WorkerSettings]):
     """Serves the fits-frames queue until stopped (or ``max_messages`` are handled)."""
 
     def __init__(self, settings: WorkerSettings, classifier: FrameClassifier | None = None) -> None:
-        super().__init__(settings.worker_id, settings.max_messages)
-        self.settings = settings
-        self.sqs = sqs_client()
-        self.s3 = objects.s3_client()
-        self.queue: QueueSettings = queue_settings(settings.queue_url, self.sqs)
-        self.database_url = settings.database_url or database.database_url()
-        self.conn = database.connect(self.database_url)
-        database.apply_migrations(self.conn)
+        super().__init__(settings)
+        self.open_queues(("frame event", settings.queue_url))
+        self.open_database()
         if classifier is None:
             from services.fits_classifier.commands import load_classifier
 
@@ -166,33 +156,21 @@ class Worker(QueueWorker):
         """What the worker serves."""
         return f"{self.settings.queue_url} with {self.classifier.describe()}"
 
-    def poll(self, wait_s: int | None = None) -> bool:
-        """Receive and handle at most one message; False when the queue was empty."""
-        self.conn = reconnected(self.conn, self.database_url)
-        wait = self.settings.wait_s if wait_s is None else wait_s
-        messages = receive_messages(self.settings.queue_url, max_messages=1, wait_s=wait, client=self.sqs)
-        if not messages:
-            return False
-        self.handle(messages[0])
-        return True
+    def work(self, message: Message, queue: ServedQueue) -> Settlement:
+        """Every frame of one event message; the message deleted when all are settled."""
+        try:
+            events = frame_events(message.body)
+        except UserError as error:
+            log.warning("worker %s: dropping message %s: %s", self.worker_id, message.message_id, error)
+            events = []
+        for event in events:
+            self.classify_event(event)
+        return Settlement(delete=True)
 
-    def handle(self, message: Message) -> list[Verdict]:
-        """Every frame of one event message, under a heartbeat; the message deleted when all are settled."""
-        self.handled += 1
-        heartbeat = Heartbeat(message, visibility_s=self.queue.visibility_timeout_s, client=self.sqs)
-        verdicts: list[Verdict] = []
-        with heartbeat:
-            try:
-                events = frame_events(message.body)
-            except UserError as error:
-                log.warning("worker %s: dropping message %s: %s", self.worker_id, message.message_id, error)
-                events = []
-            for event in events:
-                verdict = self.classify_event(event)
-                if verdict is not None:
-                    verdicts.append(verdict)
-        settle(message, self.sqs, delete=True)
-        return verdicts
+    def failed(self, message: Message, queue: ServedQueue, error: Exception) -> None:
+        """Out of :meth:`poll`: :meth:`serve` backs off on an outage, and any other error ends the worker (a
+        frame that does so every time reaches the dead-letter queue); the message stays on the queue."""
+        raise error
 
     def classify_event(self, event: FrameEvent) -> Verdict | None:
         """Judge, store and record one frame; None when it is refused, gone or already judged (logged)."""
@@ -238,10 +216,6 @@ class Worker(QueueWorker):
         if not is_fits_name(event.key.rsplit("/", 1)[-1]):
             return "the name is not a FITS file's (.fits, .fit, .fts, their .gz forms or .fz)"
         return None
-
-    def close(self) -> None:
-        """Close the database connection."""
-        self.conn.close()
 
 
 def _object_source(client: Any, event: FrameEvent) -> FrameSource:

@@ -23,18 +23,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.cloud import database, objects
-from services.cloud.queue import (
-    Heartbeat,
-    Message,
-    QueueSettings,
-    queue_settings,
-    receive_messages,
-    sqs_client,
-)
-from services.errors import UserError
+from services.cloud.queue import Heartbeat, Message
 from services.inference.run_control import RunStoppedError
-from services.jobs.queue_worker import QueueWorker, last_delivery, reconnected, settle
+from services.jobs.queue_worker import (
+    QueueWorker,
+    QueueWorkerSettings,
+    ServedQueue,
+    last_delivery,
+    setting,
+    settle,
+)
 from services.model_runner import handler, jobs
 from services.model_runner.metrics import Metrics
 
@@ -44,52 +42,41 @@ IMAGE_QUEUE_ENV = "TESSERA_QUEUE_IMAGE_REQUESTS_URL"
 REGION_QUEUE_ENV = "TESSERA_QUEUE_REGION_REQUESTS_URL"
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Where a worker takes its work from, and how."""
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings(QueueWorkerSettings):
+    """Where a worker takes its work from, and how (``wait_s``: the region queue's long-poll when both queues
+    were empty last time)."""
 
     region_queue_url: str
     image_queue_url: str | None = None
-    database_url: str | None = None
-    worker_id: str = ""
     providers: str = "auto"
-    #: Seconds a receive long-polls the region queue when both queues were empty last time.
-    wait_s: int = 1
-    #: Stop after handling this many messages (None: serve until stopped).
-    max_messages: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
         """Settings from the container environment (queue URLs, database); ``overrides`` win."""
-        env = os.environ if env is None else env
-        region = overrides.pop("region_queue_url", None) or env.get(REGION_QUEUE_ENV)
-        if not region:
-            raise UserError(f"{REGION_QUEUE_ENV} is not set: the worker needs the region queue's URL")
-        return cls(
-            region_queue_url=region,
-            image_queue_url=overrides.pop("image_queue_url", None) or env.get(IMAGE_QUEUE_ENV),
-            **overrides,
+        needed = "the worker needs the region queue's URL"
+        region = setting(env, overrides, "region_queue_url", REGION_QUEUE_ENV, needed)
+        image = overrides.pop("image_queue_url", None) or (os.environ if env is None else env).get(
+            IMAGE_QUEUE_ENV
         )
+        return cls(region_queue_url=region, image_queue_url=image, **overrides)
 
 
-class Worker(QueueWorker):
+class Worker(QueueWorker[WorkerSettings]):
     """Serves the region and image queues until stopped (or ``max_messages`` are handled)."""
 
+    #: The leases of the message in hand (made with its heartbeat, which extends them).
+    leases: handler.Leases
+
     def __init__(self, settings: WorkerSettings, *, metrics: Metrics | None = None) -> None:
-        super().__init__(settings.worker_id, settings.max_messages)
-        self.settings = settings
+        super().__init__(settings)
         self.metrics = metrics or Metrics()
-        self.sqs = sqs_client()
-        self.s3 = objects.s3_client()
-        self.region_queue: QueueSettings = queue_settings(settings.region_queue_url, self.sqs)
-        self.image_queue: QueueSettings | None = (
-            queue_settings(settings.image_queue_url, self.sqs) if settings.image_queue_url else None
-        )
-        self.database_url = settings.database_url or database.database_url()
-        self.conn = database.connect(self.database_url)
-        database.apply_migrations(self.conn)
-        # The heartbeat thread extends leases on its own connection, never inside the main thread's work.
-        self.lease_conn = database.connect(self.database_url)
+        # The region queue first, so it is never starved by a wait on the image queue.
+        queues = [("region", settings.region_queue_url)]
+        if settings.image_queue_url:
+            queues.append(("image", settings.image_queue_url))
+        self.open_queues(*queues)
+        self.open_database(lease_conn=True)
         self.detectors = handler.DetectorCache(settings.providers, s3_client=self.s3)
 
     def context(self) -> handler.Context:
@@ -98,7 +85,7 @@ class Worker(QueueWorker):
             conn=self.conn,
             worker=self.worker_id,
             region_queue_url=self.settings.region_queue_url,
-            lease_s=self.region_queue.visibility_timeout_s / 2,
+            lease_s=self.lease_s,
             detectors=self.detectors,
             metrics=self.metrics,
             sqs=self.sqs,
@@ -106,65 +93,48 @@ class Worker(QueueWorker):
             s3_endpoint=os.environ.get("AWS_ENDPOINT_URL") or None,
         )
 
-    def poll(self, wait_s: int | None = None) -> bool:
-        """Receive and handle at most one message, region queue first; False when both queues were empty."""
-        self._reconnect_if_needed()
-        wait = self.settings.wait_s if wait_s is None else wait_s
-        queues: list[tuple[str, str, QueueSettings]] = [
-            ("region", self.settings.region_queue_url, self.region_queue)
-        ]
-        if self.settings.image_queue_url and self.image_queue is not None:
-            queues.append(("image", self.settings.image_queue_url, self.image_queue))
-        for position, (kind, url, queue) in enumerate(queues):
-            # Long-poll only the last queue, so the region queue is never starved by a wait on the other.
-            last = position == len(queues) - 1
-            messages = receive_messages(url, max_messages=1, wait_s=wait if last else 0, client=self.sqs)
-            if messages:
-                self.handle(kind, messages[0], queue)
-                return True
-        return False
-
-    def handle(self, kind: str, message: Message, queue: QueueSettings) -> None:
-        """Handle one message under a heartbeat; delete, hide or leave it according to the outcome."""
+    def handle(self, message: Message, queue: ServedQueue) -> None:
+        """Record the message's queue lag, then handle it (see :meth:`QueueWorker.handle`)."""
         self.metrics.record(
-            {"QueueLag": max(0.0, time.time() - message.sent_at)}, Queue=kind, Worker=self.worker_id
+            {"QueueLag": max(0.0, time.time() - message.sent_at)}, Queue=queue.kind, Worker=self.worker_id
         )
-        ctx = self.context()
-        leases = handler.Leases(self.lease_conn, self.worker_id, ctx.lease_s)
-        beat = Heartbeat(
-            message, visibility_s=queue.visibility_timeout_s, client=self.sqs, on_beat=leases.extend
+        super().handle(message, queue)
+
+    def heartbeat(self, message: Message, queue: ServedQueue) -> Heartbeat:
+        """A heartbeat that also extends the leases of the regions (or finalisation) the message holds."""
+        self.leases = handler.Leases(self.lease_conn, self.worker_id, self.lease_s)
+        return Heartbeat(
+            message, visibility_s=queue.visibility_timeout_s, client=self.sqs, on_beat=self.leases.extend
+        )
+
+    def work(self, message: Message, queue: ServedQueue) -> handler.Outcome:
+        """Run a region, or split an image request into regions."""
+        if queue.kind == "region":
+            return handler.handle_region_request(self.context(), message, self.leases)
+        return handler.handle_image_request(self.context(), message)
+
+    def failed(self, message: Message, queue: ServedQueue, error: Exception) -> None:
+        """A stopped run is handed back; any other error is recorded on its job (failed on the last
+        delivery) and the message left to be delivered again."""
+        if isinstance(error, RunStoppedError):
+            self._hand_back(queue.kind, message, str(error))
+            return
+        log.exception(
+            "%s message %s failed unexpectedly (delivery %d%s); it will be delivered again",
+            queue.kind,
+            message.message_id,
+            message.receive_count,
+            f" of {queue.max_receive_count}" if queue.max_receive_count else "",
         )
         try:
-            with beat:
-                if kind == "region":
-                    outcome = handler.handle_region_request(ctx, message, leases)
-                else:
-                    outcome = handler.handle_image_request(ctx, message)
-        except RunStoppedError as stopped:
-            self._hand_back(kind, message, str(stopped))
-            return
-        except Exception as error:
+            self.reconnect()
             last = last_delivery(message, queue)
-            log.exception(
-                "%s message %s failed unexpectedly (delivery %d%s); it will be delivered again",
-                kind,
-                message.message_id,
-                message.receive_count,
-                f" of {queue.max_receive_count}" if queue.max_receive_count else "",
-            )
-            try:
-                self._reconnect_if_needed()
-                handler.on_unexpected(self.context(), message, kind, error, last_attempt=last)
-            except Exception:
-                log.exception("cleaning up after the failed message failed too")
-            self.handled += 1
-            return
-        self.handled += 1
-        log.info("%s message %s: %s", kind, message.message_id, outcome.note)
-        settle(message, self.sqs, delete=outcome.delete, defer_s=outcome.defer_s)
+            handler.on_unexpected(self.context(), message, queue.kind, error, last_attempt=last)
+        except Exception:
+            log.exception("cleaning up after the failed message failed too")
 
     def abort(self, reason: str) -> None:
-        """Stop the batches of the region in hand; :meth:`handle` hands the region and its message back."""
+        """Stop the batches of the region in hand; :meth:`failed` hands the region and its message back."""
         log.warning(
             "worker %s: %s; stopping the model and handing the region in hand back", self.worker_id, reason
         )
@@ -182,7 +152,7 @@ class Worker(QueueWorker):
     def _hand_back(self, kind: str, message: Message, reason: str) -> None:
         """The work was stopped before it was done: its region back to PENDING, its message visible now."""
         try:
-            self._reconnect_if_needed()
+            self.reconnect()
             if kind == "region":
                 region = handler.parse_region_request(message.body)
                 jobs.release_region(
@@ -204,12 +174,7 @@ class Worker(QueueWorker):
     def close(self) -> None:
         """Close the detectors' threads and the database connections."""
         self.detectors.close()
-        for conn in (self.conn, self.lease_conn):
-            conn.close()
-
-    def _reconnect_if_needed(self) -> None:
-        self.conn = reconnected(self.conn, self.database_url)
-        self.lease_conn = reconnected(self.lease_conn, self.database_url)
+        super().close()
 
 
 def main() -> int:

@@ -27,11 +27,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from services.cloud import database, objects
+from services.cloud import objects
 from services.cloud.queue import sqs_client
 from services.errors import UserError
-from services.jobs.commands import log_to_stderr, serve_until_stopped, user_errors
-from services.jobs.queue_worker import Backoff, QueueWorker, outage, reconnected
+from services.jobs.commands import log_to_stderr, serve_until_stopped, user_errors, worker_overrides
+from services.jobs.queue_worker import QueueWorker, QueueWorkerSettings
 
 if TYPE_CHECKING:  # imported when a worker is made: ``tessera --help`` need not load the labellers
     from services.sight_catalog.refresher import PassSummary, Refresher, RefresherSettings
@@ -56,15 +56,13 @@ def _default_refresher_settings() -> RefresherSettings:
     return RefresherSettings()
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    """How often the refresher runs, what a pass does, and where the warehouse is."""
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings(QueueWorkerSettings):
+    """How often the refresher runs, what a pass does, and where the warehouse is (``max_messages``: passes;
+    ``wait_s`` is not used: it serves no queue)."""
 
     refresh_s: float = DEFAULT_REFRESH_S
     refresher: RefresherSettings = field(default_factory=_default_refresher_settings)
-    database_url: str | None = None
-    worker_id: str = ""
-    max_messages: int | None = None
 
     def __post_init__(self) -> None:
         if not self.refresh_s >= 0:
@@ -86,20 +84,19 @@ class WorkerSettings:
         return cls(**{**values, **overrides})
 
 
-class Worker(QueueWorker):
-    """Runs refresher passes until stopped (or ``max_messages`` passes are done)."""
+class Worker(QueueWorker[WorkerSettings]):
+    """Runs refresher passes, ``refresh_s`` apart, until stopped (or ``max_messages`` passes are done)."""
 
     def __init__(self, settings: WorkerSettings, refresher: Refresher | None = None) -> None:
         from services.sight_catalog.refresher import Refresher
 
-        super().__init__(settings.worker_id, settings.max_messages)
-        self.settings = settings
+        super().__init__(settings)
+        #: Seconds from the end of one pass to the start of the next (the loop is QueueWorker.serve).
+        self.pause_s = settings.refresh_s
         if refresher is None:
             for name in ("datasets_bucket", "models_bucket", "queue_url"):
                 settings.refresher.training.required(name)  # say what is missing before starting
-        self.database_url = settings.database_url or database.database_url()
-        self.conn = database.connect(self.database_url)
-        database.apply_migrations(self.conn)
+        self.open_database()
         self.refresher = refresher or Refresher(
             settings.refresher, s3=objects.s3_client(), sqs=sqs_client(), should_stop=self.stop_event.is_set
         )
@@ -112,7 +109,7 @@ class Worker(QueueWorker):
 
     def poll(self, wait_s: int | None = None) -> bool:
         """Run one pass; True when it did something (or met an error in a city)."""
-        self.conn = reconnected(self.conn, self.database_url)
+        self.reconnect()
         summary = self.refresher.run_pass(self.conn)
         self.handled += 1
         self.last = summary
@@ -125,38 +122,9 @@ class Worker(QueueWorker):
         )
         return not summary.idle
 
-    def serve(self) -> int:
-        """Run passes until :meth:`stop` (or ``max_messages`` passes), ``refresh_s`` apart; an outage is
-        retried with a doubling delay. Returns the passes run."""
-        log.info("worker %s serving %s", self.worker_id, self.describe())
-        backoff = Backoff()
-        while not self.stop_event.is_set():
-            if self.max_messages is not None and self.handled >= self.max_messages:
-                break
-            try:
-                self.poll()
-            except Exception as error:
-                what = outage(error)
-                if what is None:
-                    raise
-                delay = backoff.next_delay()
-                log.warning("worker %s: %s; retry %d in %g s", self.worker_id, what, backoff.failures, delay)
-                self.stop_event.wait(delay)
-                continue
-            if backoff.failures:
-                log.info("worker %s: reachable again after %d retries", self.worker_id, backoff.failures)
-            backoff.reset()
-            if self.max_messages is None or self.handled < self.max_messages:
-                self.stop_event.wait(self.settings.refresh_s)
-        return self.handled
-
     def abort(self, reason: str) -> None:
         """The drain time ran out: the pass stops after the city in hand (nothing is handed back)."""
         log.warning("worker %s: %s; the pass ends after the city in hand", self.worker_id, reason)
-
-    def close(self) -> None:
-        """Close the database connection."""
-        self.conn.close()
 
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
@@ -182,13 +150,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     log_to_stderr()
-    overrides: dict[str, Any] = {}
-    if getattr(args, "once", False):
-        overrides["max_messages"] = 1
-    elif getattr(args, "max_messages", None) is not None:
-        overrides["max_messages"] = args.max_messages
-    if getattr(args, "worker_id", None):
-        overrides["worker_id"] = args.worker_id
+    overrides = worker_overrides(args)
     if getattr(args, "refresh_s", None) is not None:
         overrides["refresh_s"] = args.refresh_s
     if getattr(args, "providers", None):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -29,19 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.cloud import database, objects
-from services.cloud.queue import (
-    Heartbeat,
-    Message,
-    QueueSettings,
-    queue_settings,
-    receive_messages,
-    send_messages,
-    sqs_client,
-)
+from services.cloud.queue import Heartbeat, Message, send_messages
 from services.errors import UserError
 from services.jobs.documents import job_id_of, new_job_id
-from services.jobs.queue_worker import QueueWorker, last_delivery, reconnected, settle
+from services.jobs.queue_worker import (
+    QueueWorker,
+    QueueWorkerSettings,
+    ServedQueue,
+    Settlement,
+    last_delivery,
+    setting,
+)
 from services.sky_generator import records
 from services.sky_generator.job import SkyJob, parse_job, samples
 from services.sky_generator.shards import (
@@ -64,24 +61,17 @@ SHARD_SCHEMA = "tessera.sky-shard/v1"
 LEASE_SLACK_S = 2.0
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings(QueueWorkerSettings):
     """Where the worker takes its work from, and how."""
 
     queue_url: str
-    database_url: str | None = None
-    worker_id: str = ""
-    wait_s: int = 1
-    max_messages: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
         """Settings from the container environment; ``overrides`` win."""
-        env = os.environ if env is None else env
-        queue = overrides.pop("queue_url", None) or env.get(QUEUE_ENV)
-        if not queue:
-            raise UserError(f"{QUEUE_ENV} is not set: the sky generator needs the sky-requests queue's URL")
-        return cls(queue_url=queue, **overrides)
+        needed = "the sky generator needs the sky-requests queue's URL"
+        return cls(queue_url=setting(env, overrides, "queue_url", QUEUE_ENV, needed), **overrides)
 
 
 def shard_message(job_id: str, shard: int) -> dict[str, Any]:
@@ -89,67 +79,37 @@ def shard_message(job_id: str, shard: int) -> dict[str, Any]:
     return {"schema": SHARD_SCHEMA, "job_id": job_id, "shard": shard}
 
 
-class Worker(QueueWorker):
-    """Serves the sky-requests queue until stopped (or ``max_messages`` are handled)."""
+class Worker(QueueWorker[WorkerSettings]):
+    """Serves the sky-requests queue until stopped (or ``max_messages`` are handled). A message is deleted
+    when handled, hidden when another worker holds its shard, and left to be delivered again after an
+    unexpected error (:meth:`QueueWorker.failed`)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        super().__init__(settings.worker_id, settings.max_messages)
-        self.settings = settings
-        self.sqs = sqs_client()
-        self.s3 = objects.s3_client()
-        self.queue: QueueSettings = queue_settings(settings.queue_url, self.sqs)
-        self.database_url = settings.database_url or database.database_url()
-        self.conn = database.connect(self.database_url)
-        database.apply_migrations(self.conn)
-        self.lease_conn = database.connect(self.database_url)
+        super().__init__(settings)
+        self.open_queues(("sky", settings.queue_url))
+        self.open_database(lease_conn=True)
         self.version = stellarium_version()
         #: Set by :meth:`abort`: the Stellarium in hand is stopped and its shard handed back.
         self.cancel = threading.Event()
+        #: The shards the message in hand holds: the heartbeat extends their leases.
+        self.held: list[tuple[str, int]] = []
 
-    @property
-    def lease_s(self) -> float:
-        """A shard's lease: half the queue's visibility timeout (the heartbeat extends both)."""
-        return self.queue.visibility_timeout_s / 2
-
-    def poll(self, wait_s: int | None = None) -> bool:
-        """Receive and handle at most one message; False when the queue was empty."""
-        self.conn = reconnected(self.conn, self.database_url)
-        self.lease_conn = reconnected(self.lease_conn, self.database_url)
-        wait = self.settings.wait_s if wait_s is None else wait_s
-        messages = receive_messages(self.settings.queue_url, max_messages=1, wait_s=wait, client=self.sqs)
-        if not messages:
-            return False
-        self.handle(messages[0])
-        return True
-
-    def handle(self, message: Message) -> None:
-        """One message under a heartbeat: deleted when handled, hidden when another worker holds its shard,
-        left to be delivered again after an unexpected error."""
-        self.handled += 1
-        held: list[tuple[str, int]] = []
-
-        def beat() -> None:
-            for job_id, shard in list(held):
-                records.extend_lease(self.lease_conn, job_id, shard, self.worker_id, self.lease_s)
-
-        heartbeat = Heartbeat(
-            message, visibility_s=self.queue.visibility_timeout_s, client=self.sqs, on_beat=beat
+    def heartbeat(self, message: Message, queue: ServedQueue) -> Heartbeat:
+        """A heartbeat that also extends the lease of the shard in hand."""
+        return Heartbeat(
+            message, visibility_s=queue.visibility_timeout_s, client=self.sqs, on_beat=self._extend_leases
         )
-        try:
-            with heartbeat:
-                body = _body(message.body)
-                if body.get("schema") == SHARD_SCHEMA:
-                    delete, defer_s = self.handle_shard(message, body, held)
-                else:
-                    delete, defer_s = self.handle_job(message), None
-        except Exception:
-            log.exception(
-                "sky message %s failed unexpectedly (delivery %d); it will be delivered again",
-                message.message_id,
-                message.receive_count,
-            )
-            return
-        settle(message, self.sqs, delete=delete, defer_s=defer_s)
+
+    def _extend_leases(self) -> None:
+        for job_id, shard in list(self.held):
+            records.extend_lease(self.lease_conn, job_id, shard, self.worker_id, self.lease_s)
+
+    def work(self, message: Message, queue: ServedQueue) -> Settlement:
+        """A shard message renders its shard; any other is a job."""
+        body = _body(message.body)
+        if body.get("schema") == SHARD_SCHEMA:
+            return self.handle_shard(message, queue, body)
+        return Settlement(delete=self.handle_job(message))
 
     # ---- jobs -------------------------------------------------------------------------------------------
 
@@ -187,24 +147,22 @@ class Worker(QueueWorker):
 
     # ---- shards -----------------------------------------------------------------------------------------
 
-    def handle_shard(
-        self, message: Message, body: Mapping[str, Any], held: list[tuple[str, int]]
-    ) -> tuple[bool, float | None]:
-        """Render one shard at most once; returns (delete the message, hide it for this long)."""
+    def handle_shard(self, message: Message, queue: ServedQueue, body: Mapping[str, Any]) -> Settlement:
+        """Render one shard at most once; delete the message, or hide it while another worker holds it."""
         job_id, shard = str(body.get("job_id")), body.get("shard")
         if not isinstance(shard, int):
             log.warning("shard message without a shard number: %s", message.body[:200])
-            return True, None
+            return Settlement(delete=True)
         claim = records.claim_shard(self.conn, job_id, shard, self.worker_id, self.lease_s)
         if claim.state == "leased":
-            return False, claim.lease_left_s + LEASE_SLACK_S
+            return Settlement(delete=False, defer_s=claim.lease_left_s + LEASE_SLACK_S)
         if claim.state in ("missing", "finished"):
             self.finalise(job_id)
-            return True, None
+            return Settlement(delete=True)
         record = records.get_job(self.conn, job_id)
         assert record is not None
         job = parse_job(record.job)
-        held.append((job_id, shard))
+        self.held.append((job_id, shard))
         try:
             result = self.render(job, shard)
         except (GeometryError, UserError) as error:
@@ -213,15 +171,15 @@ class Worker(QueueWorker):
         except RenderError as error:
             if self.cancel.is_set():
                 records.release_shard(self.conn, job_id, shard, self.worker_id, f"handed back: {error}")
-                return False, 0
-            if last_delivery(message, self.queue):
+                return Settlement(delete=False, defer_s=0)
+            if last_delivery(message, queue):
                 records.fail_shard(
                     self.conn, job_id, shard, f"gave up after {message.receive_count} tries: {error}"
                 )
             else:
                 records.release_shard(self.conn, job_id, shard, self.worker_id, str(error))
                 log.warning("sky job %s shard %d: %s; it will be tried again", job_id, shard, error)
-                return False, None
+                return Settlement(delete=False)
         else:
             records.complete_shard(
                 self.conn,
@@ -237,9 +195,9 @@ class Worker(QueueWorker):
                 "sky job %s shard %d: %d frames in %.1f s", job_id, shard, len(result.rows), result.seconds
             )
         finally:
-            held.remove((job_id, shard))
+            self.held.remove((job_id, shard))
         self.finalise(job_id)
-        return True, None
+        return Settlement(delete=True)
 
     def render(self, job: SkyJob, shard: int) -> Any:
         """Render the shard in a scratch directory and store its frames, then its manifest part."""
@@ -273,15 +231,6 @@ class Worker(QueueWorker):
         """Stop the Stellarium in hand; its shard is handed back (PENDING) and its message made visible."""
         log.warning("worker %s: %s; stopping Stellarium and handing the shard back", self.worker_id, reason)
         self.cancel.set()
-
-    def describe(self) -> str:
-        """The queue served."""
-        return self.settings.queue_url
-
-    def close(self) -> None:
-        """Close the database connections."""
-        for conn in (self.conn, self.lease_conn):
-            conn.close()
 
 
 def _body(text: str) -> dict[str, Any]:

@@ -102,8 +102,11 @@ class Grid:
         if self.tile_w < 1 or self.tile_h < 1:
             raise UserError(f"tile size must be positive, got {self.tile_w} x {self.tile_h}")
         if not (0 <= self.overlap_x < self.tile_w and 0 <= self.overlap_y < self.tile_h):
+            rule = (
+                "must be smaller" if min(self.overlap_x, self.overlap_y) >= 0 else "must be >= 0 and smaller"
+            )
             raise UserError(
-                f"overlap ({self.overlap_x}, {self.overlap_y}) must be >= 0 and smaller than the tile "
+                f"overlap ({self.overlap_x}, {self.overlap_y}) {rule} than the tile "
                 f"({self.tile_w} x {self.tile_h})"
             )
         if self.region_w < 1 or self.region_h < 1:

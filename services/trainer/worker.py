@@ -17,24 +17,21 @@ Run it as ``tessera worker trainer``; it reads ``TESSERA_QUEUE_TRAINING_JOBS_URL
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.cloud import database, objects
-from services.cloud.queue import (
-    Heartbeat,
-    Message,
-    QueueSettings,
-    queue_settings,
-    receive_messages,
-    sqs_client,
-)
-from services.errors import UserError
+from services.cloud.queue import Heartbeat, Message
 from services.jobs.documents import job_id_of
-from services.jobs.queue_worker import QueueWorker, last_delivery, reconnected, settle
+from services.jobs.queue_worker import (
+    QueueWorker,
+    QueueWorkerSettings,
+    ServedQueue,
+    Settlement,
+    last_delivery,
+    setting,
+)
 from services.trainer import handler
 
 log = logging.getLogger(__name__)
@@ -42,17 +39,12 @@ log = logging.getLogger(__name__)
 QUEUE_ENV = "TESSERA_QUEUE_TRAINING_JOBS_URL"
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings(QueueWorkerSettings):
     """Where the worker takes jobs from, and how."""
 
     queue_url: str
-    database_url: str | None = None
-    worker_id: str = ""
-    #: Seconds a receive long-polls when the queue was empty.
     wait_s: int = 5
-    #: Stop after handling this many messages (None: serve until stopped).
-    max_messages: int | None = None
     #: The trainer state file the idle agent reads (None: ``$TESSERA_TRAINER_STATE`` or the agent's default,
     #: :data:`services.trainer.idle.DEFAULT_TRAINER_STATE`).
     state_path: str | None = None
@@ -62,40 +54,23 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
         """Settings from the container environment; ``overrides`` win."""
-        env = os.environ if env is None else env
-        queue = overrides.pop("queue_url", None) or env.get(QUEUE_ENV)
-        if not queue:
-            raise UserError(f"{QUEUE_ENV} is not set: the trainer needs the training-jobs queue's URL")
-        return cls(queue_url=queue, **overrides)
+        needed = "the trainer needs the training-jobs queue's URL"
+        return cls(queue_url=setting(env, overrides, "queue_url", QUEUE_ENV, needed), **overrides)
 
 
-class Worker(QueueWorker):
-    """Serves the training-jobs queue until stopped (or ``max_messages`` are handled)."""
+class Worker(QueueWorker[WorkerSettings]):
+    """Serves the training-jobs queue until stopped (or ``max_messages`` are handled); a stop request
+    checkpoints the job in hand and hands its message back."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        super().__init__(settings.worker_id, settings.max_messages)
-        self.settings = settings
-        self.sqs = sqs_client()
-        self.s3 = objects.s3_client()
-        self.queue: QueueSettings = queue_settings(settings.queue_url, self.sqs)
-        self.database_url = settings.database_url or database.database_url()
-        self.conn = database.connect(self.database_url)
-        database.apply_migrations(self.conn)
+        super().__init__(settings)
+        self.open_queues(("training job", settings.queue_url))
+        self.open_database()
         self.state = handler.TrainerStateFile(settings.state_path)
         self.outcomes: list[handler.Outcome] = []
 
-    def poll(self, wait_s: int | None = None) -> bool:
-        """Receive and handle at most one job; False when the queue was empty."""
-        self.conn = reconnected(self.conn, self.database_url)
-        wait = self.settings.wait_s if wait_s is None else wait_s
-        messages = receive_messages(self.settings.queue_url, max_messages=1, wait_s=wait, client=self.sqs)
-        if not messages:
-            return False
-        self.handle(messages[0])
-        return True
-
-    def handle(self, message: Message) -> None:
-        """Handle one message under a heartbeat; delete or release it according to the outcome."""
+    def work(self, message: Message, queue: ServedQueue) -> Settlement:
+        """Run one job; delete its message, or release it at once (a stopped job resumes elsewhere)."""
         ctx = handler.Context(
             conn=self.conn,
             worker=self.worker_id,
@@ -105,29 +80,14 @@ class Worker(QueueWorker):
             workdir=Path(self.settings.workdir) if self.settings.workdir else None,
             database_url=self.database_url,
         )
-        beat = self.heartbeat(message)
-        self.handled += 1
-        try:
-            with beat:
-                outcome = handler.handle_job(ctx, message)
-        except Exception as error:
-            last = last_delivery(message, self.queue)
-            log.exception(
-                "training job message %s failed unexpectedly (delivery %d); %s",
-                message.message_id,
-                message.receive_count,
-                "it goes to the dead-letter queue" if last else "it will be delivered again",
-            )
-            self._record_unexpected(message, error, last_attempt=last)
-            return
+        outcome = handler.handle_job(ctx, message)
         self.outcomes.append(outcome)
-        log.info("training job message %s: %s", message.message_id, outcome.note)
-        settle(message, self.sqs, delete=outcome.delete, defer_s=0 if outcome.release else None)
+        return Settlement(outcome.delete, 0 if outcome.release else None, outcome.note)
 
-    def heartbeat(self, message: Message) -> Heartbeat:
+    def heartbeat(self, message: Message, queue: ServedQueue) -> Heartbeat:
         """The heartbeat a job runs under: it keeps ``message`` hidden and refreshes the trainer state file,
         every third of the visibility timeout but at least every :data:`handler.STATE_REFRESH_S`."""
-        visibility_s = self.queue.visibility_timeout_s
+        visibility_s = queue.visibility_timeout_s
         return Heartbeat(
             message,
             visibility_s=visibility_s,
@@ -136,14 +96,22 @@ class Worker(QueueWorker):
             interval_s=min(max(1, int(visibility_s)) / 3, handler.STATE_REFRESH_S),
         )
 
-    def _record_unexpected(self, message: Message, error: BaseException, *, last_attempt: bool) -> None:
+    def failed(self, message: Message, queue: ServedQueue, error: Exception) -> None:
+        """Record the error as the job's reason (FAILED on the last delivery); the message is left alone."""
+        last = last_delivery(message, queue)
+        log.exception(
+            "training job message %s failed unexpectedly (delivery %d); %s",
+            message.message_id,
+            message.receive_count,
+            "it goes to the dead-letter queue" if last else "it will be delivered again",
+        )
         job_id = job_id_of(message.body)
         if job_id is None:
             return
         reason = f"{type(error).__name__}: {error}"
         try:
-            self.conn = reconnected(self.conn, self.database_url)
-            if last_attempt:
+            self.reconnect()
+            if last:
                 handler.fail_job(
                     self.conn, job_id, f"gave up after {message.receive_count} deliveries: {reason}"
                 )
@@ -151,18 +119,6 @@ class Worker(QueueWorker):
                 handler.requeue_job(self.conn, job_id, f"delivery {message.receive_count} failed: {reason}")
         except Exception:
             log.exception("recording the failure of job %s failed too", job_id)
-
-    def describe(self) -> str:
-        """The training-jobs queue."""
-        return self.settings.queue_url
-
-    def stop(self) -> None:
-        """Checkpoint the job in hand (if any), hand its message back, and return from :meth:`serve`."""
-        self.stop_event.set()
-
-    def close(self) -> None:
-        """Close the database connection."""
-        self.conn.close()
 
 
 def main() -> int:

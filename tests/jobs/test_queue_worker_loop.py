@@ -18,6 +18,7 @@ from services.jobs.queue_worker import (
     MAX_VISIBILITY_S,
     Backoff,
     QueueWorker,
+    QueueWorkerSettings,
     last_delivery,
     outage,
     settle,
@@ -77,8 +78,8 @@ def test_last_delivery_follows_the_redrive_policy() -> None:
 class Scripted(QueueWorker):
     """Polls from a script: True handles a message, an exception is raised as is."""
 
-    def __init__(self, script: list[Any], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, script: list[Any], **settings: Any) -> None:
+        super().__init__(QueueWorkerSettings(**settings))
         self.script = script
         self.polls = 0
 

@@ -215,7 +215,7 @@ def test_the_worker_refreshes_the_state_file_at_least_every_minute(
     worker = Worker(WorkerSettings(queue_url=url, database_url=database_url, state_path=str(tmp_path / "s")))
     try:
         (message,) = receive_messages(url, max_messages=1, wait_s=0, client=worker.sqs)
-        beat = worker.heartbeat(message)
+        beat = worker.heartbeat(message, worker.queues[0])
     finally:
         worker.close()
     assert beat.interval_s <= 60
