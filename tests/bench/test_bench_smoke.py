@@ -61,7 +61,21 @@ def test_s3_bytes_benchmark_quick(tmp_path: Path) -> None:
 def test_sahi_benchmark_quick(tmp_path: Path) -> None:
     # SAHI's virtualenv is created on first use in the shared benchmark cache (pip, about 20 s), then reused.
     out = run_quick("sahi_compare.py", tmp_path)
-    assert result(out, "sahi_speedup", "goal>=3") > 0
+    assert result(out, "sahi_speedup", "goal>=4") > 0
     assert result(out, "sahi_rss_ratio", "goal<=0.25") > 0
     counts = re.search(r"^tiles / slices\s+(\d+)\s+(\d+)$", out, re.M)
     assert counts and counts.group(1) == counts.group(2) == "9", out  # same slicing: 3 x 3 at 1024 px
+    assert re.search(r"^time to first tile\s+\d+\.\d+s\s+\d+\.\d+s", out, re.M), out
+
+
+def test_sahi_benchmark_near_free_quick(tmp_path: Path) -> None:
+    # The near-free case, small: both sides run the built model (class names from its metadata).
+    out = run_quick("sahi_compare.py", tmp_path, "--model", "near-free", "--block", "256", "--overlap", "128")
+    assert result(out, "sahi_speedup", "goal>=4") > 0
+    assert result(out, "sahi_rss_ratio", "goal<=0.25") > 0
+    assert re.search(r"^model\s+near-free-v\d+-t512\S* \(near-free\)", out, re.M), out
+    assert "256 px blocks" in out and "overlap 128 px" in out
+    counts = re.search(r"^tiles / slices\s+(\d+)\s+(\d+)$", out, re.M)
+    assert counts and counts.group(1) == counts.group(2) == "9", out
+    found = re.search(r"^detections\s+(\d+)\s+(\d+)$", out, re.M)
+    assert found and int(found.group(1)) > 0 and int(found.group(2)) > 0, out
