@@ -32,6 +32,9 @@ Beside it, the recogniser in-process (:meth:`~services.sight_catalog.recognition
 on the JPEG bytes: decode, letterbox, model, boxes; no HTTP, no database) splits the API's overhead into
 the photo's handling and the HTTP/database/JSON part. ``RESULT api_over_model`` is the best API throughput
 over the model-alone throughput: what share of the core's model rate the API keeps.
+
+This benchmark stays one file (~720 lines): it is one script, run as above, whose set-up, server, load and
+reference are the parts of one measurement and are used nowhere else.
 """
 
 from __future__ import annotations

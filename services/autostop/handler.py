@@ -34,6 +34,10 @@ and ``TESSERA_AUTOSTOP_BUSY_METRIC``, the busy heartbeat as one ``{"namespace": 
 
 Standard library and boto3 only: Lambda's Python runtime provides boto3, and this directory is deployed
 on its own.
+
+This module stays one file (~520 lines): it is the Lambda function's code, packaged from this directory by
+``infra/autostop.py`` with ``handler.py`` as its entry point, and a second module would be one more file
+that the archive, its check and its test must all keep in step.
 """
 
 from __future__ import annotations

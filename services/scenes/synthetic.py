@@ -12,6 +12,9 @@ Classes (the shapes the renderer knows; a scene may use any subset, in any order
 - ``building``: 24-48 px rectangle with a gabled roof (ridge line, one half shaded) and a cast shadow
   (3 px, below/right of the box: the box holds the roof only);
 - ``tank``: 16-28 px pale disc with a dark rim and a centre vent.
+
+This module stays one file (~520 lines): the layout and the renderer share the classes' sizes and looks,
+and the position-hashed noise is what lets windows painted apart join, so they are one scene model.
 """
 
 from __future__ import annotations

@@ -20,33 +20,32 @@
 6. unless told not to (``serve=False``), keep the API and web UI up on loopback until Ctrl-C.
 
 Every process and server is stopped on the way out, Ctrl-C included. Their logs are in ``<out>/logs``.
+
+The processes are :mod:`services.sight_catalog.demo_processes`', the recognitions, the picture and the
+summary :mod:`services.sight_catalog.demo_figures`'.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from services.errors import UserError
-from services.jobs.crew import ROOT, Crew
+from services.jobs.crew import Crew
+from services.sight_catalog.demo_figures import draw_sheet, print_summary, recognise_held_out, warm_up_photo
+from services.sight_catalog.demo_processes import Api, follow_training, model_json, training_seconds
 
 TRAINER_COMMAND: tuple[str, ...] = ("-m", "services.cli", "worker", "trainer")
 REFRESHER_COMMAND: tuple[str, ...] = ("-m", "services.cli", "worker", "sight-catalog")
-API_COMMAND: tuple[str, ...] = ("-m", "services.cli", "sights", "serve")
 #: Who labelled the training photos: the generator's own boxes, drawn as a person would draw them.
 LABELLER = "annotator:generator"
 #: The landmarks in the order a demo city takes them (the first ``sights``).
@@ -62,15 +61,12 @@ PARIS_SIGHTS: Mapping[str, str] = {
 }
 #: Photos per sight at least (a fifth are held out; each sight needs two labelled photos to be a class).
 MIN_PHOTOS_PER_SIGHT = 5
-IOU = 0.5
 #: Every how many photos one is stored turned (EXIF orientation 6 or 8), and one as PNG.
 EXIF_EVERY, PNG_EVERY = 7, 5
 #: Marks a directory this demo made, so a rerun may empty it (and never a directory it did not make).
 MARKER = ".tessera-sights-demo"
 #: The variables a demo's processes must not inherit: they would point them at paid or other resources.
 INHERITED_OUT = ("TESSERA_CATALOG_", "TESSERA_REKOGNITION_", "TESSERA_TRAINER_", "TESSERA_DATA_DIR")
-SHEET_PHOTOS = 8
-_SERVING = re.compile(r"serving the sight catalog on (http://[\d.]+:\d+)")
 
 
 @dataclass(frozen=True)
@@ -244,10 +240,10 @@ def demo(
             f"({result.api}/) are running; logs in {logs}"
         )
         serving = time.monotonic()
-        model = _follow(platform.database_url, city.id, settings, crews, api, logs, console)
+        model = follow_training(platform.database_url, city.id, settings, crews, api, logs, console)
         result.seconds_to_ready = time.monotonic() - serving
-        result.model = _model_json(model)
-        result.training_seconds = _training_seconds(platform.database_url, model.training_job_id)
+        result.model = model_json(model)
+        result.training_seconds = training_seconds(platform.database_url, model.training_job_id)
         console.print(
             f"{city.name}'s model v{model.version} is READY, registered as "
             f"{model.registry_name}:{model.registry_version} ({model.model_uri}); trained in "
@@ -257,8 +253,8 @@ def demo(
             crew.stop()
         console.print("workers stopped: the CPUs are the API's now")
         held = [g for g in generated if str(g.path.resolve()) in _held_sources(result)]
-        _recognise(result, api.url, city.slug, held, _warm_up(generated, held), console)
-        _sheet(result, held, out_dir / "recognitions.png")
+        recognise_held_out(result, api.url, city.slug, held, warm_up_photo(generated, held), console)
+        draw_sheet(result, held, out_dir / "recognitions.png")
         result.files.update(
             {
                 "recognitions": str(out_dir / "recognitions.png"),
@@ -471,363 +467,3 @@ def _ingest_and_label(  # noqa: PLR0917 (one caller, what it set up)
 
 def _held_sources(result: DemoResult) -> set[str]:
     return {str(p["source"]) for p in result.per_photo if p.get("held_out")}
-
-
-# --- the processes ----------------------------------------------------------------------------------------
-
-
-class Api:
-    """``tessera sights serve`` on 127.0.0.1 (a free port), its log in ``log``; rate limits opened up for
-    one demo client."""
-
-    def __init__(self, env: Mapping[str, str], log: Path) -> None:
-        self.env, self.log = dict(env), log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url = ""
-        self._handle: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        """The server's process id."""
-        assert self.process is not None, "start() first"
-        return self.process.pid
-
-    def start(self) -> None:
-        """Start the server (port 0: it picks a free one and logs it)."""
-        self._handle = self.log.open("wb")
-        command = [sys.executable, *API_COMMAND, "--host", "127.0.0.1", "--port", "0", "--providers", "cpu"]
-        command += ["--recognition-burst", "100000", "--recognition-rate", "100000"]
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_until_serving(self, timeout_s: float) -> str:
-        """The server's address once ``/health`` answers; RuntimeError (with the log's tail) when it exits
-        first or ``timeout_s`` passes."""
-        assert self.process is not None, "start() first"
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the API exited with status {self.process.returncode}:\n{self.tail()}")
-            if not self.url:
-                found = _SERVING.search(self.log.read_text(encoding="utf-8", errors="replace"))
-                self.url = found[1] if found else ""
-            if self.url:
-                try:
-                    with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                        if response.status == 200:
-                            return self.url
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start within {timeout_s:.0f} s; see {self.log}")
-            time.sleep(0.1)
-
-    def tail(self, size: int = 2000) -> str:
-        """The end of the server's log."""
-        return self.log.read_text(encoding="utf-8", errors="replace")[-size:]
-
-    def exited(self) -> bool:
-        """Whether the server has exited."""
-        return self.process is not None and self.process.poll() is not None
-
-    def wait(self) -> None:
-        """Until the server exits (or Ctrl-C reaches this process)."""
-        assert self.process is not None, "start() first"
-        while self.process.poll() is None:
-            time.sleep(0.5)
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace_s``."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-def _follow(  # noqa: PLR0917 (one caller, what it watches)
-    database_url: str,
-    city_id: int,
-    settings: DemoSettings,
-    crews: Sequence[Crew],
-    api: Api,
-    logs: Path,
-    console: Any,
-) -> Any:
-    """The city's first READY model; a bar of the training's steps meanwhile. RuntimeError naming the logs
-    when a process dies, the model fails or ``timeout_s`` passes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from services.cloud.database import connect
-    from services.sight_catalog import warehouse
-
-    deadline = time.monotonic() + settings.timeout_s
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with connect(database_url) as conn, Progress(*columns, console=console) as bar:
-        task = bar.add_task("waiting for the refresher to send the training job", total=None)
-        while True:
-            models = warehouse.list_models(conn, city_id)
-            if models:
-                newest = models[0]
-                if newest.status == "READY":
-                    bar.update(task, completed=settings.steps, total=settings.steps)
-                    return newest
-                if newest.status == "FAILED":
-                    raise RuntimeError(
-                        f"the city's model v{newest.version} FAILED: {newest.reason}; logs in {logs}"
-                    )
-                row = conn.execute(
-                    "SELECT status, step FROM training_jobs WHERE id = %s", (newest.training_job_id,)
-                ).fetchone()
-                what = "queued on training-jobs" if row is None or row[0] == "QUEUED" else "training"
-                if row is not None and row[0] == "SUCCESS":
-                    what = "registered; the refresher collects it"
-                step = int(row[1] or 0) if row is not None else 0
-                bar.update(
-                    task, description=f"model v{newest.version}: {what}", total=settings.steps, completed=step
-                )
-            for crew in crews:
-                if crew.all_exited():
-                    raise RuntimeError(
-                        f"a worker exited before the model was READY:\n{crew.tail(0)}\nlogs in {logs}"
-                    )
-            if api.exited():
-                raise RuntimeError(f"the API exited before the model was READY; see {api.log}")
-            if time.monotonic() > deadline:
-                state = f"v{models[0].version} {models[0].status}" if models else "no training started"
-                raise RuntimeError(
-                    f"the city's model was not READY after {settings.timeout_s:.0f} s ({state}); "
-                    f"see the worker logs in {logs}"
-                )
-            time.sleep(0.5)
-
-
-def _model_json(model: Any) -> dict[str, Any]:
-    return {
-        "version": model.version,
-        "status": model.status,
-        "registry_name": model.registry_name,
-        "registry_version": model.registry_version,
-        "model_uri": model.model_uri,
-        "training_job_id": model.training_job_id,
-        "classes": list(model.classes),
-        "images": model.images,
-        "metrics": model.metrics,
-    }
-
-
-def _training_seconds(database_url: str, job_id: str) -> float:
-    """The trainer's own time on the job: from its start to its end, as it recorded them."""
-    from services.cloud.database import connect
-
-    with connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT extract(epoch FROM finished_at - started_at) FROM training_jobs WHERE id = %s", (job_id,)
-        ).fetchone()
-    return float(row[0]) if row and row[0] is not None else 0.0
-
-
-# --- recognising ------------------------------------------------------------------------------------------
-
-
-def _warm_up(generated: Sequence[Generated], held: Sequence[Generated]) -> Generated:
-    """A training photo (not scored) for the call that opens the model."""
-    chosen = {g.path for g in held}
-    return next((g for g in generated if g.path not in chosen), generated[0])
-
-
-def post_photo(url: str, data: bytes, media_type: str, timeout_s: float = 60.0) -> dict[str, Any]:
-    """POST a photo's bytes to a recognitions URL; the JSON answer (RuntimeError with the problem)."""
-    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": media_type})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body: dict[str, Any] = json.loads(response.read())
-            return body
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"POST {url}: {exc.code} {exc.read().decode(errors='replace')[:500]}") from None
-
-
-def _recognise(  # noqa: PLR0917 (one caller, what it gathered)
-    result: DemoResult, base: str, slug: str, held: Sequence[Generated], warm: Generated, console: Any
-) -> None:
-    """Post every held-out photo to the API, one at a time, and score its answers."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from services.scenes.scoring import Score, score_detections
-
-    url = f"{base}/api/cities/{slug}/recognitions"
-    began = time.perf_counter()
-    post_photo(url, warm.path.read_bytes(), warm.media_type)
-    result.warm_up_ms = (time.perf_counter() - began) * 1000
-    ids = {p["source"]: p["image_id"] for p in result.per_photo}
-    per_photo: list[dict[str, Any]] = []
-    total = Score(0, 0, 0)
-    latencies: list[float] = []
-    columns = (TextColumn("[bold]recognising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("recognising", total=len(held))
-        started = time.perf_counter()
-        for photo in held:
-            data = photo.path.read_bytes()
-            began = time.perf_counter()
-            answer = post_photo(url, data, photo.media_type)
-            latencies.append(time.perf_counter() - began)
-            found = answer["sights"]
-            score = score_detections(
-                np.array([[f["box"][k] for k in ("x0", "y0", "x1", "y1")] for f in found], np.float64),
-                np.array([f["score"] for f in found], np.float64),
-                np.array([f["sight"] for f in found], object),
-                np.array([box for _, box in photo.truth], np.float64),
-                np.array([sight for sight, _ in photo.truth], object),
-                iou_threshold=IOU,
-            )
-            total = total + score
-            per_photo.append(
-                {
-                    "source": str(photo.path.resolve()),
-                    "file": str(photo.path),
-                    "image_id": ids.get(str(photo.path.resolve())),
-                    "held_out": True,
-                    "seed": photo.seed,
-                    "main": photo.main,
-                    "media_type": photo.media_type,
-                    "orientation": photo.orientation,
-                    "truth": [{"sight": s, "box": list(b)} for s, b in photo.truth],
-                    "found": found,
-                    "model_version": answer["model"]["version"],
-                    "width": answer["width"],
-                    "height": answer["height"],
-                    "true_positives": score.true_positives,
-                    "false_positives": score.false_positives,
-                    "false_negatives": score.false_negatives,
-                    "seconds": latencies[-1],
-                }
-            )
-            bar.advance(task)
-        elapsed = time.perf_counter() - started
-    result.per_photo = per_photo
-    result.recognitions = len(per_photo)
-    result.true_positives, result.false_positives = total.true_positives, total.false_positives
-    result.false_negatives = total.false_negatives
-    result.precision, result.recall = total.precision, total.recall
-    result.recognitions_per_second = len(per_photo) / elapsed if elapsed > 0 else 0.0
-    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-    result.latency_ms = {"p50": float(p50), "p99": float(p99), "max": float(max(latencies) * 1000)}
-
-
-# --- the picture ------------------------------------------------------------------------------------------
-
-_TRUE, _FOUND, _WRONG = (40, 200, 80), (255, 140, 0), (230, 30, 30)
-
-
-def _sheet(result: DemoResult, held: Sequence[Generated], path: Path, *, scale: int = 2) -> None:
-    """A few held-out photos, upright: the generator's boxes in green, the API's in orange (red when they
-    match no true box), each labelled with its sight and score."""
-    from PIL import Image, ImageDraw, ImageOps
-
-    from services.scenes.scoring import score_detections
-
-    shown = [(g, p) for g, p in zip(held, result.per_photo, strict=True)][:SHEET_PHOTOS]
-    if not shown:
-        return
-    cell_w = max(int(r["width"]) for _, r in shown) * scale
-    cell_h = max(int(r["height"]) for _, r in shown) * scale
-    caption, gap, columns = 18, 8, 4
-    rows = (len(shown) + columns - 1) // columns
-    sheet = Image.new(
-        "RGB", (columns * (cell_w + gap) + gap, rows * (cell_h + caption + gap) + gap), (24, 24, 24)
-    )
-    draw = ImageDraw.Draw(sheet)
-    for index, (photo, record) in enumerate(shown):
-        with Image.open(photo.path) as opened:
-            upright = ImageOps.exif_transpose(opened).convert("RGB")
-        big = upright.resize((upright.width * scale, upright.height * scale), Image.Resampling.NEAREST)
-        left = gap + (index % columns) * (cell_w + gap)
-        top = gap + (index // columns) * (cell_h + caption + gap)
-        sheet.paste(big, (left, top))
-        for truth in record["truth"]:
-            _rectangle(draw, [v * scale for v in truth["box"]], (left, top), _TRUE, 1)
-        for found in record["found"]:
-            box = [found["box"][k] for k in ("x0", "y0", "x1", "y1")]
-            alone = score_detections(
-                np.array([box]),
-                np.array([1.0]),
-                np.array([found["sight"]], object),
-                np.array([t["box"] for t in record["truth"]], np.float64),
-                np.array([t["sight"] for t in record["truth"]], object),
-                iou_threshold=IOU,
-            )
-            colour = _FOUND if alone.true_positives else _WRONG
-            x0, y0, _, _ = _rectangle(draw, [v * scale for v in box], (left, top), colour, 2)
-            draw.text((x0 + 3, y0 + 2), f"{found['sight']} {found['score']:.2f}", fill=colour)
-        missed, wrong = record["false_negatives"], record["false_positives"]
-        text = "all found" if not (missed or wrong) else f"{missed} missed, {wrong} wrong"
-        draw.text((left, top + cell_h + 3), f"{Path(record['file']).name}: {text}", fill=(220, 220, 220))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-
-
-def _rectangle(
-    draw: Any, box: Sequence[float], origin: tuple[int, int], colour: tuple[int, int, int], width: int
-) -> tuple[float, float, float, float]:
-    """Outline ``box`` (x1 and y1 exclusive) at ``origin``, at least a pixel each way; its corners drawn."""
-    x0, y0 = origin[0] + box[0], origin[1] + box[1]
-    x1, y1 = max(x0, origin[0] + box[2] - 1), max(y0, origin[1] + box[3] - 1)
-    draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
-    return x0, y0, x1, y1
-
-
-# --- the summary ------------------------------------------------------------------------------------------
-
-
-def print_summary(result: DemoResult, console: Any) -> None:
-    """The demo's figures as a table."""
-    from rich.table import Table
-
-    table = Table(title=f"tessera sights demo: {result.city}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("sights", ", ".join(result.sights.values()))
-    table.add_row(
-        "photos",
-        f"{result.photos} generated, {result.ingested} ingested; {result.training_photos} to train on "
-        f"(labelled by {result.labeller}), {result.held_out_photos} held out",
-    )
-    model = result.model
-    table.add_row(
-        "model",
-        f"v{model.get('version')} READY as {model.get('registry_name')}:{model.get('registry_version')}; "
-        f"trained in {result.training_seconds:.1f} s (READY {result.seconds_to_ready:.1f} s after the "
-        "workers started)",
-    )
-    found = result.true_positives + result.false_positives
-    known = result.true_positives + result.false_negatives
-    table.add_row(
-        "precision",
-        f"{result.true_positives} of {found} detections right ({result.precision:.1%}), IoU >= {IOU} and the "
-        "same sight",
-    )
-    table.add_row("recall", f"{result.true_positives} of {known} sights found ({result.recall:.1%})")
-    latency = result.latency_ms
-    table.add_row(
-        "recognitions",
-        f"{result.recognitions} held-out photos through POST /api/cities/{result.slug}/recognitions, one "
-        f"at a time: {result.recognitions_per_second:.1f}/s, p50 {latency.get('p50', 0):.0f} ms, "
-        f"p99 {latency.get('p99', 0):.0f} ms (the first call, opening the model: {result.warm_up_ms:.0f} ms)",
-    )
-    for name, label in (("recognitions", "picture"), ("result", "result"), ("logs", "logs")):
-        if name in result.files:
-            table.add_row(label, result.files[name])
-    table.add_row("wall time", f"{result.seconds:.1f} s")
-    console.print(table)

@@ -12,6 +12,10 @@ Everything follows the seed: :func:`plan_photo` draws every choice first, :func:
 (optionally leaving landmarks out, which is how the tests prove the boxes tight). :func:`exif_oriented_jpeg`
 stores an image turned, with the EXIF orientation that turns it back; :func:`write_scenes` writes photos as
 the trainer's detector dataset (``services/trainer/tasks/detector.py``).
+
+This module stays one file (~540 lines): the plan, the painting and the six landmark painters are one seeded
+drawing, and a landmark's box is the bounding box of the pixels its painter covers, so the painters and the
+boxes they promise change together.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ for demos; ``small``; ``full``: the detector's defaults), ``TESSERA_CATALOG_TRAI
 ``TESSERA_CATALOG_TRAINING_TIMEOUT_H`` (6) and ``TESSERA_CATALOG_RETRY_FAILED_H`` (1: how long after a
 failed training a city may try again); where things are: ``TESSERA_BUCKET_DATASETS``,
 ``TESSERA_BUCKET_MODELS`` and ``TESSERA_QUEUE_TRAINING_JOBS_URL`` (the platform sets them).
+
+This module stays one file (~520 lines): planning, starting and collecting are the three steps of one model
+version's life, sharing its settings, its names (registry name, dataset prefix, output URL) and its rows.
 """
 
 from __future__ import annotations

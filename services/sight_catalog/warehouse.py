@@ -9,6 +9,10 @@ names it in S3 keys and model names; a slug already taken gets a suffix (``paris
 Images are recorded once per city and MD5 (:func:`add_image` says whether the row is new), models get the
 next version of their city and start TRAINING (at most one at a time: a unique index), and end READY or
 FAILED, once. Listings are pages in a stable order (by id), continued with :attr:`Page.next_after`.
+
+Its parts: a city's models are :mod:`services.sight_catalog.model_versions`', the data marts
+:mod:`services.sight_catalog.marts`' and the pages :mod:`services.sight_catalog.paging`'; every name is
+importable from here as well.
 """
 
 from __future__ import annotations
@@ -18,21 +22,89 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from services.errors import UserError
+from services.sight_catalog.marts import (
+    CityMart,
+    LabelMart,
+    all_city_marts,
+    city_mart,
+    city_mart_row,
+    label_mart,
+    refresh_marts,
+)
+from services.sight_catalog.model_versions import (
+    Model,
+    get_model,
+    list_models,
+    mark_model_failed,
+    mark_model_ready,
+    model_for_job,
+    next_model_version,
+    ready_model,
+    start_model,
+    training_model,
+    training_models,
+)
+from services.sight_catalog.paging import MAX_PAGE, Page, page_of, page_size
 
-T = TypeVar("T")
+__all__ = [
+    "KEY_PREFIX",
+    "MAX_NAME",
+    "MAX_PAGE",
+    "MAX_SLUG",
+    "MEDIA_TYPES",
+    "City",
+    "CityMart",
+    "Image",
+    "LabelMart",
+    "Model",
+    "Page",
+    "Sight",
+    "add_image",
+    "add_sight",
+    "all_city_marts",
+    "city_by_id",
+    "city_by_slug",
+    "city_mart",
+    "city_mart_row",
+    "clean_name",
+    "count_images",
+    "create_city",
+    "find_city",
+    "find_image",
+    "find_sight",
+    "get_city",
+    "get_image",
+    "get_model",
+    "get_sight",
+    "image_key",
+    "label_mart",
+    "list_cities",
+    "list_images",
+    "list_models",
+    "list_sights",
+    "mark_model_failed",
+    "mark_model_ready",
+    "model_for_job",
+    "next_model_version",
+    "ready_model",
+    "refresh_marts",
+    "request_city",
+    "set_held_out",
+    "slugify",
+    "start_model",
+    "training_model",
+    "training_models",
+]
 
 #: Longest city or sight name (the tables' CHECK).
 MAX_NAME = 100
 #: Longest slug (the table's CHECK: ``^[a-z0-9][a-z0-9-]{0,62}$``).
 MAX_SLUG = 63
-#: Largest page a listing returns.
-MAX_PAGE = 1000
 #: The key prefix the catalog may write under in the datasets bucket.
 KEY_PREFIX = "catalog/"
 MEDIA_TYPES = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
@@ -43,14 +115,6 @@ _LETTERS = str.maketrans(
     {"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "đ": "d", "Đ": "D",
      "ł": "l", "Ł": "L", "þ": "th", "Þ": "TH", "ð": "d", "Ð": "D", "\u0131": "i"}
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Page(Generic[T]):
-    """One page of a listing; ``next_after`` (None: the last page) is the ``after`` of the next one."""
-
-    items: list[T]
-    next_after: int | None
 
 
 @dataclass(frozen=True)
@@ -92,57 +156,6 @@ class Image:
     size_bytes: int
     held_out: bool
     created_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class Model:
-    """A city's model: TRAINING, READY (registered as ``registry_name`` v``registry_version``) or FAILED."""
-
-    id: int
-    city_id: int
-    version: int
-    status: str
-    training_job_id: str
-    dataset: str
-    classes: list[str]
-    images: int
-    registry_name: str
-    registry_version: int | None
-    model_uri: str | None
-    metrics: dict[str, Any]
-    reason: str | None
-    created_at: dt.datetime
-    updated_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class CityMart:
-    """A city in ``sight_city_mart`` (as of ``refreshed_at``)."""
-
-    city_id: int
-    name: str
-    slug: str
-    sights: int
-    images: int
-    labelled_images: int
-    unlabelled_images: int
-    labels: int
-    last_labelled_at: dt.datetime | None
-    model_version: int | None
-    training: bool
-    refreshed_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class LabelMart:
-    """A sight in ``sight_label_mart``: labelled training images and boxes, and held-out images."""
-
-    sight_id: int
-    city_id: int
-    name: str
-    training_images: int
-    training_labels: int
-    held_out_images: int
 
 
 # --- names --------------------------------------------------------------------------------------------------
@@ -273,13 +286,13 @@ def get_city(conn: psycopg.Connection[Any], name_or_slug: str) -> City:
 
 def list_cities(conn: psycopg.Connection[Any], *, limit: int = 100, after: int | None = None) -> Page[City]:
     """Cities in the order they were created (by id), ``limit`` at a time, from after id ``after``."""
-    limit = _page_size(limit)
+    limit = page_size(limit)
     rows = conn.execute(
         "SELECT id, name, slug, label_budget, label_calls_used, requested_by, created_at"
         " FROM sight_cities WHERE id > %s ORDER BY id LIMIT %s",
         (after or 0, limit + 1),
     ).fetchall()
-    return _page([City(*row) for row in rows], limit)
+    return page_of([City(*row) for row in rows], limit)
 
 
 # --- sights -------------------------------------------------------------------------------------------------
@@ -420,7 +433,7 @@ def list_images(
     after: int | None = None,
 ) -> Page[Image]:
     """The city's images by id (optionally of one sight, or only held-out / only training ones)."""
-    limit = _page_size(limit)
+    limit = page_size(limit)
     rows = conn.execute(
         "SELECT id, city_id, sight_id, md5, s3_key, source, media_type, width, height, size_bytes,"
         " held_out, created_at FROM sight_images"
@@ -428,7 +441,7 @@ def list_images(
         " AND (%s::boolean IS NULL OR held_out = %s) ORDER BY id LIMIT %s",
         (city_id, after or 0, sight_id, sight_id, held_out, held_out, limit + 1),
     ).fetchall()
-    return _page([Image(*row) for row in rows], limit)
+    return page_of([Image(*row) for row in rows], limit)
 
 
 def count_images(conn: psycopg.Connection[Any], city_id: int, *, sight_id: int | None = None) -> int:
@@ -447,248 +460,3 @@ def set_held_out(conn: psycopg.Connection[Any], image_ids: Sequence[int], held_o
         (held_out, list(image_ids), held_out),
     )
     return cursor.rowcount
-
-
-# --- models -------------------------------------------------------------------------------------------------
-
-
-def next_model_version(conn: psycopg.Connection[Any], city_id: int) -> int:
-    """The version the city's next model gets (1 for its first)."""
-    row = conn.execute(
-        "SELECT coalesce(max(version), 0) + 1 FROM sight_models WHERE city_id = %s", (city_id,)
-    ).fetchone()
-    return int(row[0]) if row else 1
-
-
-def start_model(
-    conn: psycopg.Connection[Any],
-    city_id: int,
-    *,
-    training_job_id: str,
-    dataset: str,
-    classes: Sequence[str],
-    images: int,
-    registry_name: str,
-) -> Model:
-    """Record the city's next model version as TRAINING (its job is about to be queued).
-
-    UserError when the city has a model training already (one at a time), when the job id was recorded
-    before, or when the city does not exist.
-    """
-    for _ in range(5):
-        try:
-            with conn.transaction():
-                row = conn.execute(
-                    "INSERT INTO sight_models (city_id, version, status, training_job_id, dataset, classes,"
-                    " images, registry_name)"
-                    " SELECT %s, coalesce(max(version), 0) + 1, 'TRAINING', %s, %s, %s, %s, %s"
-                    " FROM sight_models WHERE city_id = %s"
-                    " RETURNING id, city_id, version, status, training_job_id, dataset, classes, images,"
-                    " registry_name, registry_version, model_uri, metrics, reason, created_at, updated_at",
-                    (city_id, training_job_id, dataset, Jsonb(list(classes)), images, registry_name, city_id),
-                ).fetchone()
-        except psycopg.errors.ForeignKeyViolation:
-            raise UserError(f"no city with id {city_id}") from None
-        except psycopg.errors.UniqueViolation as exc:
-            constraint = exc.diag.constraint_name or ""
-            if constraint == "sight_models_one_training":
-                training = training_model(conn, city_id)
-                version = f" (version {training.version}, job {training.training_job_id})" if training else ""
-                raise UserError(
-                    f"city {city_id} has a model training already{version}; wait for it to finish"
-                ) from None
-            if "training_job_id" in constraint:
-                raise UserError(f"training job {training_job_id!r} is recorded already") from None
-            continue  # another version was taken meanwhile: count again
-        assert row is not None
-        return Model(*row)
-    raise UserError(f"could not number the next model of city {city_id}; try again")
-
-
-def get_model(conn: psycopg.Connection[Any], model_id: int) -> Model:
-    """The model with id ``model_id``; UserError when there is none."""
-    row = conn.execute(
-        "SELECT id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
-        " registry_version, model_uri, metrics, reason, created_at, updated_at FROM sight_models"
-        " WHERE id = %s",
-        (model_id,),
-    ).fetchone()
-    if row is None:
-        raise UserError(f"no sight model with id {model_id}")
-    return Model(*row)
-
-
-def model_for_job(conn: psycopg.Connection[Any], training_job_id: str) -> Model | None:
-    """The model the training job ``training_job_id`` trains, or None."""
-    row = conn.execute(
-        "SELECT id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
-        " registry_version, model_uri, metrics, reason, created_at, updated_at FROM sight_models"
-        " WHERE training_job_id = %s",
-        (training_job_id,),
-    ).fetchone()
-    return None if row is None else Model(*row)
-
-
-def mark_model_ready(
-    conn: psycopg.Connection[Any],
-    model_id: int,
-    *,
-    registry_version: int,
-    model_uri: str,
-    metrics: dict[str, Any] | None = None,
-) -> Model:
-    """TRAINING -> READY, with where the registry holds it. Marking it READY again changes nothing; a
-    FAILED model cannot become READY (UserError)."""
-    row = conn.execute(
-        "UPDATE sight_models SET status = 'READY', registry_version = %s, model_uri = %s, metrics = %s,"
-        " reason = NULL, updated_at = now() WHERE id = %s AND status = 'TRAINING'"
-        " RETURNING id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
-        " registry_version, model_uri, metrics, reason, created_at, updated_at",
-        (registry_version, model_uri, Jsonb(metrics or {}), model_id),
-    ).fetchone()
-    if row is not None:
-        return Model(*row)
-    model = get_model(conn, model_id)
-    if model.status == "READY" and model.registry_version == registry_version:
-        return model
-    raise UserError(
-        f"model version {model.version} of city {model.city_id} is {model.status}; only a TRAINING model"
-        " can become READY"
-    )
-
-
-def mark_model_failed(conn: psycopg.Connection[Any], model_id: int, reason: str) -> Model:
-    """TRAINING -> FAILED with ``reason``. Failing it again changes nothing; a READY model cannot fail
-    (UserError)."""
-    row = conn.execute(
-        "UPDATE sight_models SET status = 'FAILED', reason = %s, updated_at = now()"
-        " WHERE id = %s AND status = 'TRAINING'"
-        " RETURNING id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
-        " registry_version, model_uri, metrics, reason, created_at, updated_at",
-        (reason[:4000], model_id),
-    ).fetchone()
-    if row is not None:
-        return Model(*row)
-    model = get_model(conn, model_id)
-    if model.status == "FAILED":
-        return model
-    raise UserError(
-        f"model version {model.version} of city {model.city_id} is {model.status}; only a TRAINING model"
-        " can fail"
-    )
-
-
-def ready_model(conn: psycopg.Connection[Any], city_id: int) -> Model | None:
-    """The city's newest READY model (what recognitions use), or None."""
-    row = conn.execute(
-        "SELECT id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
-        " registry_version, model_uri, metrics, reason, created_at, updated_at FROM sight_models"
-        " WHERE city_id = %s AND status = 'READY' ORDER BY version DESC LIMIT 1",
-        (city_id,),
-    ).fetchone()
-    return None if row is None else Model(*row)
-
-
-def training_model(conn: psycopg.Connection[Any], city_id: int) -> Model | None:
-    """The city's model in training, or None."""
-    row = conn.execute(
-        "SELECT id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
-        " registry_version, model_uri, metrics, reason, created_at, updated_at FROM sight_models"
-        " WHERE city_id = %s AND status = 'TRAINING'",
-        (city_id,),
-    ).fetchone()
-    return None if row is None else Model(*row)
-
-
-def list_models(conn: psycopg.Connection[Any], city_id: int) -> list[Model]:
-    """The city's models, newest version first."""
-    rows = conn.execute(
-        "SELECT id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
-        " registry_version, model_uri, metrics, reason, created_at, updated_at FROM sight_models"
-        " WHERE city_id = %s ORDER BY version DESC",
-        (city_id,),
-    ).fetchall()
-    return [Model(*row) for row in rows]
-
-
-# --- marts --------------------------------------------------------------------------------------------------
-
-
-def refresh_marts(conn: psycopg.Connection[Any]) -> None:
-    """Refresh both marts (CONCURRENTLY, through ``sight_refresh_marts()``: readers are never blocked and
-    see the old rows until the refresh commits)."""
-    conn.execute("SELECT sight_refresh_marts()")
-
-
-def city_mart(conn: psycopg.Connection[Any], *, limit: int = 100, after: int | None = None) -> Page[CityMart]:
-    """Cities as the city mart last saw them, by city id, ``limit`` at a time."""
-    limit = _page_size(limit)
-    rows = conn.execute(
-        "SELECT city_id, name, slug, sights, images, labelled_images, unlabelled_images, labels,"
-        " last_labelled_at, model_version, training, refreshed_at FROM sight_city_mart"
-        " WHERE city_id > %s ORDER BY city_id LIMIT %s",
-        (after or 0, limit + 1),
-    ).fetchall()
-    return _page([CityMart(*row) for row in rows], limit, key=lambda c: c.city_id)
-
-
-def city_mart_row(conn: psycopg.Connection[Any], city_id: int) -> CityMart | None:
-    """One city as the city mart last saw it, or None (unknown, or newer than the last refresh)."""
-    row = conn.execute(
-        "SELECT city_id, name, slug, sights, images, labelled_images, unlabelled_images, labels,"
-        " last_labelled_at, model_version, training, refreshed_at FROM sight_city_mart WHERE city_id = %s",
-        (city_id,),
-    ).fetchone()
-    return None if row is None else CityMart(*row)
-
-
-def label_mart(conn: psycopg.Connection[Any], city_id: int) -> list[LabelMart]:
-    """The city's sights as the label mart last saw them, by name."""
-    rows = conn.execute(
-        "SELECT sight_id, city_id, name, training_images, training_labels, held_out_images"
-        " FROM sight_label_mart WHERE city_id = %s ORDER BY name, sight_id",
-        (city_id,),
-    ).fetchall()
-    return [LabelMart(*row) for row in rows]
-
-
-# --- pages --------------------------------------------------------------------------------------------------
-
-
-def _page_size(limit: int) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
-        raise UserError(f"a page holds 1 to {MAX_PAGE} items, not {limit!r}")
-    return limit
-
-
-def _page(rows: list[Any], limit: int, key: Any = None) -> Page[Any]:
-    if len(rows) <= limit:
-        return Page(rows, None)
-    items = rows[:limit]
-    last = items[-1]
-    return Page(items, int(key(last) if key else last.id))
-
-
-# --- the refresher's reads (services/sight_catalog/refresher.py) --------------------------------------------
-
-
-def training_models(conn: psycopg.Connection[Any]) -> list[Model]:
-    """Every city's model in training (at most one per city), oldest first."""
-    rows = conn.execute(
-        "SELECT id, city_id, version, status, training_job_id, dataset, classes, images, registry_name,"
-        " registry_version, model_uri, metrics, reason, created_at, updated_at FROM sight_models"
-        " WHERE status = 'TRAINING' ORDER BY created_at, id"
-    ).fetchall()
-    return [Model(*row) for row in rows]
-
-
-def all_city_marts(conn: psycopg.Connection[Any]) -> list[CityMart]:
-    """Every city as the city mart last saw it, by city id (all pages of :func:`city_mart`)."""
-    found: list[CityMart] = []
-    after: int | None = None
-    while True:
-        page = city_mart(conn, limit=MAX_PAGE, after=after)
-        found.extend(page.items)
-        if page.next_after is None:
-            return found
-        after = page.next_after

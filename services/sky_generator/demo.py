@@ -20,6 +20,9 @@
 6. write ``<out>/positions.png`` (predicted against true positions, drawn with PIL) and ``<out>/result.json``.
 
 Workers and servers are shut down on the way out, Ctrl-C included.
+
+The training and its judgement are :mod:`services.sky_generator.demo_judging`', the picture
+:mod:`services.sky_generator.demo_picture`'.
 """
 
 from __future__ import annotations
@@ -29,12 +32,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -44,9 +45,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from services.celnav import EARTH_RADIUS_KM, KM_PER_NM, haversine_km, time_features
 from services.errors import UserError
 from services.jobs.crew import Crew
+from services.sky_generator.demo_judging import Errors, region_centre, score
 
 WORKER_COMMAND: tuple[str, ...] = ("-m", "services.cli", "worker", "sky-generator")
 #: Where on the datasets bucket the demo's jobs go (``<prefix>/<job_id>/frames/...``).
@@ -62,15 +63,9 @@ TRAIN_PARAMS: Mapping[str, Any] = {
     "lr": 3e-4,
     "weight_decay": 1e-4,
 }
-#: Shares of the training frames the learning curve is also trained on (the whole set is the main run).
-CURVE_FRACTIONS = (0.25, 0.5)
-#: Below this learning-curve exponent the error is taken as not falling with more frames.
-MIN_EXPONENT = 0.02
-BOOTSTRAP = 2000
 #: Marks a directory this demo made, so a rerun may replace it (and never a directory it did not make).
 MARKER = ".tessera-sky-demo"
 MIN_FRAMES = 20
-MAX_ESTIMATE = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -101,38 +96,6 @@ class DemoSettings:
     timeout_s: float = 900.0
     worker_command: tuple[str, ...] = WORKER_COMMAND
     train_command: tuple[str, ...] = TRAIN_COMMAND
-
-
-@dataclass(frozen=True)
-class Errors:
-    """Great-circle errors over the held-out frames."""
-
-    mean_km: float
-    median_km: float
-
-    @property
-    def mean_nm(self) -> float:
-        """The mean in nautical miles."""
-        return self.mean_km / KM_PER_NM
-
-    @property
-    def median_nm(self) -> float:
-        """The median in nautical miles."""
-        return self.median_km / KM_PER_NM
-
-    def to_json(self) -> dict[str, float]:
-        """km and nm, mean and median."""
-        return {
-            "mean_km": self.mean_km,
-            "median_km": self.median_km,
-            "mean_nm": self.mean_nm,
-            "median_nm": self.median_nm,
-        }
-
-    @classmethod
-    def of(cls, km: np.ndarray) -> Errors:
-        """The figures of per-frame errors in km."""
-        return cls(mean_km=float(np.mean(km)), median_km=float(np.median(km)))
 
 
 @dataclass
@@ -258,7 +221,7 @@ def demo(settings: DemoSettings, *, console: Any = None) -> DemoResult:
         result.files["dataset"] = str(dataset_dir)
         result.files["job"] = str(job_file)
         _split(dataset_dir, settings)
-        _score(result, settings, params, dataset_dir=dataset_dir, training_dir=training_dir, console=console)
+        score(result, settings, params, dataset_dir=dataset_dir, training_dir=training_dir, console=console)
         return _finish(result, settings, started)
     finally:
         if crew is not None:
@@ -294,14 +257,6 @@ def sky_job(settings: DemoSettings, job_id: str, output: str) -> dict[str, Any]:
         "frames_per_shard": per_shard,
         "output": output,
     }
-
-
-def region_centre(latitude: Sequence[float], longitude: Sequence[float]) -> tuple[float, float]:
-    """The middle of a latitude band and a longitude band (across the antimeridian when low > high)."""
-    low, high = longitude
-    width = high - low if low <= high else high - low + 360.0
-    lon = low + width / 2
-    return (latitude[0] + latitude[1]) / 2, lon - 360.0 if lon > 180.0 else lon
 
 
 def _check(settings: DemoSettings, job_id: str) -> dict[str, Any]:
@@ -417,290 +372,6 @@ def _split(dataset_dir: Path, settings: DemoSettings) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def _score(
-    result: DemoResult,
-    settings: DemoSettings,
-    params: dict[str, Any],
-    *,
-    dataset_dir: Path,
-    training_dir: Path,
-    console: Any,
-) -> None:
-    """Train, score the exported model and the baseline on the held-out frames, judge, draw."""
-    from services.sky_generator.shards import MANIFEST
-
-    rows = [json.loads(line) for line in (dataset_dir / MANIFEST).read_text().splitlines() if line]
-    verdicts = [row.get("geometry", {}).get("verdict") for row in rows]
-    result.proven, result.unverifiable = verdicts.count("pass"), verdicts.count("unverifiable")
-    held = [row for row in rows if row["split"] == "held_out"]
-    result.training_frames, result.held_out_frames = len(rows) - len(held), len(held)
-    result.epochs = settings.epochs
-    console.print(
-        f"training sky-position on {result.training_frames} frames ({result.held_out_frames} held out): "
-        f"{settings.epochs} epochs, " + ", ".join(f"{k} {v}" for k, v in params.items())
-    )
-    trained = time.monotonic()
-    metrics = train(settings, params, dataset_dir, training_dir, job_id=f"{result.job_id}-position", log=None)
-    result.training_seconds = time.monotonic() - trained
-    result.trainer_metrics = {k: float(metrics[k]) for k in ("mean_error_km", "median_error_km")}
-    model_path = training_dir / "model.onnx"
-    result.files["model"] = str(model_path)
-
-    truth = np.array([[row["lat"], row["lon"]] for row in held], np.float64).reshape(-1, 2)
-    predicted = predict(
-        model_path,
-        [dataset_dir / row["file"] for row in held],
-        [datetime.fromisoformat(row["time"].replace("Z", "+00:00")) for row in held],
-    )
-    model_km = haversine_km(truth[:, 0], truth[:, 1], predicted[:, 0], predicted[:, 1])
-    centre = region_centre(settings.latitude, settings.longitude)
-    base_km = haversine_km(truth[:, 0], truth[:, 1], centre[0], centre[1])
-    result.model, result.baseline, result.centre = Errors.of(model_km), Errors.of(base_km), centre
-    result.difference_km = paired_interval(model_km - base_km, seed=settings.seed)
-    result.better = result.difference_km[1] < 0
-    if not result.better and settings.learning_curve:
-        result.learning_curve = _learning_curve(
-            settings,
-            params,
-            rows,
-            dataset_dir,
-            training_dir,
-            job_id=result.job_id,
-            full_km=float(metrics["mean_error_km"]),
-        )
-        result.estimate = estimate_size(result.learning_curve, result.baseline.mean_km, len(held) / len(rows))
-    result.verdict = verdict(result)
-    result.files["positions"] = str(
-        draw_positions(
-            settings.out_dir / "positions.png",
-            truth=truth,
-            predicted=predicted,
-            centre=centre,
-            latitude=settings.latitude,
-            longitude=settings.longitude,
-            title=(
-                f"tessera sky demo: {len(held)} held-out frames of {len(rows)}; median error model "
-                f"{result.model.median_km:.0f} km ({result.model.median_nm:.0f} nm), centre of region "
-                f"{result.baseline.median_km:.0f} km ({result.baseline.median_nm:.0f} nm)"
-            ),
-        )
-    )
-
-
-def train(
-    settings: DemoSettings,
-    params: Mapping[str, Any],
-    dataset: Path,
-    out: Path,
-    *,
-    job_id: str,
-    log: Path | None,
-) -> dict[str, Any]:
-    """``tessera train sky-position`` on ``dataset`` into ``out`` (a process of its own; its output on the
-    console, or in ``log``); the trainer's ``metrics.json``. A failed run raises RuntimeError."""
-    command = [
-        sys.executable,
-        *settings.train_command,
-        "--dataset",
-        str(dataset),
-        "--out",
-        str(out),
-        "--epochs",
-        str(settings.epochs),
-        "--job-id",
-        job_id,
-    ]
-    for name, value in params.items():
-        command += ["--param", f"{name}={json.dumps(value)}"]
-    # The demo registers nothing: a database the user's shell points at is not the demo's business.
-    env = {k: v for k, v in os.environ.items() if k != "TESSERA_DB_URL"}
-    env["PYTHONUNBUFFERED"] = "1"
-    out.mkdir(parents=True, exist_ok=True)
-    env["TESSERA_EMF_FILE"] = str(out / "metrics.emf.jsonl")  # the metric lines, off the console
-    if log is None:
-        finished = subprocess.run(command, env=env, check=False)
-    else:
-        with log.open("w") as handle:
-            finished = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
-    if finished.returncode != 0:
-        where = f"; its output is in {log}" if log is not None else " (its output is above)"
-        raise RuntimeError(f"training sky-position failed with exit status {finished.returncode}{where}")
-    metrics: dict[str, Any] = json.loads((out / "metrics.json").read_text())
-    return metrics
-
-
-def predict(model: Path, images: Sequence[Path], times: Sequence[datetime]) -> np.ndarray:
-    """(lat, lon) degrees ``[N, 2]`` from the exported ONNX model, fed as its metadata says: each picture
-    squeezed whole to ``tessera.input_size`` (bilinear), grey or RGB by ``tessera.input_channels``, x/255;
-    the time features of :mod:`services.celnav.time_input`."""
-    import onnxruntime as ort
-    from PIL import Image
-
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    width, height = (int(v) for v in meta["tessera.input_size"].split("x"))
-    channels = int(meta["tessera.input_channels"])
-    pixels = []
-    for path in images:
-        with Image.open(path) as picture:
-            squeezed = picture.convert("L" if channels == 1 else "RGB").resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-        array = np.asarray(squeezed, np.float32) / 255.0
-        pixels.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
-    (latlon,) = session.run(["latlon"], {"image": np.stack(pixels), "time": time_features(times)})
-    return np.asarray(latlon, np.float64)
-
-
-def _learning_curve(
-    settings: DemoSettings,
-    params: Mapping[str, Any],
-    rows: Sequence[Mapping[str, Any]],
-    dataset_dir: Path,
-    training_dir: Path,
-    *,
-    job_id: str,
-    full_km: float,
-) -> list[dict[str, float]]:
-    """The held-out mean error trained on shares of the training frames (a seeded choice; the same recipe,
-    seed and held-out frames as the main run, which is the last point). Each share is a dataset of its own
-    (a manifest beside a link to the frames) trained by its own ``tessera train`` run."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from services.sky_generator.shards import MANIFEST
-
-    training = [row for row in rows if row["split"] == "train"]
-    held = [row for row in rows if row["split"] == "held_out"]
-    order = np.random.default_rng(settings.seed).permutation(len(training)).tolist()
-    points = []
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as bar:
-        runs = bar.add_task("learning curve: training runs", total=len(CURVE_FRACTIONS))
-        for fraction in CURVE_FRACTIONS:
-            count = max(1, round(len(training) * fraction))
-            share = training_dir / f"curve-{count}"
-            subset = share / "dataset"
-            subset.mkdir(parents=True)
-            (subset / "frames").symlink_to((dataset_dir / "frames").resolve(), target_is_directory=True)
-            chosen = [training[i] for i in sorted(order[:count])]
-            (subset / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in chosen + held))
-            bar.update(runs, description=f"learning curve: {count} training frames")
-            metrics = train(
-                settings,
-                params,
-                subset,
-                share / "training",
-                job_id=f"{job_id}-curve-{count}",
-                log=share / "train.log",
-            )
-            points.append({"training_frames": count, "mean_km": float(metrics["mean_error_km"])})
-            bar.advance(runs)
-    points.append({"training_frames": len(training), "mean_km": full_km})
-    return points
-
-
-def paired_interval(differences: np.ndarray, *, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """A bootstrap interval of the mean of paired differences (resampling frames)."""
-    rng = np.random.default_rng(seed)
-    values = np.asarray(differences, np.float64)
-    means = values[rng.integers(0, len(values), (BOOTSTRAP, len(values)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def estimate_size(
-    curve: Sequence[Mapping[str, float]], baseline_km: float, val_fraction: float
-) -> dict[str, Any]:
-    """Fit ``error = c * n ** -b`` through the learning curve and read off the frames (training frames, and
-    frames to render with ``val_fraction`` held out) at which it reaches the baseline's mean error and half
-    of it. An extrapolation from a few small runs: an order of magnitude at best."""
-    n = np.array([p["training_frames"] for p in curve], np.float64)
-    err = np.array([p["mean_km"] for p in curve], np.float64)
-    fit: dict[str, Any] = {
-        "method": "power law error = c * n^-b through the learning curve (an extrapolation)"
-    }
-    if len(n) < 2 or not np.all(np.isfinite(err)) or np.any(err <= 0):
-        return {**fit, "exponent": None, "frames_to_match": None, "frames_to_halve": None}
-    slope, intercept = np.polyfit(np.log(n), np.log(err), 1)
-    fit["exponent"] = float(-slope)
-    if -slope < MIN_EXPONENT:
-        return {**fit, "frames_to_match": None, "frames_to_halve": None}
-
-    def frames_for(target_km: float) -> int | None:
-        training = math.exp((intercept - math.log(target_km)) / -slope)
-        total = training / (1 - val_fraction)
-        return None if total > MAX_ESTIMATE else int(_round(total))
-
-    return {**fit, "frames_to_match": frames_for(baseline_km), "frames_to_halve": frames_for(baseline_km / 2)}
-
-
-def _round(value: float) -> float:
-    """Two significant figures."""
-    if value <= 0:
-        return value
-    digits = 1 - math.floor(math.log10(value))
-    return round(value, digits)
-
-
-def verdict(result: DemoResult) -> str:
-    """The honest sentence(s): better than the baseline or not, and if not, what size might be."""
-    model, base, diff = result.model, result.baseline, result.difference_km
-    if model is None or base is None or diff is None:
-        return result.verdict
-    held = result.held_out_frames
-    figures = (
-        f"median {model.median_km:.1f} km ({model.median_nm:.1f} nm) against the centre of the region's "
-        f"{base.median_km:.1f} km ({base.median_nm:.1f} nm); mean {model.mean_km:.1f} km against "
-        f"{base.mean_km:.1f} km"
-    )
-    interval = (
-        f"95% bootstrap interval of the mean difference over {held} held-out frames: "
-        f"{diff[0]:+.1f} to {diff[1]:+.1f} km"
-    )
-    if result.better:
-        return f"The model beats the baseline: {figures} ({interval})."
-    worse = diff[0] > 0
-    text = (
-        f"The model is {'worse than' if worse else 'no better than'} the baseline at this size "
-        f"({result.frames_done} frames, {result.training_frames} to train on): {figures} ({interval}"
-        f"{'' if worse else ', which does not exclude zero'})."
-    )
-    estimate, curve = result.estimate, result.learning_curve
-    if not estimate or not curve:
-        return text + " Rerun with a learning curve for an estimate of the size needed."
-    points = ", ".join(f"{int(p['training_frames'])} training frames {p['mean_km']:.0f} km" for p in curve)
-    if estimate.get("frames_to_match") is None and estimate.get("frames_to_halve") is None:
-        reason = (
-            "the held-out error did not fall with more training frames"
-            if (estimate.get("exponent") or 0.0) < MIN_EXPONENT
-            else f"the fitted curve needs more than {MAX_ESTIMATE:,} frames"
-        )
-        return (
-            f"{text} Learning curve ({points}): {reason}, so no size can be read from it; "
-            f"the next size to try is ten times this one (--frames {10 * result.frames_done})."
-        )
-    parts = []
-    for key, what in (
-        ("frames_to_match", "to match the baseline"),
-        ("frames_to_halve", "to halve its error"),
-    ):
-        value = estimate.get(key)
-        if value is None:
-            parts.append(f"{what} more than {MAX_ESTIMATE:,} frames")
-        elif value <= result.frames_done:
-            parts.append(
-                f"{what} no more than this run's {result.frames_done} frames by the curve (the gap is noise)"
-            )
-        else:
-            parts.append(f"{what} about {value:,} frames rendered")
-    return (
-        f"{text} Estimate, extrapolated from a learning curve ({points}; "
-        f"error ~ n^-{estimate['exponent']:.2f}) with this recipe, so an order of magnitude at best: "
-        f"{'; '.join(parts)}."
-    )
-
-
 def _finish(result: DemoResult, settings: DemoSettings, started: float) -> DemoResult:
     result.seconds = time.monotonic() - started
     path = settings.out_dir / "result.json"
@@ -716,151 +387,6 @@ def _iso(when: datetime) -> str:
 def _region_text(settings: DemoSettings) -> str:
     (lat0, lat1), (lon0, lon1) = settings.latitude, settings.longitude
     return f"latitude {lat0:g}..{lat1:g}, longitude {lon0:g}..{lon1:g}"
-
-
-# ---- the picture ----------------------------------------------------------------------------------------
-
-_TRUE, _PREDICTED, _CENTRE, _LINK, _GRID, _REGION = (
-    (30, 90, 200),
-    (235, 120, 20),
-    (200, 20, 40),
-    (190, 190, 190),
-    (230, 230, 230),
-    (90, 90, 90),
-)
-
-
-def draw_positions(
-    path: Path,
-    *,
-    truth: np.ndarray,
-    predicted: np.ndarray,
-    centre: tuple[float, float],
-    latitude: Sequence[float],
-    longitude: Sequence[float],
-    title: str,
-    width: int = 1000,
-    height: int = 860,
-) -> Path:
-    """A PNG map (equirectangular about the region's centre) of the true held-out positions (blue dots),
-    the model's predictions (orange crosses, a grey line to their truth; triangles at the border when off
-    the chart), the baseline's answer (the red square) and the region (grey box)."""
-    from PIL import Image, ImageDraw
-
-    lat_c, lon_c = centre
-    squeeze = math.cos(math.radians(lat_c))
-
-    def xy(lat: float, lon: float) -> tuple[float, float]:
-        return ((lon - lon_c + 180.0) % 360.0 - 180.0) * squeeze, lat - lat_c
-
-    corners = [xy(a, o) for a in latitude for o in longitude]
-    half_x = max(abs(x) for x, _ in corners)
-    half_y = max(abs(y) for _, y in corners)
-    points = [xy(a, o) for a, o in np.concatenate([truth, predicted])]
-    # Room for the predictions, up to three times the region's width and height (the rest sit at the edge).
-    reach_x = min(max([half_x, *(abs(x) for x, _ in points)]), 3 * half_x) * 1.08
-    reach_y = min(max([half_y, *(abs(y) for _, y in points)]), 3 * half_y) * 1.08
-    top, bottom, left, right = 70, 90, 80, 30
-    plot_w, plot_h = width - left - right, height - top - bottom
-    scale = min(plot_w / (2 * reach_x), plot_h / (2 * reach_y))
-    reach_x, reach_y = plot_w / 2 / scale, plot_h / 2 / scale
-
-    def pixel(x: float, y: float) -> tuple[float, float, bool]:
-        inside = abs(x) <= reach_x and abs(y) <= reach_y
-        x, y = max(-reach_x, min(reach_x, x)), max(-reach_y, min(reach_y, y))
-        return left + plot_w / 2 + x * scale, top + plot_h / 2 - y * scale, inside
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font, small = _font(15), _font(13)
-    step = _tick_step(2 * max(reach_y, reach_x / squeeze))
-    for lat in np.arange(math.ceil((lat_c - reach_y) / step) * step, lat_c + reach_y, step):
-        _, y, _ = pixel(0.0, lat - lat_c)
-        draw.line([(left, y), (left + plot_w, y)], fill=_GRID)
-        draw.text((left - 6, y), _degrees(lat, "N", "S"), fill="black", font=small, anchor="rm")
-    span = reach_x / squeeze
-    for lon in np.arange(math.ceil((lon_c - span) / step) * step, lon_c + span, step):
-        x, _, _ = pixel((lon - lon_c) * squeeze, 0.0)
-        draw.line([(x, top), (x, top + plot_h)], fill=_GRID)
-        wrapped = (lon + 180.0) % 360.0 - 180.0
-        draw.text((x, top + plot_h + 6), _degrees(wrapped, "E", "W"), fill="black", font=small, anchor="mt")
-    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
-    x0, y0, _ = pixel(-half_x, half_y)
-    x1, y1, _ = pixel(half_x, -half_y)
-    draw.rectangle([x0, y0, x1, y1], outline=_REGION, width=2)
-    for (t_lat, t_lon), (p_lat, p_lon) in zip(truth, predicted, strict=True):
-        tx, ty, _ = pixel(*xy(t_lat, t_lon))
-        px, py, inside = pixel(*xy(p_lat, p_lon))
-        draw.line([(tx, ty), (px, py)], fill=_LINK, width=1)
-        if inside:
-            draw.line([(px - 5, py - 5), (px + 5, py + 5)], fill=_PREDICTED, width=2)
-            draw.line([(px - 5, py + 5), (px + 5, py - 5)], fill=_PREDICTED, width=2)
-        else:
-            draw.polygon([(px, py - 6), (px - 6, py + 5), (px + 6, py + 5)], fill=_PREDICTED)
-    for t_lat, t_lon in truth:
-        tx, ty, _ = pixel(*xy(t_lat, t_lon))
-        draw.ellipse([tx - 4, ty - 4, tx + 4, ty + 4], fill=_TRUE)
-    cx, cy, _ = pixel(0.0, 0.0)
-    draw.rectangle([cx - 7, cy - 7, cx + 7, cy + 7], fill=_CENTRE)
-    # A scale bar of a round number of km, about a fifth of the plot wide.
-    km_per_px = EARTH_RADIUS_KM * math.radians(1.0) / scale
-    bar_km = _tick_step(plot_w * km_per_px / 2.5)
-    bar_px = bar_km / km_per_px
-    bx, by = left + plot_w - bar_px - 16, top + plot_h - 18
-    draw.rectangle([bx - 8, by - 24, bx + bar_px + 8, by + 8], fill="white")
-    draw.line([(bx, by), (bx + bar_px, by)], fill="black", width=3)
-    draw.text(
-        (bx + bar_px / 2, by - 4),
-        f"{bar_km:g} km ({bar_km / KM_PER_NM:.0f} nm)",
-        fill="black",
-        font=small,
-        anchor="mb",
-    )
-    draw.text((width / 2, 14), title, fill="black", font=font, anchor="mt")
-    draw.text(
-        (width / 2, 40),
-        "equirectangular about the region's centre; off-chart predictions are triangles at the edge",
-        fill=(80, 80, 80),
-        font=small,
-        anchor="mt",
-    )
-    legend = [
-        (_TRUE, "true position"),
-        (_PREDICTED, "model's prediction"),
-        (_CENTRE, "baseline: centre of the region"),
-        (_REGION, "the region rendered"),
-    ]
-    x = left
-    for colour, label in legend:
-        draw.rectangle([x, height - 32, x + 14, height - 18], fill=colour)
-        draw.text((x + 20, height - 25), label, fill="black", font=small, anchor="lm")
-        x += 40 + int(draw.textlength(label, font=small))
-    image.save(path)
-    return path
-
-
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _tick_step(span: float) -> float:
-    """A round step giving a handful of ticks over ``span``."""
-    raw = span / 8 if span > 0 else 1.0
-    power = 10 ** math.floor(math.log10(raw))
-    for multiple in (1, 2, 2.5, 5, 10):
-        if raw <= multiple * power:
-            return multiple * power
-    return 10 * power
-
-
-def _degrees(value: float, positive: str, negative: str) -> str:
-    value = round(float(value), 6)
-    return f"{abs(value):g} {positive if value >= 0 else negative}"
 
 
 # ---- the summary ----------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ the frame's candidate instants (drawn one after another from its generator) at w
 12 degrees below the frame's horizon (nautical night: the bright stars are out), so that every frame is a
 night sky even with an atmosphere. Shard ``k`` holds frames
 ``k * frames_per_shard .. min(count, (k + 1) * frames_per_shard) - 1``.
+
+This module stays one file (~570 lines): it is the ``tessera.sky-job/v1`` contract, the document above, its
+checker and the frames it stands for, and the frames are drawn from exactly the fields the checker admits.
 """
 
 from __future__ import annotations

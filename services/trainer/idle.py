@@ -27,6 +27,10 @@ A probe that fails counts as busy: stopping a box by mistake interrupts work, wh
 keeps alive is still caught by the independent safety net (``services/autostop``).
 
 Run it as ``python -m services.trainer.idle``.
+
+This module stays one file (~560 lines): it is the one program the training box runs (``host/`` names
+``python -m services.trainer.idle``), and its state file, heartbeat, decision, probes and stopping are the
+steps of that one agent's loop.
 """
 
 from __future__ import annotations

@@ -32,17 +32,8 @@ from services.errors import UserError
 from services.registry import list_versions
 from services.scenes.scoring import Score, score_detections
 from services.sight_catalog import warehouse
-from services.sight_catalog.demo import (
-    _FOUND,
-    _TRUE,
-    _WRONG,
-    IOU,
-    LABELLER,
-    DemoSettings,
-    check,
-    run_demo,
-    sight_names,
-)
+from services.sight_catalog.demo import LABELLER, DemoSettings, check, run_demo, sight_names
+from services.sight_catalog.demo_figures import _FOUND, _TRUE, _WRONG, IOU
 from services.sight_catalog.photos import draw_photo
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from services.sky_generator.demo import DemoResult, DemoSettings, demo, estimate_size, region_centre
+from services.sky_generator.demo import DemoResult, DemoSettings, demo, region_centre
+from services.sky_generator.demo_judging import estimate_size
 
 #: A tiny run: 48 frames in four shards over two workers, a few epochs on 64-pixel images.
 TINY = DemoSettings(
