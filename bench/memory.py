@@ -11,7 +11,8 @@ shows whether memory stays flat (bounded by the region) or grows with the image.
 
 GDAL's block cache counts toward the RSS, and GDAL's default (5% of the machine's RAM: 1.2 GB here, 6 GB on a
 128 GB worker) is all cost and no use for this reader, which decodes each block once. The benchmark runs the
-worker with ``GDAL_CACHEMAX=64`` (MB; ``--gdal-cachemax default`` leaves GDAL's default) and prints which.
+worker with ``GDAL_CACHEMAX`` at the reader's own 32 MB (``--gdal-cachemax default`` leaves GDAL's default)
+and prints which.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
+
+from services.tiling.reader import GDAL_CACHE_MB
 
 GOAL_BYTES = 1.5e9
 SAMPLES = 20  # RSS samples over the run
@@ -113,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument(
         "--gdal-cachemax",
-        default="64",
-        help="GDAL block cache for the worker, MB (64), or 'default' for GDAL's own (5%% of RAM)",
+        default=str(GDAL_CACHE_MB),
+        help=f"GDAL block cache for the worker, MB ({GDAL_CACHE_MB}, the reader's), or 'default' for GDAL's "
+        "own (5%% of RAM)",
     )
     p.add_argument("--data-dir", type=Path, default=harness.DEFAULT_DATA_DIR)
     p.add_argument("--quick", action="store_true", help="smoke run: 6144 px, 2 areas of 512 px")
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         env["GDAL_CACHEMAX"] = str(int(args.gdal_cachemax))
         cache = f"GDAL_CACHEMAX={int(args.gdal_cachemax)} MB (set by the benchmark)"
     else:
-        env["GDAL_CACHEMAX"] = "5%"  # the reader defaults to 64 MB; this restores GDAL's own default
+        env["GDAL_CACHEMAX"] = "5%"  # the reader defaults to GDAL_CACHE_MB; this restores GDAL's own default
     argv_child = [sys.executable, __file__, "--child", "--image", str(scene.path), "--out", str(out)]
     argv_child += ["--region", str(args.region), "--batch", str(args.batch)]
     print(f"running one worker over {scene.path.name} ({cache}) ...", flush=True)

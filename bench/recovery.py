@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         s3.upload_file(str(harness.MODEL), platform.bucket("models"), f"detectors/{harness.MODEL.name}")
         image = f"s3://{platform.bucket('imagery')}/scenes/{scene.path.name}"
         model = f"s3://{platform.bucket('models')}/detectors/{harness.MODEL.name}"
-        env = {**os.environ, **platform.env, "PYTHONUNBUFFERED": "1", "GDAL_CACHEMAX": "64"}
+        env = {**os.environ, **platform.env, "PYTHONUNBUFFERED": "1"}
         crew = Crew(env, platform.directory)
         try:
             with connect(platform.database_url) as conn:

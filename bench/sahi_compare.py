@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
 
+from services.tiling.reader import GDAL_CACHE_MB
+
 SPEED_GOAL = 4.0  # tessera at least this many times faster
 RSS_GOAL = 0.25  # tessera's peak RSS at most this fraction of SAHI's
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements-sahi.txt"
@@ -356,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--match-threshold", type=float, default=0.5)
     p.add_argument(
         "--gdal-cachemax",
-        default="64",
-        help="GDAL block cache for tessera's child, MB (64, the worker setting bench/memory.py recommends), "
-        "or 'default' for GDAL's own (5%% of RAM)",
+        default=str(GDAL_CACHE_MB),
+        help=f"GDAL block cache for tessera's child, MB ({GDAL_CACHE_MB}, what the reader sets unless "
+        "GDAL_CACHEMAX is), or 'default' for GDAL's own (5%% of RAM)",
     )
     p.add_argument("--repeat", type=int, default=1, help="runs of each side; the fastest is reported")
     p.add_argument(

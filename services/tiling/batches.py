@@ -15,7 +15,8 @@ float32 batches:
   batch: each part of the tile a strip holds is read once and written once, as float32 (no intermediate
   copy of the tile, no zeroed batch). Tiles reaching outside the image are assembled first (their outside
   filled with nodata), then scaled.
-- **Memory.** Bands are dropped as soon as no remaining tile needs them. The bound is about
+- **Memory.** Bands are dropped as soon as no remaining tile needs them, and their arrays read into again
+  (a fresh multi-megabyte array per read costs its page faults, and a freed one lingers in the allocator). The bound is about
   ``(ceil(tile_h / band_h) + 1 + threads + prefetch)`` bands of ``band_h x span`` pixels (``span``: the
   columns the tiles cover, i.e. a region's width plus the overlap) plus ``prefetch + 2`` batches —
   set by the region, never by the image.
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from services.errors import UserError
+from services.tiling.allocator import cap_malloc_arenas
 from services.tiling.reader import RasterSource
 from services.tiling.scaling import InputScaling
 from services.tiling.windows import Window
@@ -174,7 +176,8 @@ def _all_nodata(raw: np.ndarray, nodata: Any) -> bool:
 
 class StripCache:
     """The bands of decoded rows the tiles need: read ahead on a thread pool, in band order, dropped when
-    no later tile needs them. Used by one thread (the assembler); :meth:`close` stops the pool."""
+    no later tile needs them (their arrays then take later reads of the same shape). Used by one thread
+    (the assembler); :meth:`close` stops the pool."""
 
     def __init__(
         self,
@@ -195,6 +198,8 @@ class StripCache:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tile-read")
         self._pending: deque[tuple[int, Window, Future[np.ndarray]]] = deque()
         self._held: dict[int, list[tuple[Window, np.ndarray]]] = {}
+        # Dropped strips by shape, read into again: most reads of a region have one shape.
+        self._spare: dict[tuple[int, int, int], list[np.ndarray]] = {}
         self._top_up()
 
     def _top_up(self) -> None:
@@ -203,7 +208,9 @@ class StripCache:
             if read is None:
                 return
             band, window = read
-            future = self._pool.submit(self._source.read, window, bands=self.read_bands)
+            spare = self._spare.get((len(self.read_bands), window.height, window.width))
+            out = spare.pop() if spare else None
+            future = self._pool.submit(self._source.read, window, bands=self.read_bands, out=out)
             self._pending.append((band, window, future))
 
     def hold_through(self, row_end: int) -> None:
@@ -218,7 +225,8 @@ class StripCache:
         """Forget the bands wholly above image row ``row`` (no later tile starts above it)."""
         keep_from = max(row, 0) // self._band_rows
         for band in [b for b in self._held if b < keep_from]:
-            del self._held[band]
+            for _, data in self._held.pop(band):
+                self._spare.setdefault(data.shape, []).append(data)
 
     def parts(self, tile: Window) -> Iterator[tuple[Window, np.ndarray]]:
         """The pieces of ``tile`` the held strips cover: ``(piece, pixels [C, h, w])``, as views."""
@@ -370,6 +378,7 @@ def iter_tile_batches(
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if not tiles:
         return
+    cap_malloc_arenas()  # before the reading and cutting threads start (services/tiling/allocator.py)
     # Refuse an image the scaling's rules do not cover before any read (see services/tiling/scaling.py).
     scaling = scaling.for_image(source.dtype, source.count, nbits=source.nbits, bands=bands)
     feed = scaling.band_indexes(source.count, bands)

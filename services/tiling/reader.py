@@ -43,7 +43,9 @@ def gdal_path(url: str) -> str:
 
 #: GDAL's block cache in MB, unless GDAL_CACHEMAX is set. Each block is decoded once, so a big cache (GDAL's
 #: default is 5% of RAM) only grows the worker: 1.9 GB against 0.6 GB on the 100k x 100k memory benchmark.
-GDAL_CACHE_MB = 64
+#: A strip read needs one block (all bands) at a time in it: 32 MB decodes no block twice with 1024 px blocks
+#: either, and keeps 30-40 MB less than 64 (bench/README.md, "Pipeline floor").
+GDAL_CACHE_MB = 32
 os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
 
 
@@ -114,30 +116,46 @@ class RasterSource:
             )
         return cls(url, path, options, dataset)
 
-    def read(self, window: Window, *, bands: Sequence[int] | None = None) -> np.ndarray:
+    def read(
+        self, window: Window, *, bands: Sequence[int] | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Pixels ``[C, h, w]`` in the native dtype; parts outside the image are nodata (0 if none).
 
-        ``bands`` are 1-based band numbers (default: all). Thread-safe: each call borrows its own handle.
+        ``bands`` are 1-based band numbers (default: all). ``out``: a C-contiguous array of that shape and
+        dtype to read into (and return) instead of a new one — a caller reading many windows of one shape
+        reuses its arrays, sparing the page faults of a fresh allocation per read.
+        Thread-safe: each call borrows its own handle.
         """
         indexes = list(bands) if bands is not None else list(range(1, self.count + 1))
+        shape = (len(indexes), window.height, window.width)
+        if out is not None and (
+            out.shape != shape or out.dtype != np.dtype(self.dtype) or not out.flags.c_contiguous
+        ):
+            raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {shape}")
         inside = window.intersection(Window(0, 0, self.width, self.height))
         if inside == window:
-            return self._read_inside(window, indexes)
+            return self._read_inside(window, indexes, out)
         fill = self.nodata if self.nodata is not None else 0
-        out = np.full((len(indexes), window.height, window.width), fill, dtype=self.dtype)
+        if out is None:
+            out = np.full(shape, fill, dtype=self.dtype)
+        else:
+            out[...] = fill
         if inside is not None:
             rows = slice(inside.row_off - window.row_off, inside.row_end - window.row_off)
             cols = slice(inside.col_off - window.col_off, inside.col_end - window.col_off)
             out[:, rows, cols] = self._read_inside(inside, indexes)
         return out
 
-    def _read_inside(self, window: Window, indexes: list[int]) -> np.ndarray:
+    def _read_inside(self, window: Window, indexes: list[int], out: np.ndarray | None = None) -> np.ndarray:
         dataset = self._borrow()
         try:
             gdal_window = rasterio.windows.Window(window.col_off, window.row_off, window.width, window.height)
             # GDAL config options are per thread in rasterio, so each reading thread sets its own.
             with rasterio.Env(**self._options):
-                data: np.ndarray = dataset.read(indexes, window=gdal_window, out_dtype=self.dtype)
+                if out is None:
+                    data: np.ndarray = dataset.read(indexes, window=gdal_window, out_dtype=self.dtype)
+                else:
+                    data = dataset.read(indexes, window=gdal_window, out=out)
             return data
         except rasterio.errors.RasterioError as error:
             detail = str(error)

@@ -43,6 +43,22 @@ def test_reads_outside_the_image_are_filled(make_raster: RasterMaker) -> None:
     assert (edge[:, 10:, :] == 7).all() and (edge[:, :, 20:] == 7).all()
 
 
+def test_reads_fill_a_given_array(make_raster: RasterMaker) -> None:
+    path, data = make_raster(width=300, height=200, count=3, nodata=7, compress="deflate")
+    with RasterSource.open(str(path)) as source:
+        out = np.zeros((2, 40, 50), np.uint8)
+        got = source.read(Window(10, 20, 50, 40), bands=[3, 1], out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, data[[2, 0], 20:60, 10:60])
+        edge = np.zeros((3, 30, 40), np.uint8)
+        assert source.read(Window(280, 190, 40, 30), out=edge) is edge  # partly outside: filled, then read
+        np.testing.assert_array_equal(edge[:, :10, :20], data[:, 190:, 280:])
+        assert (edge[:, 10:, :] == 7).all() and (edge[:, :, 20:] == 7).all()
+        for wrong in (np.zeros((3, 40, 50), np.uint8), np.zeros((2, 40, 50), np.uint16)):
+            with pytest.raises(ValueError, match="out must be"):
+                source.read(Window(10, 20, 50, 40), bands=[3, 1], out=wrong)
+
+
 def test_concurrent_reads_use_separate_handles(make_raster: RasterMaker) -> None:
     path, data = make_raster(width=1024, height=1024, count=3, compress="deflate")
     windows = [Window(x, y, 256, 256) for y in range(0, 769, 128) for x in range(0, 769, 128)]

@@ -172,6 +172,35 @@ def test_reads_follow_the_strips_plan_not_the_tiles(
     ]
 
 
+def test_strips_are_read_into_the_arrays_of_dropped_ones(
+    make_raster: RasterMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = 2048
+    path, data = make_raster(width=size, height=size, count=3, tiled=True, block=256, compress="deflate")
+    arrays: list[int] = []  # the array each read filled
+    original = RasterSource.read
+
+    def read(source: RasterSource, window: Window, **kwargs: Any) -> np.ndarray:
+        got = original(source, window, **kwargs)
+        arrays.append(id(got))
+        return got
+
+    monkeypatch.setattr(RasterSource, "read", read)
+    tiles = Grid(256, 256, 64, 64).tiles_of(Window(0, 0, size, size), size, size)
+    threads, prefetch = 2, 2
+    with RasterSource.open(str(path)) as source:
+        got, pixels, _ = collect(
+            iter_tile_batches(source, tiles, 4, InputScaling(), threads=threads, prefetch=prefetch)
+        )
+    # Eight strips, read into no more arrays than can be alive at once: the strips a tile needs, the one
+    # after them and the reads ahead; the rest reuse the arrays of strips no later tile needs.
+    assert len(arrays) == size // 256
+    assert len(set(arrays)) <= 2 + 1 + threads + prefetch < len(arrays)
+    for window, tile_pixels in zip(got, pixels, strict=True):
+        expected = data[:, window.row_off : window.row_end, window.col_off : window.col_end] / np.float32(255)
+        np.testing.assert_array_equal(tile_pixels, expected)
+
+
 def test_all_nodata_tiles_are_skipped_and_counted(make_raster: RasterMaker) -> None:
     width, height = 900, 700
     data = np.random.default_rng(3).integers(1, 255, (3, height, width), dtype=np.uint8)
