@@ -11,7 +11,9 @@ Memory is bounded by the region (its strips, batches and detections), never by t
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -33,7 +35,7 @@ from services.model_runner.model_setup import (
 )
 from services.model_runner.outputs import check_outputs, write_outputs
 from services.model_runner.request import ImageRequest, MergeSettings
-from services.tiling.batches import TileBatch, iter_tile_batches
+from services.tiling.batches import TileBatch, TileBatchStream
 from services.tiling.reader import RasterSource
 from services.tiling.roi import RoiCoordinates, parse_roi, roi_pixel_polygon, tiles_in_roi
 from services.tiling.scaling import InputScaling, ScalingRule
@@ -123,6 +125,35 @@ def plan_job(grid: Grid, source: RasterSource, roi: BaseGeometry | None) -> JobP
     return JobPlan(grid, source.width, source.height, regions, counts)
 
 
+def region_batches(
+    source: RasterSource,
+    detector: Detector,
+    tiles: Sequence[Window],
+    *,
+    batch_size: int,
+    scaling: InputScaling | None = None,
+    threads: int | None = None,
+    prefetch: int = 2,
+    on_reads_done: Callable[[], None] | None = None,
+) -> TileBatchStream:
+    """The batches :func:`detect_region` feeds ``detector`` for ``tiles``, not yet started: uint8 pixels
+    when the model takes them (:func:`native_detector`), else float32. Anything the image or the scaling
+    makes impossible is refused here (UserError), before any read. Arguments as for detect_region."""
+    scaling = scaling or input_scaling(detector)
+    native = native_detector(detector, scaling, source)
+    return TileBatchStream(
+        source,
+        tiles,
+        batch_size,
+        scaling,
+        tile_shape=(detector.tile_height, detector.tile_width),
+        threads=threads or reader_threads(detector),
+        prefetch=prefetch,
+        native_pad=native[1] if native is not None else None,
+        on_reads_done=on_reads_done,
+    )
+
+
 def detect_region(
     source: RasterSource,
     detector: Detector,
@@ -134,6 +165,7 @@ def detect_region(
     on_tiles: TileProgress | None = None,
     threads: int | None = None,
     prefetch: int = 2,
+    batches: TileBatchStream | None = None,
 ) -> RegionOutcome:
     """Run the detector on a region's tiles and merge the duplicates among them.
 
@@ -142,43 +174,48 @@ def detect_region(
     What the model returns is checked first (non-finite, inverted and off-tile boxes dropped, boxes clipped
     to the tile; :func:`~services.inference.detections.check_boxes`), and the counts logged and returned.
     ``threads`` decode strips (default: :func:`reader_threads`); ``prefetch`` batches are prepared ahead.
+    ``batches``: these tiles' stream from :func:`region_batches` with the same arguments, perhaps already
+    started (:func:`run_image` starts the next region's while this one drains); it is closed here.
     """
     started = time.perf_counter()
     scaling = scaling or input_scaling(detector)
     parts: list[Detections] = []
-    batches, skipped = 0, 0
+    batch_count, skipped = 0, 0
     reading = 0.0  # seconds spent drawing batches from the reader, inside the waits on the model
-    shape = (detector.tile_height, detector.tile_width)
     native = native_detector(detector, scaling, source)
     model: Detector = native[0] if native is not None else detector
-    pad = native[1] if native is not None else None
+    stream = (
+        batches
+        if batches is not None
+        else region_batches(
+            source,
+            detector,
+            tiles,
+            batch_size=batch_size,
+            scaling=scaling,
+            threads=threads,
+            prefetch=prefetch,
+        )
+    )
     # The batches handed to the model, oldest first, with the skipped tiles counted up to them.
     in_flight: deque[tuple[TileBatch, int]] = deque()
 
     def feed() -> Generator[np.ndarray, None, None]:
         nonlocal skipped, reading
         tick = time.perf_counter()
-        for batch in iter_tile_batches(
-            source,
-            tiles,
-            batch_size,
-            scaling,
-            tile_shape=shape,
-            threads=threads or reader_threads(detector),
-            prefetch=prefetch,
-            native_pad=pad,
-        ):
-            skipped += batch.skipped
-            if batch.tiles:
-                in_flight.append((batch, batch.skipped))
-                reading += time.perf_counter() - tick
-                yield batch.pixels
-                tick = time.perf_counter()
-            elif in_flight:  # only skipped tiles left: report them with the last batch
-                last, before = in_flight.pop()
-                in_flight.append((last, before + batch.skipped))
-            elif on_tiles is not None:
-                on_tiles(batch.skipped)
+        with stream:
+            for batch in stream:
+                skipped += batch.skipped
+                if batch.tiles:
+                    in_flight.append((batch, batch.skipped))
+                    reading += time.perf_counter() - tick
+                    yield batch.pixels
+                    tick = time.perf_counter()
+                elif in_flight:  # only skipped tiles left: report them with the last batch
+                    last, before = in_flight.pop()
+                    in_flight.append((last, before + batch.skipped))
+                elif on_tiles is not None:
+                    on_tiles(batch.skipped)
         reading += time.perf_counter() - tick
 
     checks = BoxChecks()
@@ -200,7 +237,7 @@ def detect_region(
             batch, batch_skipped = in_flight.popleft()
             batch.release()  # the model has returned: its pixels may take a later batch
             batch_tiles = batch.tiles
-            batches += 1
+            batch_count += 1
             for tile, seen in zip(batch_tiles, found, strict=True):
                 kept = _whole_boxes(seen, tile, source, merge.edge_margin)
                 if len(kept):
@@ -211,6 +248,7 @@ def detect_region(
         # On an error, wait for the batches in flight, then stop the reader's threads.
         results.close()
         fed.close()
+        stream.close()
     model_seconds = max(0.0, waited - reading)
     if checks != BoxChecks():
         log.warning(
@@ -233,7 +271,7 @@ def detect_region(
         skipped=skipped,
         seconds=time.perf_counter() - started,
         model_seconds=model_seconds,
-        batches=batches,
+        batches=batch_count,
         checks=checks,
     )
 
@@ -290,6 +328,66 @@ def merge_seams(
         everything.select(near), iou_threshold=merge.iou, ios_threshold=merge.ios, algorithm=merge.algorithm
     )
     return Detections.concat([everything.select(~near), merged])
+
+
+class RegionReadAhead:
+    """The regions' batch streams, each next one started as soon as the current one's reads are all
+    handed out: its first strips are decoded while the current region's last tiles are cut and run, so
+    the cores do not idle at every region's start and drain. At most two regions' reads are under way.
+
+    ``open_stream(tiles, on_reads_done)`` opens a region's stream (:func:`region_batches`) and
+    ``tiles_of[i]()`` gives region ``i``'s tiles. Streams are opened and started under a lock (the start
+    comes from the current stream's assembler thread); a next region that cannot be opened there is
+    opened again, and its error raised, when its turn comes. Leaving the ``with`` block closes any
+    stream still open (a run stopped by an error leaves no reader running).
+    """
+
+    def __init__(
+        self,
+        open_stream: Callable[[list[Window], Callable[[], None]], TileBatchStream],
+        tiles_of: Sequence[Callable[[], list[Window]]],
+    ) -> None:
+        self._open_stream = open_stream
+        self._tiles_of = tiles_of
+        self._lock = threading.Lock()
+        self._opened: dict[int, tuple[list[Window], TileBatchStream]] = {}
+        self._closed = False
+
+    def _open(self, index: int) -> tuple[list[Window], TileBatchStream]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the regions' read-ahead is closed")
+            if index not in self._opened:
+                tiles = self._tiles_of[index]()
+                stream = self._open_stream(tiles, functools.partial(self._start, index + 1))
+                self._opened[index] = (tiles, stream)
+            return self._opened[index]
+
+    def _start(self, index: int) -> None:
+        if index >= len(self._tiles_of):
+            return
+        try:
+            self._open(index)[1].start()
+        except Exception as error:  # opened again, and raised, when its turn comes
+            log.debug("could not start reading region %d ahead: %s", index, error)
+
+    def take(self, index: int) -> tuple[list[Window], TileBatchStream]:
+        """Region ``index``'s tiles and stream (started, or started when iterated); the caller closes it."""
+        tiles, stream = self._open(index)
+        with self._lock:
+            del self._opened[index]
+        return tiles, stream
+
+    def __enter__(self) -> RegionReadAhead:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._closed = True
+            left = [stream for _, stream in self._opened.values()]
+            self._opened.clear()
+        for stream in left:
+            stream.close()
 
 
 @dataclass(frozen=True)
@@ -359,20 +457,38 @@ def _run_opened(  # noqa: PLR0917 - run_image's arguments, passed on
         if on_plan is not None:
             on_plan(plan)
         parts, skipped, model_seconds, checks = [], 0, 0.0, BoxChecks()
-        for region in plan.regions:
-            outcome = detect_region(
+        region_tiles_of = [
+            functools.partial(region_tiles, grid, region, source.width, source.height, roi)
+            for region in plan.regions
+        ]
+        with RegionReadAhead(
+            lambda tiles, on_reads_done: region_batches(
                 source,
                 detector,
-                region_tiles(grid, region, source.width, source.height, roi),
+                tiles,
                 batch_size=request.batch_size,
-                merge=request.merge,
                 scaling=scaling,
-                on_tiles=on_tiles,
-            )
-            parts.append(outcome.detections)
-            skipped += outcome.skipped
-            model_seconds += outcome.model_seconds
-            checks += outcome.checks
+                on_reads_done=on_reads_done,
+            ),
+            region_tiles_of,
+        ) as ahead:
+            for index in range(len(plan.regions)):
+                tiles, stream = ahead.take(index)
+                with stream:  # closed here too: detect_region may fail before it reads
+                    outcome = detect_region(
+                        source,
+                        detector,
+                        tiles,
+                        batch_size=request.batch_size,
+                        merge=request.merge,
+                        scaling=scaling,
+                        on_tiles=on_tiles,
+                        batches=stream,
+                    )
+                parts.append(outcome.detections)
+                skipped += outcome.skipped
+                model_seconds += outcome.model_seconds
+                checks += outcome.checks
         detections = merge_seams(parts, plan.regions, grid, request.merge)
         uris = write_outputs(detections, source, request, class_names=detector.class_names)
     return RunSummary(

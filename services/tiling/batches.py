@@ -1,7 +1,7 @@
 """The tile-batch pipeline that feeds the model: strips read ahead, tiles cut and scaled into batches.
 
-:func:`iter_tile_batches` turns a list of tiles of a :class:`~services.tiling.reader.RasterSource` into
-float32 batches:
+:func:`iter_tile_batches` (or :class:`TileBatchStream`, whose reads can start before it is iterated) turns
+a list of tiles of a :class:`~services.tiling.reader.RasterSource` into float32 batches:
 
 - **Strips, not tiles.** The rows the tiles need are split into *bands* of whole internal block rows
   (at least ``STRIP_ROWS`` rows). Each band is read once, as one window per run of needed columns (runs
@@ -16,7 +16,8 @@ float32 batches:
   copy of the tile, no zeroed batch). Tiles reaching outside the image are assembled first (their outside
   filled with nodata), then scaled.
 - **Memory.** Bands are dropped as soon as no remaining tile needs them, and their arrays read into again
-  (a fresh multi-megabyte array per read costs its page faults, and a freed one lingers in the allocator). The bound is about
+  (a fresh multi-megabyte array per read costs its page faults, and a freed one lingers in the allocator).
+  The bound is about
   ``(ceil(tile_h / band_h) + 1 + threads + prefetch)`` bands of ``band_h x span`` pixels (``span``: the
   columns the tiles cover, i.e. a region's width plus the overlap) plus ``prefetch + 2`` batches —
   set by the region, never by the image.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,12 +201,15 @@ class StripCache:
         self._held: dict[int, list[tuple[Window, np.ndarray]]] = {}
         # Dropped strips by shape, read into again: most reads of a region have one shape.
         self._spare: dict[tuple[int, int, int], list[np.ndarray]] = {}
+        #: Whether every read of the plan has been handed to the readers.
+        self.all_submitted = False
         self._top_up()
 
     def _top_up(self) -> None:
         while len(self._pending) < self._ahead:
             read = next(self._reads, None)
             if read is None:
+                self.all_submitted = True
                 return
             band, window = read
             spare = self._spare.get((len(self.read_bands), window.height, window.width))
@@ -353,6 +357,156 @@ class BatchAssembler:
 _DONE = object()
 
 
+class TileBatchStream:
+    """The batches of ``tiles`` of ``source``, read, scaled and batched ahead of the consumer (see the
+    module doc) on threads that :meth:`start` begins — before the stream is iterated, if the caller wants
+    the reads under way while it finishes other work (the previous region's last batches in the model).
+
+    Everything that can be refused (batch size, the scaling against the image, tile shapes) is checked
+    here, before any read. Iterating starts the reads if :meth:`start` did not; :meth:`close` (or leaving
+    the ``with`` block) stops them, whether or not the stream was iterated. ``on_reads_done`` is called
+    once, on the assembler thread, as soon as the last strip read is handed to the readers: the moment
+    to start the next stream, so that its reads fill the cores while this one's last tiles are cut and
+    run. Arguments as for :func:`iter_tile_batches`.
+    """
+
+    def __init__(
+        self,
+        source: RasterSource,
+        tiles: Sequence[Window],
+        batch_size: int,
+        scaling: InputScaling,
+        *,
+        bands: Sequence[int] | None = None,
+        prefetch: int = 2,
+        threads: int = 2,
+        tile_shape: tuple[int, int] | None = None,
+        native_pad: int | None = None,
+        on_reads_done: Callable[[], None] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        self._tiles = sorted(tiles, key=lambda t: (t.row_off, t.col_off))
+        self._source = source
+        self._batch_size = batch_size
+        self._prefetch = prefetch
+        self._threads = threads
+        self._native_pad = native_pad
+        self.on_reads_done = on_reads_done
+        self._worker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._results: queue.Queue[object] = queue.Queue(maxsize=max(1, prefetch))
+        if not self._tiles:
+            return
+        # Refuse an image the scaling's rules do not cover before any read (see services/tiling/scaling.py).
+        self._scaling = scaling.for_image(source.dtype, source.count, nbits=source.nbits, bands=bands)
+        feed = self._scaling.band_indexes(source.count, bands)
+        self._read_bands = sorted(set(feed))
+        self._channel_of = [self._read_bands.index(b) for b in feed]
+        shape_h = tile_shape[0] if tile_shape else max(t.height for t in self._tiles)
+        shape_w = tile_shape[1] if tile_shape else max(t.width for t in self._tiles)
+        if any(t.height > shape_h or t.width > shape_w for t in self._tiles):
+            raise UserError(f"a tile is larger than the batch tile shape {shape_h} x {shape_w}")
+        self._shape = (shape_h, shape_w)
+        self._band_rows, self._plan = plan_strip_reads(
+            self._tiles, source.width, source.height, source.block_shape
+        )
+
+    @property
+    def started(self) -> bool:
+        """Whether the reads have begun (:meth:`start`, or the first iteration)."""
+        return self._worker is not None
+
+    def start(self) -> None:
+        """Begin reading and batching (once; later calls do nothing)."""
+        if self._worker is not None or not self._tiles or self._stop.is_set():
+            return
+        cap_malloc_arenas()  # before the reading and cutting threads start (services/tiling/allocator.py)
+        self._worker = threading.Thread(target=self._assemble, name="tile-assembler", daemon=True)
+        self._worker.start()
+
+    def __iter__(self) -> Iterator[TileBatch]:
+        if not self._tiles:
+            return
+        self.start()
+        worker = self._worker
+        if worker is None:  # closed before it started: nothing will come
+            raise RuntimeError("the tile batch stream was closed before it was read")
+        while True:
+            try:
+                item = self._results.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set() and not worker.is_alive() and self._results.empty():
+                    raise RuntimeError("the tile batch stream was closed while it was read") from None
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, TileBatch)
+            yield item
+
+    def close(self) -> None:
+        """Stop the reads and the batching, and wait for their threads."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join()
+
+    def __enter__(self) -> TileBatchStream:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _deliver(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _reads_done(self) -> None:
+        callback, self.on_reads_done = self.on_reads_done, None
+        if callback is not None:
+            callback()
+
+    def _assemble(self) -> None:
+        ahead = max(1, self._threads) + max(0, self._prefetch)
+        strips = StripCache(
+            self._source, self._plan, self._band_rows, self._read_bands, threads=self._threads, ahead=ahead
+        )
+        ordered = self._tiles
+        try:
+            batch = BatchAssembler(
+                self._source,
+                self._scaling,
+                self._channel_of,
+                batch_size=self._batch_size,
+                tile_shape=self._shape,
+                native_pad=self._native_pad,
+            )
+            for index, tile in enumerate(ordered):
+                strips.hold_through(tile.row_end)
+                if strips.all_submitted:
+                    self._reads_done()
+                if batch.full and not self._deliver(batch.take()):
+                    return
+                batch.add(tile, strips)
+                # Later tiles start at or below the next tile's top row: bands above it are done.
+                if index + 1 < len(ordered):
+                    strips.drop_above(ordered[index + 1].row_off)
+            self._reads_done()
+            if batch.tiles or batch.skipped:
+                self._deliver(batch.take())
+            self._deliver(_DONE)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            self._deliver(error)
+        finally:
+            strips.close()
+
+
 def iter_tile_batches(
     source: RasterSource,
     tiles: Sequence[Window],
@@ -372,76 +526,18 @@ def iter_tile_batches(
     largest tile); give the model's input size so that tiles of a small image are padded to it.
     All-nodata tiles are skipped and counted. Errors from the reads (UserError) surface here.
     ``native_pad``: batches of the image's own pixels (padded with this value), for a model that folds
-    the scaling in (see :class:`BatchAssembler`).
+    the scaling in (see :class:`BatchAssembler`). :class:`TileBatchStream` is the same as an object
+    whose reads can start before it is iterated.
     """
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-    if not tiles:
-        return
-    cap_malloc_arenas()  # before the reading and cutting threads start (services/tiling/allocator.py)
-    # Refuse an image the scaling's rules do not cover before any read (see services/tiling/scaling.py).
-    scaling = scaling.for_image(source.dtype, source.count, nbits=source.nbits, bands=bands)
-    feed = scaling.band_indexes(source.count, bands)
-    read_bands = sorted(set(feed))
-    channel_of = [read_bands.index(b) for b in feed]
-    ordered = sorted(tiles, key=lambda t: (t.row_off, t.col_off))
-    shape_h = tile_shape[0] if tile_shape else max(t.height for t in ordered)
-    shape_w = tile_shape[1] if tile_shape else max(t.width for t in ordered)
-    if any(t.height > shape_h or t.width > shape_w for t in ordered):
-        raise UserError(f"a tile is larger than the batch tile shape {shape_h} x {shape_w}")
-    band_rows, plan = plan_strip_reads(ordered, source.width, source.height, source.block_shape)
-
-    results: queue.Queue[object] = queue.Queue(maxsize=max(1, prefetch))
-    stop = threading.Event()
-
-    def deliver(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                results.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def assemble() -> None:
-        ahead = max(1, threads) + max(0, prefetch)
-        strips = StripCache(source, plan, band_rows, read_bands, threads=threads, ahead=ahead)
-        try:
-            batch = BatchAssembler(
-                source,
-                scaling,
-                channel_of,
-                batch_size=batch_size,
-                tile_shape=(shape_h, shape_w),
-                native_pad=native_pad,
-            )
-            for index, tile in enumerate(ordered):
-                strips.hold_through(tile.row_end)
-                if batch.full and not deliver(batch.take()):
-                    return
-                batch.add(tile, strips)
-                # Later tiles start at or below the next tile's top row: bands above it are done.
-                if index + 1 < len(ordered):
-                    strips.drop_above(ordered[index + 1].row_off)
-            if batch.tiles or batch.skipped:
-                deliver(batch.take())
-            deliver(_DONE)
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            deliver(error)
-        finally:
-            strips.close()
-
-    worker = threading.Thread(target=assemble, name="tile-assembler", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = results.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, TileBatch)
-            yield item
-    finally:
-        stop.set()
-        worker.join()
+    with TileBatchStream(
+        source,
+        tiles,
+        batch_size,
+        scaling,
+        bands=bands,
+        prefetch=prefetch,
+        threads=threads,
+        tile_shape=tile_shape,
+        native_pad=native_pad,
+    ) as stream:
+        yield from stream
