@@ -52,18 +52,6 @@ from services.tiling.windows import Window
 GOAL = 0.85
 
 
-def model_path(name: str, data_dir: Path) -> Path:
-    """``near-free`` (built by the harness), ``demo`` (the shipped demo detector) or a path."""
-    if name == "near-free":
-        return harness.near_free_model(data_dir)
-    if name == "demo":
-        return harness.MODEL
-    path = Path(name)
-    if not path.is_file():
-        raise SystemExit(f"--model {name}: no such file; give near-free, demo or the path of an ONNX file")
-    return path
-
-
 def time_decode(path: Path, threads: int) -> Timed:
     """Every block of the image decoded once: whole block rows, ``threads`` at a time."""
     with harness.ThreadCpu() as cpu, RasterSource.open(str(path)) as source:
@@ -168,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size, args.sample_batches, args.repeat = 1536, 2, 1
 
-    model = model_path(args.model, args.data_dir)
+    model = harness.model_by_name(args.model, args.data_dir)
     scene = harness.scene_file(args.data_dir, args.size, args.size, block_size=args.block)
     first = time_to_first_tile(model, scene.path, args)
     detector = OnnxDetector(model, providers=args.providers, batch_size=args.batch)

@@ -122,6 +122,19 @@ def wider_detector(data_dir: Path, width: int) -> Path:
 NEAR_FREE_VERSION = 2
 
 
+def model_by_name(name: str, data_dir: Path) -> Path:
+    """A benchmark's ``--model``: ``near-free`` (built here, :func:`near_free_model`), ``demo`` (the shipped
+    demo detector) or the path of an ONNX file (absolute, so child processes find it too)."""
+    if name == "near-free":
+        return near_free_model(data_dir)
+    if name == "demo":
+        return MODEL
+    path = Path(name)
+    if not path.is_file():
+        raise SystemExit(f"--model {name}: no such file; give near-free, demo or the path of an ONNX file")
+    return path.resolve()
+
+
 def near_free_model(data_dir: Path, *, tile: int = 512, cell: int = 32, top: int = 8) -> Path:
     """A detector-contract ONNX model that costs almost nothing: where a pipeline's own cost shows.
 

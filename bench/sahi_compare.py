@@ -56,18 +56,6 @@ CLASS_NAMES_KEY = "tessera.class_names"
 INPUT_SCALE_KEY = "tessera.input_scale"
 
 
-def model_path(name: str, data_dir: Path) -> Path:
-    """``near-free`` (built by the harness), ``demo`` (the shipped demo detector) or a path."""
-    if name == "near-free":
-        return harness.near_free_model(data_dir)
-    if name == "demo":
-        return harness.MODEL
-    path = Path(name)
-    if not path.is_file():
-        raise SystemExit(f"--model {name}: no such file; give near-free, demo or the path of an ONNX file")
-    return path.resolve()
-
-
 def pip_cuda_libraries() -> list[str]:
     """The ``lib`` folders of the project environment's ``nvidia-*`` pip packages (CUDA, cuDNN; [] if none).
 
@@ -384,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size = 1024
 
-    model = model_path(args.model, args.data_dir)
+    model = harness.model_by_name(args.model, args.data_dir)
     scene = harness.scene_file(args.data_dir, args.size, args.size, block_size=args.block)
     sahi_python = ensure_sahi_venv(args.sahi_venv)
     common = ["--image", str(scene.path), "--batch", str(args.batch), "--overlap", str(args.overlap)]

@@ -5,12 +5,12 @@ each arena keeps what its thread freed for reuse by that arena only. The tile pi
 busy threads (strip readers inside GDAL, the tile assembler, one ONNX Runtime session per core) that each
 allocate and free megabytes per region: with an arena each, the process's resident set holds several
 copies of that freed memory. Capping the arenas at :data:`ARENAS` lets the threads share what is freed;
-on the near-free benchmark (bench/sahi_compare.py) peak RSS fell from about 515 to 430 MB, at the same
+on the near-free benchmark (bench/sahi_compare.py) peak RSS fell from 515 to 413 MB, at the same
 speed (bench/README.md, "Pipeline floor").
 
-:func:`cap_malloc_arenas` is called when the pipeline is imported, before its threads start (an arena,
-once made, stays). It does nothing off glibc, and nothing when ``MALLOC_ARENA_MAX`` is set: the user's
-own setting wins.
+:func:`cap_malloc_arenas` is called when a tile batch stream starts, before its threads do (an arena,
+once made, stays; later calls return at once). It does nothing off glibc, and nothing when
+``MALLOC_ARENA_MAX`` is set: the user's own setting wins.
 """
 
 from __future__ import annotations
