@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,8 @@ DEFAULT_BATCH_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 #: ONNX Runtime logs a terminated run as an error; the exception raised here says it better.
 _QUIET = 4
+#: How long the watchdog thread waits for a next run before it ends (a later run starts another).
+WATCHDOG_LINGER_S = 5.0
 
 
 class ModelTimeoutError(UserError):
@@ -73,20 +77,32 @@ class Run:
     options: Any = field(default_factory=ort.RunOptions)
     timed_out: bool = False
     stop_reason: str | None = None
-    timer: threading.Timer | None = None
+    #: ``time.monotonic()`` past which the run is told to stop (None: no timeout).
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         self.options.log_severity_level = _QUIET
 
 
 class RunControl:
-    """Time-outs and stops for one model's runs (see the module docstring); thread-safe."""
+    """Time-outs and stops for one model's runs (see the module docstring); thread-safe.
+
+    One watchdog thread per control keeps the time-outs, started with the first run and ended after
+    :data:`WATCHDOG_LINGER_S` without one: a thread (or a timer) per batch would cost a thread start per
+    batch — hundreds a second with a light model — and the dispatching thread waits for each to start.
+    Every run has the same timeout, so deadlines come in the order the runs start: the watchdog only ever
+    waits for the oldest run still going.
+    """
 
     def __init__(self, model: str, batch_timeout_s: float | None = None) -> None:
         self.model = model
         self.batch_timeout_s = batch_timeout_from(batch_timeout_s)
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._running: set[Run] = set()
+        # Runs with a deadline, oldest first; the finished ones at the front are dropped as they finish.
+        self._deadlines: deque[Run] = deque()
+        self._watchdog: threading.Thread | None = None
         self._stop_reason: str | None = None
         #: True once a run was given up on: a thread still runs it, and the process should be restarted.
         self.stuck = False
@@ -103,18 +119,25 @@ class RunControl:
             if self._stop_reason is not None:
                 raise RunStoppedError(self._stop_reason)
             self._running.add(run)
-        if self.batch_timeout_s is not None:
-            run.timer = threading.Timer(self.batch_timeout_s, self._expire, (run,))
-            run.timer.daemon = True
-            run.timer.start()
+            if self.batch_timeout_s is not None:
+                run.deadline = time.monotonic() + self.batch_timeout_s
+                self._deadlines.append(run)
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(
+                        target=self._watch, name=f"batch-timeout-{self.model}", daemon=True
+                    )
+                    self._watchdog.start()
+                elif len(self._deadlines) == 1:
+                    self._wake.notify()  # it may be lingering, or waiting on a deadline now gone
         return run
 
     def finish(self, run: Run, error: BaseException | None) -> None:
         """Disarm ``run``; when it raised ``error`` because it was told to stop, raise what says why."""
-        if run.timer is not None:
-            run.timer.cancel()
         with self._lock:
             self._running.discard(run)
+            self._drop_finished()
+            if not self._deadlines and self._watchdog is not None:
+                self._wake.notify()  # nothing left to watch: it lingers from now, not from an old deadline
         if error is None:
             return
         if run.timed_out:
@@ -154,6 +177,27 @@ class RunControl:
         """Whether :meth:`stop` was called."""
         return self._stop_reason is not None
 
-    def _expire(self, run: Run) -> None:
-        run.timed_out = True
-        run.options.terminate = True
+    def _drop_finished(self) -> None:
+        """Forget the finished runs at the front of the deadlines (the lock held)."""
+        while self._deadlines and self._deadlines[0] not in self._running:
+            self._deadlines.popleft()
+
+    def _watch(self) -> None:
+        """The watchdog: tell the oldest run to stop once past its deadline; end after a quiet linger."""
+        with self._lock:
+            while True:
+                self._drop_finished()
+                if not self._deadlines:
+                    if not self._wake.wait(WATCHDOG_LINGER_S) and not self._deadlines:
+                        self._watchdog = None
+                        return
+                    continue
+                oldest = self._deadlines[0]
+                assert oldest.deadline is not None
+                left = oldest.deadline - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                self._deadlines.popleft()
+                oldest.timed_out = True
+                oldest.options.terminate = True

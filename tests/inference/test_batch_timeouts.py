@@ -162,3 +162,39 @@ def test_a_batch_that_cannot_be_stopped_is_given_up_and_marks_the_detector_stuck
     closing = time.monotonic()
     detector.close()  # does not wait for the lost thread
     assert time.monotonic() - closing < 0.5
+
+
+def _watchdogs(model: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"batch-timeout-{model}"]
+
+
+def test_one_watchdog_keeps_every_batchs_timeout_and_ends_when_the_model_is_idle(
+    finishing_path: Path, hanging_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timeouts cost no thread per batch: one watchdog per model, gone after a quiet spell, back with the
+    next batch — and a batch that hangs after many that returned is still stopped at its timeout."""
+    monkeypatch.setattr(run_control, "WATCHDOG_LINGER_S", 0.3)
+    detector = OnnxDetector(finishing_path, providers="cpu", batch_size=1, sessions=2, batch_timeout_s=5)
+    earlier = {t.ident for t in _watchdogs(detector.name)}  # other tests' models of the same name
+    threads_before = threading.active_count()
+    seen: set[int | None] = set()
+    tiles = tiles_of_means([0.5, 0.2, 0.3, 0.4])
+    for found in detector.detect_many(tiles[i % 4][None] for i in range(40)):
+        assert len(found) == 1
+        seen.update(t.ident for t in _watchdogs(detector.name) if t.ident not in earlier)
+    assert len(seen) == 1  # the same watchdog for all 40 batches
+    assert threading.active_count() <= threads_before + 3  # two session threads and the watchdog
+    deadline = time.monotonic() + 3
+    while seen & {t.ident for t in _watchdogs(detector.name)} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not seen & {t.ident for t in _watchdogs(detector.name)}  # ended once no batch was left to watch
+    detector.close()
+
+    hanging = OnnxDetector(hanging_path, providers="cpu", batch_size=1, sessions=1, batch_timeout_s=0.4)
+    for _ in range(2):  # after the watchdog ended, a later batch is timed out again
+        started = time.monotonic()
+        with pytest.raises(ModelTimeoutError):
+            hanging.detect(tiles_of_means([0.5]))
+        assert 0.4 <= time.monotonic() - started < 2.5
+        time.sleep(0.6)  # past the linger: the watchdog ends, and the next batch starts another
+    hanging.close()
