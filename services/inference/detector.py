@@ -47,7 +47,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
@@ -255,8 +255,10 @@ class OnnxDetector:
         """Detections for each batch of ``batches`` (float32 ``[B, C, H, W]``, ``B <= batch_size``), in order.
         ``on_checks`` is called with what the output checks did to each batch, in the caller's thread.
 
-        With several sessions, batches are handed to them round-robin, at most one in flight per session;
-        ``batches`` is drawn lazily, at most ``sessions`` ahead of the results taken.
+        With several sessions, each batch goes to a session that is free — the first to finish takes the
+        next, whichever batch is oldest — and the results are handed back in order. ``batches`` is drawn
+        lazily, at most ``2 x sessions`` ahead of the results taken (the batches in flight and those done
+        but waiting for an older one).
         """
 
         def handed(result: tuple[list[Detections], BoxChecks]) -> list[Detections]:
@@ -267,10 +269,14 @@ class OnnxDetector:
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=len(self._sessions), thread_name_prefix="ort-session")
-        pending: deque[tuple[Future[tuple[list[Detections], BoxChecks]], Run]] = deque()
+        # Oldest first: the batch's run, and the session it holds until its future is done.
+        pending: deque[tuple[Future[tuple[list[Detections], BoxChecks]], Run, Any]] = deque()
+        ahead = 2 * len(self._sessions)
+        source = iter(batches)
+        more = True
 
         def oldest() -> list[Detections]:
-            future, _ = pending[0]
+            future, _, _ = pending[0]
             try:
                 result = future.result(timeout=self.control.result_wait_s)
             except FutureTimeout:
@@ -279,21 +285,35 @@ class OnnxDetector:
             return handed(result)
 
         try:
-            for index, batch in enumerate(batches):
-                if len(pending) == len(self._sessions):
-                    # The oldest batch ran on the session this one is handed to: it is free once that is done.
+            while more or pending:
+                if pending and pending[0][0].done():
                     yield oldest()
-                session = self._sessions[index % len(self._sessions)]
-                checked = self._checked(batch)
-                run = self.control.start()
-                pending.append((self._pool.submit(self._run, session, checked, run), run))
-            while pending:
-                yield oldest()
+                    continue
+                running = [future for future, _, _ in pending if not future.done()]
+                if more and len(pending) < ahead and len(running) < len(self._sessions):
+                    batch = next(source, None)
+                    if batch is None:
+                        more = False
+                        continue
+                    busy = {id(session) for future, _, session in pending if not future.done()}
+                    session = next(s for s in self._sessions if id(s) not in busy)
+                    checked = self._checked(batch)
+                    run = self.control.start()
+                    pending.append((self._pool.submit(self._run, session, checked, run), run, session))
+                elif more and len(pending) < ahead:
+                    # Every session busy: wait for the first to finish (a run that outlives its timeout
+                    # and the grace is given up on, as for the oldest).
+                    limit = self.control.result_wait_s
+                    done, _ = wait_for(running, timeout=limit, return_when=FIRST_COMPLETED)
+                    if not done:
+                        raise self.control.gave_up()
+                else:
+                    yield oldest()
         finally:
             if pending:  # the consumer stopped early (an error, Ctrl-C): stop the runs in flight, then wait
-                self.control.cancel([run for _, run in pending], "the caller stopped waiting for it")
+                self.control.cancel([run for _, run, _ in pending], "the caller stopped waiting for it")
                 if not self.control.stuck:
-                    _, left = wait_for([future for future, _ in pending], timeout=STOP_GRACE_S)
+                    _, left = wait_for([future for future, _, _ in pending], timeout=STOP_GRACE_S)
                     if left:
                         self.control.stuck = True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,35 @@ def test_cpu_sessions_run_batches_side_by_side_in_input_order(contract_path: Pat
     det.close()
     # An explicit intra-op thread count keeps one session.
     assert OnnxDetector(contract_path, providers="cpu", intra_op_threads=2).sessions == 1
+
+
+class _Delayed:
+    """A real session that first sleeps: one session slower than the others (descheduled, say)."""
+
+    def __init__(self, session: Any, seconds: float, log: list[str], name: str) -> None:
+        self.session, self.seconds, self.log, self.name = session, seconds, log, name
+
+    def run(self, names: Any, feed: Any, options: Any) -> Any:
+        time.sleep(self.seconds)
+        self.log.append(self.name)
+        return self.session.run(names, feed, options)
+
+
+def test_a_free_session_takes_the_next_batch_while_a_slow_one_runs(contract_path: Path) -> None:
+    """Batches go to whichever session is free, not round-robin: a session held up (by the tile reader,
+    on a busy machine) does not hold the others back, and the results still come in input order."""
+    det = OnnxDetector(contract_path, providers="cpu", batch_size=1, score_threshold=0.1, sessions=2)
+    ran: list[str] = []
+    slow, fast = det._sessions
+    det._sessions = [_Delayed(slow, 0.6, ran, "slow"), _Delayed(fast, 0.01, ran, "fast")]
+    means = [0.9, 0.3, 0.0, 0.6, 1.0, 0.45, 0.75, 0.9, 0.3, 0.6]
+    tiles = tiles_of_means(means)
+    found = [d for batch in det.detect_many(tiles[i : i + 1] for i in range(len(means))) for d in batch]
+    for d, mean in zip(found, means, strict=True):
+        assert_tile(d, mean, 0.1)
+    # Round-robin gives each 5; here the slow one takes one batch per 4 drawn (2 x sessions ahead).
+    assert ran.count("slow") <= 3 and ran.count("fast") >= 7
+    det.close()
 
 
 NAN, INF = float("nan"), float("inf")
