@@ -45,11 +45,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,8 +55,9 @@ import numpy as np
 from services.errors import UserError
 from services.inference.detections import BoxChecks, Detections, check_boxes
 from services.inference.native_input import cached_fold
-from services.inference.run_control import STOP_GRACE_S, Run, RunControl
+from services.inference.run_control import Run, RunControl
 from services.inference.session import CPU, CUDA, create_session
+from services.inference.side_by_side import BusyClock, run_side_by_side
 from services.inference.yolo import decode_yolo, ultralytics_class_names
 
 CLASS_NAMES_KEY = "tessera.class_names"
@@ -181,7 +178,6 @@ class OnnxDetector:
         else:
             self._sessions = [opened.session]
         self._session = opened.session
-        self._pool: ThreadPoolExecutor | None = None
         self._model = model
         self._options: dict[str, Any] = {
             "providers": "cuda" if self.provider == CUDA else "cpu",
@@ -250,72 +246,33 @@ class OnnxDetector:
         return len(self._sessions)
 
     def detect_many(
-        self, batches: Iterable[np.ndarray], *, on_checks: Callable[[BoxChecks], None] | None = None
+        self,
+        batches: Iterable[np.ndarray],
+        *,
+        on_checks: Callable[[BoxChecks], None] | None = None,
+        busy: BusyClock | None = None,
     ) -> Iterator[list[Detections]]:
         """Detections for each batch of ``batches`` (float32 ``[B, C, H, W]``, ``B <= batch_size``), in order.
-        ``on_checks`` is called with what the output checks did to each batch, in the caller's thread.
+        ``on_checks`` is called with what the output checks did to each batch, in the caller's thread;
+        ``busy`` adds up the wall time a batch was running.
 
-        With several sessions, each batch goes to a session that is free — the first to finish takes the
-        next, whichever batch is oldest — and the results are handed back in order. ``batches`` is drawn
-        lazily, at most ``2 x sessions`` ahead of the results taken (the batches in flight and those done
-        but waiting for an older one).
+        Each session's own thread draws its next batch from ``batches`` and runs it, so a session that
+        finishes takes the next batch at once; at most ``2 x sessions`` batches are drawn ahead of the
+        results taken (:func:`~services.inference.side_by_side.run_side_by_side`). ``batches`` is advanced
+        from those threads, one at a time.
         """
-
-        def handed(result: tuple[list[Detections], BoxChecks]) -> list[Detections]:
-            found, checks = result
+        for found, checks in run_side_by_side(
+            self._sessions,
+            batches,
+            prepare=self._checked,
+            run_one=self._run,
+            control=self.control,
+            ahead=2 * len(self._sessions),
+            busy=busy,
+        ):
             if on_checks is not None:
                 on_checks(checks)
-            return found
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=len(self._sessions), thread_name_prefix="ort-session")
-        # Oldest first: the batch's run, and the session it holds until its future is done.
-        pending: deque[tuple[Future[tuple[list[Detections], BoxChecks]], Run, Any]] = deque()
-        ahead = 2 * len(self._sessions)
-        source = iter(batches)
-        more = True
-
-        def oldest() -> list[Detections]:
-            future, _, _ = pending[0]
-            try:
-                result = future.result(timeout=self.control.result_wait_s)
-            except FutureTimeout:
-                raise self.control.gave_up() from None
-            pending.popleft()
-            return handed(result)
-
-        try:
-            while more or pending:
-                if pending and pending[0][0].done():
-                    yield oldest()
-                    continue
-                running = [future for future, _, _ in pending if not future.done()]
-                if more and len(pending) < ahead and len(running) < len(self._sessions):
-                    batch = next(source, None)
-                    if batch is None:
-                        more = False
-                        continue
-                    busy = {id(session) for future, _, session in pending if not future.done()}
-                    session = next(s for s in self._sessions if id(s) not in busy)
-                    checked = self._checked(batch)
-                    run = self.control.start()
-                    pending.append((self._pool.submit(self._run, session, checked, run), run, session))
-                elif more and len(pending) < ahead:
-                    # Every session busy: wait for the first to finish (a run that outlives its timeout
-                    # and the grace is given up on, as for the oldest).
-                    limit = self.control.result_wait_s
-                    done, _ = wait_for(running, timeout=limit, return_when=FIRST_COMPLETED)
-                    if not done:
-                        raise self.control.gave_up()
-                else:
-                    yield oldest()
-        finally:
-            if pending:  # the consumer stopped early (an error, Ctrl-C): stop the runs in flight, then wait
-                self.control.cancel([run for _, run, _ in pending], "the caller stopped waiting for it")
-                if not self.control.stuck:
-                    _, left = wait_for([future for future, _, _ in pending], timeout=STOP_GRACE_S)
-                    if left:
-                        self.control.stuck = True
+            yield found
 
     def stop(self, reason: str) -> None:
         """Stop the batches in flight (between two operators) and refuse new ones: they fail with
@@ -328,13 +285,11 @@ class OnnxDetector:
         return self.control.stuck
 
     def close(self) -> None:
-        """Stop the threads that run batches side by side (a later call starts them again)."""
+        """Close the detectors composed for uint8 input (:meth:`for_uint8`). The threads that run batches
+        side by side belong to each :meth:`detect_many` call and end with it."""
         for folded in self._folded.values():
             if folded is not None:
                 folded.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=not self.control.stuck, cancel_futures=True)
-            self._pool = None
 
     def for_uint8(self, scale: float, zero_point: int, clip_max: float | None) -> OnnxDetector | None:
         """This model taking uint8 tiles, its input scaling ``(x - zero_point) * scale`` (clipped to

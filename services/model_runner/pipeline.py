@@ -26,6 +26,7 @@ from services.errors import UserError
 from services.inference.detections import BoxChecks, Detections, check_boxes
 from services.inference.detector import Detector, OnnxDetector
 from services.inference.merge import drop_edge_truncated, image_edges, merge_detections
+from services.inference.side_by_side import BusyClock
 from services.model_runner.model_setup import (
     input_scaling,
     native_detector,
@@ -67,8 +68,8 @@ class JobPlan:
 class RegionOutcome:
     """One region's detections (image pixels, merged within the region) and what it took.
 
-    ``model_seconds``: wall seconds the region waited on the model (with batches run side by side on
-    several CPU sessions, the time the model added, not the sum of the batches' own run times).
+    ``model_seconds``: wall seconds during which the model was running at least one of the region's
+    batches (with batches side by side on several CPU sessions, not the sum of their own run times).
     ``checks``: what the checks on the model's output dropped and changed
     (:func:`~services.inference.detections.check_boxes`); ``checks.metrics()`` are its metric values.
     """
@@ -181,7 +182,6 @@ def detect_region(
     scaling = scaling or input_scaling(detector)
     parts: list[Detections] = []
     batch_count, skipped = 0, 0
-    reading = 0.0  # seconds spent drawing batches from the reader, inside the waits on the model
     native = native_detector(detector, scaling, source)
     model: Detector = native[0] if native is not None else detector
     stream = (
@@ -197,26 +197,28 @@ def detect_region(
             prefetch=prefetch,
         )
     )
-    # The batches handed to the model, oldest first, with the skipped tiles counted up to them.
+    # The batches handed to the model, oldest first, with the skipped tiles counted up to them. The model's
+    # session threads draw them (one at a time), so this is appended to there and taken from here.
     in_flight: deque[tuple[TileBatch, int]] = deque()
+    # Tiles skipped (all nodata) with no batch to carry them: reported from here, after the next result.
+    unreported: deque[int] = deque()
 
     def feed() -> Generator[np.ndarray, None, None]:
-        nonlocal skipped, reading
-        tick = time.perf_counter()
+        nonlocal skipped
         with stream:
             for batch in stream:
                 skipped += batch.skipped
                 if batch.tiles:
                     in_flight.append((batch, batch.skipped))
-                    reading += time.perf_counter() - tick
                     yield batch.pixels
-                    tick = time.perf_counter()
-                elif in_flight:  # only skipped tiles left: report them with the last batch
-                    last, before = in_flight.pop()
-                    in_flight.append((last, before + batch.skipped))
-                elif on_tiles is not None:
-                    on_tiles(batch.skipped)
-        reading += time.perf_counter() - tick
+                elif batch.skipped:
+                    unreported.append(batch.skipped)
+
+    def report_skipped() -> None:
+        while unreported:
+            done = unreported.popleft()
+            if on_tiles is not None:
+                on_tiles(done)
 
     checks = BoxChecks()
 
@@ -224,16 +226,11 @@ def detect_region(
         nonlocal checks
         checks += found
 
-    waited = 0.0
+    busy = BusyClock()
     fed = feed()
-    results = detect_batches(model, fed, on_checks=count)
+    results = detect_batches(model, fed, on_checks=count, busy=busy)
     try:
-        while True:
-            tick = time.perf_counter()
-            found = next(results, None)
-            waited += time.perf_counter() - tick
-            if found is None:
-                break
+        for found in results:
             batch, batch_skipped = in_flight.popleft()
             batch.release()  # the model has returned: its pixels may take a later batch
             batch_tiles = batch.tiles
@@ -244,12 +241,15 @@ def detect_region(
                     parts.append(kept.shifted(tile.col_off, tile.row_off))
             if on_tiles is not None:
                 on_tiles(len(batch_tiles) + batch_skipped)
+            report_skipped()
+        report_skipped()
     finally:
-        # On an error, wait for the batches in flight, then stop the reader's threads.
+        # On an error: stop the reader first (a session thread waiting for its next batch is released),
+        # then the batches in flight, then the feed.
+        stream.close()
         results.close()
         fed.close()
-        stream.close()
-    model_seconds = max(0.0, waited - reading)
+    model_seconds = busy.seconds
     if checks != BoxChecks():
         log.warning(
             "model %s returned unusable boxes: %d dropped (%d non-finite, %d inverted or empty, %d outside "
@@ -281,15 +281,24 @@ def detect_batches(
     batches: Iterable[np.ndarray],
     *,
     on_checks: Callable[[BoxChecks], None] | None = None,
+    busy: BusyClock | None = None,
 ) -> Generator[list[Detections], None, None]:
     """Each batch's checked detections, in order: side by side on an :class:`OnnxDetector`'s CPU sessions
     (:meth:`OnnxDetector.detect_many`, which checks its model's output), one batch after another on any
-    other detector (an endpoint), whose output is checked here. ``on_checks`` gets what the checks did."""
+    other detector (an endpoint), whose output is checked here. ``on_checks`` gets what the checks did;
+    ``busy`` adds up the wall time the model was running a batch."""
     if isinstance(detector, OnnxDetector):
-        yield from detector.detect_many(batches, on_checks=on_checks)
+        yield from detector.detect_many(batches, on_checks=on_checks, busy=busy)
         return
     for batch in batches:
-        checked = [check_boxes(d, detector.tile_width, detector.tile_height) for d in detector.detect(batch)]
+        if busy is not None:
+            busy.enter()
+        try:
+            found = detector.detect(batch)
+        finally:
+            if busy is not None:
+                busy.leave()
+        checked = [check_boxes(d, detector.tile_width, detector.tile_height) for d in found]
         if on_checks is not None:
             on_checks(sum((c for _, c in checked), BoxChecks()))
         yield [d for d, _ in checked]

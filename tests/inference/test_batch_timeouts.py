@@ -15,8 +15,7 @@ import pytest
 from onnx_builders import hanging_model, tiles_of_means
 
 from services.errors import UserError
-from services.inference import detector as detector_module
-from services.inference import run_control
+from services.inference import run_control, side_by_side
 from services.inference.detector import OnnxDetector
 from services.inference.run_control import (
     BATCH_TIMEOUT_ENV,
@@ -150,7 +149,7 @@ def test_a_batch_that_cannot_be_stopped_is_given_up_and_marks_the_detector_stuck
     hanging_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(run_control, "STOP_GRACE_S", 0.2)
-    monkeypatch.setattr(detector_module, "STOP_GRACE_S", 0.2)
+    monkeypatch.setattr(side_by_side, "STOP_GRACE_S", 0.2)
     detector = OnnxDetector(hanging_path, providers="cpu", batch_size=1, sessions=1, batch_timeout_s=0.2)
     detector._sessions = [_DeafSession(2.0)]
     started = time.monotonic()
