@@ -101,6 +101,17 @@ def bright_stars(max_magnitude: float = MAX_MAGNITUDE) -> tuple[tuple[str, float
     return tuple(s for s in stars if s[3] <= max_magnitude)
 
 
+def use_bundled_iers() -> None:
+    """Make astropy use the Earth-rotation (IERS) tables it ships, offline, for any date: nothing is
+    fetched at run time, and instants past the tables' predictions are extrapolated (to well within a
+    pixel of the cameras here) instead of refused once the tables are 30 days older than today."""
+    from astropy.utils import iers
+
+    iers.conf.auto_download = False
+    iers.conf.auto_max_age = None
+    iers.conf.iers_degraded_accuracy = "ignore"
+
+
 def predict(
     lat: float, lon: float, when: datetime, camera: Camera, *, atmosphere: bool = False
 ) -> list[StarPixel]:
@@ -111,10 +122,8 @@ def predict(
     from astropy import units as u
     from astropy.coordinates import AltAz, EarthLocation, SkyCoord
     from astropy.time import Time
-    from astropy.utils import iers
 
-    iers.conf.auto_download = False  # nothing is fetched at run time; the bundled tables suffice
-    iers.conf.iers_degraded_accuracy = "ignore"
+    use_bundled_iers()
     stars = bright_stars()
     catalogue = SkyCoord(ra=[s[1] for s in stars] * u.deg, dec=[s[2] for s in stars] * u.deg, frame="icrs")
     frame = AltAz(
