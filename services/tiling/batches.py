@@ -16,7 +16,8 @@ a list of tiles of a :class:`~services.tiling.reader.RasterSource` into float32 
   copy of the tile, no zeroed batch). Tiles reaching outside the image are assembled first (their outside
   filled with nodata), then scaled.
 - **Memory.** Bands are dropped as soon as no remaining tile needs them, and their arrays read into again
-  (a fresh multi-megabyte array per read costs its page faults, and a freed one lingers in the allocator).
+  (a fresh multi-megabyte array per read costs its page faults, and a freed one lingers in the allocator);
+  strips and batch arrays outlive the stream in :data:`~services.tiling.arrays.ARRAYS` for the next one.
   The bound is about
   ``(ceil(tile_h / band_h) + 1 + threads + prefetch)`` bands of ``band_h x span`` pixels (``span``: the
   columns the tiles cover, i.e. a region's width plus the overlap) plus ``prefetch + 2`` batches —
@@ -39,6 +40,7 @@ import numpy as np
 
 from services.errors import UserError
 from services.tiling.allocator import cap_malloc_arenas
+from services.tiling.arrays import ARRAYS
 from services.tiling.reader import RasterSource
 from services.tiling.scaling import InputScaling
 from services.tiling.windows import Window
@@ -52,24 +54,21 @@ MAX_STRIP_ROWS = 4096
 
 
 class BatchBuffers:
-    """Batch arrays of one shape, handed back by the consumer (:meth:`TileBatch.release`) and reused, so
-    that a long run does not allocate (and fault in) a fresh batch array for every batch. Thread-safe."""
+    """Batch arrays of one shape, taken from the process's :data:`~services.tiling.arrays.ARRAYS` and given
+    back to it by the consumer (:meth:`TileBatch.release`), so that a long run — and the next region's —
+    does not allocate (and fault in) a fresh batch array for every batch. Thread-safe."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype | str = "float32") -> None:
         self.shape = shape
         self.dtype = np.dtype(dtype)
-        self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
 
     def get(self) -> np.ndarray:
-        """A free array (contents undefined), or a new one when none has been handed back."""
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            return np.empty(self.shape, dtype=self.dtype)
+        """A free array (contents undefined), or a new one when none has been given back."""
+        return ARRAYS.take(self.shape, self.dtype)
 
     def put(self, array: np.ndarray) -> None:
         """Take ``array`` back for a later batch."""
-        self._free.put(array)
+        ARRAYS.give(array)
 
 
 @dataclass(frozen=True)
@@ -197,10 +196,8 @@ class StripCache:
         self.read_bands = read_bands
         self._ahead = ahead
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tile-read")
-        self._pending: deque[tuple[int, Window, Future[np.ndarray]]] = deque()
+        self._pending: deque[tuple[int, Window, Future[np.ndarray], np.ndarray]] = deque()
         self._held: dict[int, list[tuple[Window, np.ndarray]]] = {}
-        # Dropped strips by shape, read into again: most reads of a region have one shape.
-        self._spare: dict[tuple[int, int, int], list[np.ndarray]] = {}
         #: Whether every read of the plan has been handed to the readers.
         self.all_submitted = False
         self._top_up()
@@ -212,16 +209,16 @@ class StripCache:
                 self.all_submitted = True
                 return
             band, window = read
-            spare = self._spare.get((len(self.read_bands), window.height, window.width))
-            out = spare.pop() if spare else None
+            # Dropped strips (this region's, or an earlier one's) are read into again: see arrays.py.
+            out = ARRAYS.take((len(self.read_bands), window.height, window.width), self._source.dtype)
             future = self._pool.submit(self._source.read, window, bands=self.read_bands, out=out)
-            self._pending.append((band, window, future))
+            self._pending.append((band, window, future, out))
 
     def hold_through(self, row_end: int) -> None:
         """Wait for every read of the bands up to the one holding row ``row_end - 1``."""
         last_band = (min(row_end, self._source.height) - 1) // self._band_rows
         while self._pending and self._pending[0][0] <= last_band:
-            band, window, future = self._pending.popleft()
+            band, window, future, _ = self._pending.popleft()
             self._held.setdefault(band, []).append((window, future.result()))
             self._top_up()
 
@@ -230,7 +227,7 @@ class StripCache:
         keep_from = max(row, 0) // self._band_rows
         for band in [b for b in self._held if b < keep_from]:
             for _, data in self._held.pop(band):
-                self._spare.setdefault(data.shape, []).append(data)
+                ARRAYS.give(data)
 
     def parts(self, tile: Window) -> Iterator[tuple[Window, np.ndarray]]:
         """The pieces of ``tile`` the held strips cover: ``(piece, pixels [C, h, w])``, as views."""
@@ -249,8 +246,15 @@ class StripCache:
                 )
 
     def close(self) -> None:
-        """Stop the reads not started and wait for those running."""
+        """Stop the reads not started, wait for those running, and give every strip array back."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        for strips in self._held.values():
+            for _, data in strips:
+                ARRAYS.give(data)
+        self._held.clear()
+        for _, _, _, out in self._pending:  # read into, or never started: nothing reads them now
+            ARRAYS.give(out)
+        self._pending.clear()
 
 
 class BatchAssembler:
