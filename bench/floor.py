@@ -13,7 +13,9 @@ that other work on a shared machine disturbs all three alike):
   ``detect_many``) on float32 batches of real tiles of the image decoded and scaled beforehand, as many
   calls as the pipeline makes;
 - **end to end**: what ``tessera run`` does once its model is loaded — open the image, plan, every region
-  through ``detect_region``, the seam merge, the GeoJSON written.
+  through ``detect_region``, the seam merge, the GeoJSON written;
+- **side by side** (a diagnostic, not part of the ratio): decode and raw model at the same time with no
+  pipeline between them — how much of the gap is the two sharing the cores, and how much the pipeline.
 
 The **floor** is decode + raw model when the model runs on this CPU (both need the same cores), and the
 larger of the two when it runs elsewhere (a GPU); **efficiency** = floor ÷ end to end (1.0: the pipeline
@@ -66,6 +68,19 @@ def time_decode(path: Path, threads: int) -> Timed:
                 pass
         seconds = time.perf_counter() - started
     return Timed(0, seconds, len(bands), cpu.by_group())
+
+
+def time_side_by_side(
+    path: Path, threads: int, detector: OnnxDetector, sample: list[np.ndarray], calls: int
+) -> float:
+    """Decode and raw model at once, with no pipeline between them (each on its own threads, as alone):
+    what sharing the cores costs by itself, apart from anything the pipeline does."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="side-by-side") as pool:
+        model = pool.submit(time_raw, detector, sample, calls)
+        time_decode(path, threads)
+        model.result()
+    return time.perf_counter() - started
 
 
 def run_end_to_end(request: ImageRequest, detector: OnnxDetector) -> tuple[Timed, pipeline.RunSummary]:
@@ -180,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     calls = sum(math.ceil(len(tiles) / detector.batch_size) for tiles in regions)
     cores = usable_cores()
 
-    decode, raw, e2e = [], [], []
+    decode, raw, e2e, together = [], [], [], []
     summary = None
     for _ in range(args.repeat):
         decode.append(time_decode(scene.path, cores))
         raw.append(time_raw(detector, sample, calls))
         timed, summary = run_end_to_end(request, detector)
         e2e.append(timed)
+        together.append(time_side_by_side(scene.path, cores, detector, sample, calls))
     assert summary is not None
     best_decode = min(decode, key=lambda t: t.seconds)
     best_raw = min(raw, key=lambda t: t.seconds)
@@ -231,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     how = "decode + raw model (one CPU)" if on_cpu else "max(decode, raw model) (model off the CPU)"
     print(f"floor           {floor:.3f} s = {how}: {best_e2e.tiles / floor:,.0f} tiles/s")
     print(f"efficiency      {ratio:.3f} (floor / end to end)")
+    side = min(together)
+    print(
+        f"side by side    {side:.3f} s: decode and raw model at once, no pipeline between them "
+        f"(floor / this = {floor / side:.3f}: what sharing the cores costs by itself; the pipeline's own "
+        f"cost is end to end - this = {best_e2e.seconds - side:.3f} s)"
+    )
     print(
         f"first tile      {first['total']:.2f} s in a fresh process (imports {first['imports']:.2f} s, "
         f"sessions {first['sessions']:.2f} s, open {first['open']:.3f} s, first batch through the model "

@@ -79,3 +79,13 @@ def test_sahi_benchmark_near_free_quick(tmp_path: Path) -> None:
     assert counts and counts.group(1) == counts.group(2) == "9", out
     found = re.search(r"^detections\s+(\d+)\s+(\d+)$", out, re.M)
     assert found and int(found.group(1)) > 0 and int(found.group(2)) > 0, out
+
+
+def test_floor_benchmark_quick(tmp_path: Path) -> None:
+    # The near-free model against its floor: decode alone, raw model alone, end to end, and side by side.
+    out = run_quick("floor.py", tmp_path)
+    assert result(out, "floor_efficiency", "goal>=0.85") > 0
+    for figure in ("decode alone", "raw model", "end to end", "floor", "side by side", "first tile"):
+        assert re.search(rf"^{figure}\s+\d+\.\d+ s", out, re.M), (figure, out)
+    found = re.search(r"^detections\s+([\d,]+) \(digest [0-9a-f]{12}\)", out, re.M)
+    assert found, out
