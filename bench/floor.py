@@ -72,15 +72,17 @@ def time_decode(path: Path, threads: int) -> Timed:
 
 def time_side_by_side(
     path: Path, threads: int, detector: OnnxDetector, sample: list[np.ndarray], calls: int
-) -> float:
+) -> Timed:
     """Decode and raw model at once, with no pipeline between them (each on its own threads, as alone):
     what sharing the cores costs by itself, apart from anything the pipeline does."""
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="side-by-side") as pool:
-        model = pool.submit(time_raw, detector, sample, calls)
-        time_decode(path, threads)
-        model.result()
-    return time.perf_counter() - started
+    with harness.ThreadCpu() as cpu:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="side-by-side") as pool:
+            model = pool.submit(time_raw, detector, sample, calls)
+            time_decode(path, threads)
+            model.result()
+        seconds = time.perf_counter() - started
+    return Timed(calls * detector.batch_size, seconds, calls, cpu.by_group())
 
 
 def run_end_to_end(request: ImageRequest, detector: OnnxDetector) -> tuple[Timed, pipeline.RunSummary]:
@@ -247,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     how = "decode + raw model (one CPU)" if on_cpu else "max(decode, raw model) (model off the CPU)"
     print(f"floor           {floor:.3f} s = {how}: {best_e2e.tiles / floor:,.0f} tiles/s")
     print(f"efficiency      {ratio:.3f} (floor / end to end)")
-    side = min(together)
+    side = min(together, key=lambda t: t.seconds)
     print(
-        f"side by side    {side:.3f} s: decode and raw model at once, no pipeline between them "
-        f"(floor / this = {floor / side:.3f}: what sharing the cores costs by itself; the pipeline's own "
-        f"cost is end to end - this = {best_e2e.seconds - side:.3f} s)"
+        f"side by side    {side.seconds:.3f} s: decode and raw model at once, no pipeline between them "
+        f"(floor / this = {floor / side.seconds:.3f}: what sharing the cores costs by itself; the pipeline's "
+        f"own cost is end to end - this = {best_e2e.seconds - side.seconds:.3f} s; "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(side.cpu.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+        + " CPU s)"
     )
     print(
         f"first tile      {first['total']:.2f} s in a fresh process (imports {first['imports']:.2f} s, "
