@@ -163,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=256, help="the GeoTIFF's block size in px (256)")
     p.add_argument("--model", default="near-free", help="near-free (default), demo, or an ONNX file's path")
     p.add_argument("--providers", choices=("cpu", "cuda", "auto"), default="cpu")
-    p.add_argument("--batch", type=int, default=8, help="tiles per model call (8)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="tiles per model call (default: what tessera run picks, detector.default_batch_size)",
+    )
     p.add_argument("--overlap", type=int, default=128, help="tile overlap in px (128)")
     p.add_argument("--repeat", type=int, default=3, help="rounds of the three timings (3)")
     p.add_argument("--sample-batches", type=int, default=12, help="distinct pre-decoded batches for raw")

@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of --model: the project's detector with N channels (shipped: 32), trained and cached "
         "on first use; 64 costs ~3.5x the CPU per tile",
     )
-    p.add_argument("--batch", type=int, default=8, help="tiles per model call (8, the request default)")
+    p.add_argument("--batch", type=int, default=8, help="tiles per model call (8)")
     p.add_argument("--overlap", type=int, default=None, help="px (default: an eighth of the tile)")
     p.add_argument("--region", type=int, default=DEFAULT_REGION, help=f"region size px ({DEFAULT_REGION})")
     p.add_argument("--threads", type=int, help="reader threads (default: 2 beside a CPU model)")

@@ -80,6 +80,23 @@ _LABEL_TYPES = {"tensor(int64)", "tensor(int32)", *_FLOAT_TYPES}
 #: At most this many CPU sessions, however many cores the machine has: each holds its own buffers (on
 #: the 100k x 100k memory benchmark a second session added ~260 MB to the worker's peak RSS).
 MAX_CPU_SESSIONS = 4
+#: Tiles per model call where none is asked for, on a GPU (or when the model fixes none, one session).
+DEFAULT_BATCH = 8
+#: Where none is asked for, a CPU batch is the most tiles whose float32 input fits in this many bytes (at
+#: least one, at most :data:`DEFAULT_BATCH`): 2 tiles of 512 x 512 x 3. Each session's intermediate
+#: tensors then stay in the cache beside the tile reader's strips; on 2 cores, batches of 2 against 8 took
+#: 0.3 CPU s less on the 16,000 px near-free run and 10% less time with the demo detector
+#: (bench/README.md, "Pipeline floor").
+CPU_BATCH_BYTES = 8 * 2**20
+
+
+def default_batch_size(provider: str, channels: int, tile_height: int, tile_width: int) -> int:
+    """Tiles per call when the caller asks for none: :data:`DEFAULT_BATCH` on a GPU; on the CPU, as many
+    as fit in :data:`CPU_BATCH_BYTES` of float32 input (1 to :data:`DEFAULT_BATCH`)."""
+    if provider != CPU:
+        return DEFAULT_BATCH
+    tile_bytes = 4 * channels * tile_height * tile_width
+    return max(1, min(DEFAULT_BATCH, CPU_BATCH_BYTES // max(1, tile_bytes)))
 
 
 def usable_cores() -> int:
@@ -129,7 +146,8 @@ class OnnxDetector:
 
     ``providers``: ``"auto"`` (CUDA when it works, else CPU), ``"cpu"`` or ``"cuda"``; ``.provider`` says
     which one runs. ``batch_size`` tiles go to the model per run (a model with a fixed batch dimension
-    sets it). ``tile_size`` ``(width, height)`` is needed only for models with dynamic H/W.
+    sets it; None: :func:`default_batch_size` for the provider). ``tile_size`` ``(width, height)`` is
+    needed only for models with dynamic H/W.
 
     On the CPU provider (and ``intra_op_threads`` not given) the detector opens ``sessions`` sessions of one
     intra-op thread each (default: one per usable core; past ``MAX_CPU_SESSIONS`` sessions, each gets
@@ -145,7 +163,7 @@ class OnnxDetector:
         model: str | bytes | Path,
         *,
         providers: str = "auto",
-        batch_size: int = 8,
+        batch_size: int | None = DEFAULT_BATCH,
         score_threshold: float = 0.25,
         intra_op_threads: int | None = None,
         tile_size: tuple[int, int] | None = None,
@@ -154,7 +172,7 @@ class OnnxDetector:
         batch_timeout_s: float | None = None,
         _uint8_input: bool = False,
     ) -> None:
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         if sessions is not None and sessions < 1:
             raise UserError(f"sessions must be at least 1, got {sessions}")
@@ -202,7 +220,11 @@ class OnnxDetector:
         self._input_name, fixed_batch, self.channels, self.tile_height, self.tile_width = self._check_input(
             tile_size
         )
-        self.batch_size: int = fixed_batch or batch_size
+        self.batch_size: int = (
+            fixed_batch
+            or batch_size
+            or default_batch_size(self.provider, self.channels, self.tile_height, self.tile_width)
+        )
         self._outputs = self._check_outputs()
         self.class_names: list[str] = self._class_names()
         #: Timeouts and stops of this model's batches (``batch_timeout_s``, else TESSERA_BATCH_TIMEOUT_S).

@@ -106,7 +106,12 @@ def _add_request_options(parser: argparse.ArgumentParser, *, out_help: str) -> N
     parser.add_argument(
         "--region", type=int, nargs="+", metavar="PX", help="region size, W [H] pixels (default: 8192)"
     )
-    parser.add_argument("--batch", type=int, help="tiles per model call (default: 8)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help="tiles per model call (default: the model's fixed batch, else 8 on a GPU and on a CPU as many "
+        "tiles as fit in 8 MiB of float32 input: 2 of 512 x 512 x 3)",
+    )
     parser.add_argument(
         "--scale",
         metavar="RULE",

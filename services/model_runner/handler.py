@@ -323,7 +323,7 @@ def handle_region_request(ctx: Context, message: Message, leases: Leases) -> Out
                     source,
                     detector,
                     tiles,
-                    batch_size=request.batch_size,
+                    batch_size=detector.batch_size,
                     merge=request.merge,
                     scaling=scaling,
                 )

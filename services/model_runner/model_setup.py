@@ -11,7 +11,7 @@ from typing import Any
 
 from services.cloud import objects
 from services.errors import UserError
-from services.inference.detector import Detector, OnnxDetector, usable_cores
+from services.inference.detector import DEFAULT_BATCH, Detector, OnnxDetector, usable_cores
 from services.inference.endpoint import EndpointDetector
 from services.inference.session import CPU
 from services.model_runner.request import ImageRequest, local_model_path
@@ -52,7 +52,7 @@ def open_detector(
             tile_height=request.endpoint.tile_size[1],
             class_names=list(request.endpoint.class_names),
             score_threshold=request.merge.score_threshold,
-            batch_size=request.batch_size,
+            batch_size=request.batch_size or DEFAULT_BATCH,
         )
     assert request.model is not None
     data = model_bytes if model_bytes is not None else load_model_bytes(request.model, s3_client=s3_client)
@@ -99,7 +99,8 @@ def check_batch_size(detector: Detector, limit: int | None = None) -> None:
         else f"use smaller tiles (one {detector.tile_width}x{detector.tile_height} tile is over the limit)"
     )
     raise UserError(
-        f"a batch of {detector.batch_size} tiles of {detector.tile_width}x{detector.tile_height}x"
+        f"a batch of {detector.batch_size} tile{'s' if detector.batch_size != 1 else ''} of "
+        f"{detector.tile_width}x{detector.tile_height}x"
         f"{detector.channels} float32 is {tile * detector.batch_size / 2**20:,.0f} MiB, over the "
         f"{limit / 2**20:,.0f} MiB a batch may take ({MAX_BATCH_ENV}); {fix}"
     )

@@ -14,7 +14,7 @@ An example (every field but ``image``, ``outputs`` and one of ``model`` / ``endp
       "merge": {"algorithm": "nms+ios", "iou": 0.5, "ios": 0.8, "score_threshold": 0.25, "edge_margin": 1},
       "outputs": {"s3": "s3://results/harbour/", "path": "/data/harbour.geojson"},
       "properties": {"campaign": "july"},
-      "batch_size": 8
+      "batch_size": 2
     }
 
 ``model`` is a path, a ``file://`` or an ``s3://`` URI of an ONNX file, or a model registry name
@@ -30,6 +30,10 @@ cut them; a neighbouring tile sees the object whole when the overlap is at least
 ``2 * edge_margin``; ``null`` keeps them), then ``algorithm`` merges what is left: ``"nms+ios"`` drops a box
 lying inside a larger one of its class (IoS > ``ios``), then greedy NMS (IoU > ``iou``); ``"nms"`` only the
 latter. Detections scoring below ``score_threshold`` are never kept.
+
+``batch_size`` is the number of tiles per model call; left out, the runner picks it for where the model
+runs: the model's fixed batch if it has one, else 8 on a GPU and, on a CPU, as many tiles as fit in 8 MiB
+of float32 input (2 of 512 x 512 x 3), which keeps each session's tensors in the cache.
 
 Unknown fields and bad values raise one :class:`~services.errors.UserError` listing every problem with its
 JSON path (``$.merge.iou: ...``).
@@ -138,7 +142,9 @@ class ImageRequest:
     roi: RegionOfInterest | None = None
     merge: MergeSettings = MergeSettings()
     properties: Mapping[str, Any] = field(default_factory=dict)
-    batch_size: int = 8
+    #: Tiles per model call; None: the model runner's default for where the model runs (the model's own
+    #: fixed batch, else 8 on a GPU and 2 tiles of 512 x 512 x 3 on a CPU: ``default_batch_size``).
+    batch_size: int | None = None
     #: How the image's pixels become model input where the model's metadata does not say (float, signed or
     #: single-band images): ``{"mode": "range", "min", "max"}``, ``{"mode": "none"}``, ``"bands"``.
     scaling: ScalingRule | None = None
@@ -175,7 +181,8 @@ class ImageRequest:
         }
         body["outputs"] = {k: v for k, v in (("s3", self.outputs.s3), ("path", self.outputs.path)) if v}
         body["properties"] = dict(self.properties)
-        body["batch_size"] = self.batch_size
+        if self.batch_size is not None:
+            body["batch_size"] = self.batch_size
         if self.scaling is not None:
             body["scaling"] = rule_to_json(self.scaling)
         return body
@@ -224,8 +231,8 @@ class _Checker(DocumentChecker):
         merge = self.merge(data.get("merge", {}))
         outputs = self.outputs(data.get("outputs"))
         properties = self.properties(data.get("properties", {}))
-        batch = data.get("batch_size", 8)
-        if not is_int(batch) or not 1 <= batch <= MAX_BATCH:
+        batch = data.get("batch_size")
+        if batch is not None and (not is_int(batch) or not 1 <= batch <= MAX_BATCH):
             self.problem("$.batch_size", f"must be a whole number 1..{MAX_BATCH}, got {kind(batch)}")
         scaling = self.scaling(data["scaling"]) if "scaling" in data else None
         self.done()

@@ -89,3 +89,4 @@ def test_floor_benchmark_quick(tmp_path: Path) -> None:
         assert re.search(rf"^{figure}\s+\d+\.\d+ s", out, re.M), (figure, out)
     found = re.search(r"^detections\s+([\d,]+) \(digest [0-9a-f]{12}\)", out, re.M)
     assert found, out
+    assert ", batch 2, " in out  # no --batch: what tessera run picks on a CPU for 512 x 512 x 3 tiles

@@ -26,7 +26,7 @@ from onnx_builders import (
 
 from services.errors import UserError
 from services.inference.detections import BoxChecks
-from services.inference.detector import OnnxDetector
+from services.inference.detector import CPU_BATCH_BYTES, DEFAULT_BATCH, OnnxDetector, default_batch_size
 
 MEANS = [0.9, 0.3, 0.0, 0.6, 1.0]  # 0.3: the 0.25-scaled box drops below the threshold; 0.0: no boxes
 
@@ -67,6 +67,23 @@ def test_fixed_batch_dimension_sets_the_batch_size(make_model: Callable[..., Pat
     assert det.batch_size == 4
     out = det.detect(tiles_of_means(MEANS))  # 4 + 1 padded to 4
     for d, mean in zip(out, MEANS, strict=True):
+        assert_tile(d, mean, 0.25)
+
+
+def test_with_no_batch_size_asked_for_the_provider_sets_one(make_model: Callable[..., Path]) -> None:
+    # On a CPU: as many tiles as fit in CPU_BATCH_BYTES of float32 (cache-sized), 1 to DEFAULT_BATCH.
+    assert CPU_BATCH_BYTES == 8 * 2**20 and DEFAULT_BATCH == 8
+    assert default_batch_size("CPUExecutionProvider", 3, 512, 512) == 2
+    assert default_batch_size("CPUExecutionProvider", 3, 1024, 1024) == 1
+    assert default_batch_size("CPUExecutionProvider", 1, 16384, 16384) == 1
+    assert default_batch_size("CPUExecutionProvider", 3, 256, 256) == 8
+    assert default_batch_size("CPUExecutionProvider", 3, 32, 32) == 8
+    assert default_batch_size("CUDAExecutionProvider", 3, 512, 512) == 8  # a GPU wants its batches full
+    small = OnnxDetector(make_model(contract_model()), providers="cpu", batch_size=None)
+    assert small.batch_size == 8  # 32 px tiles
+    assert OnnxDetector(make_model(contract_model(batch=4)), providers="cpu", batch_size=None).batch_size == 4
+    found = small.detect(tiles_of_means(MEANS))
+    for d, mean in zip(found, MEANS, strict=True):
         assert_tile(d, mean, 0.25)
 
 

@@ -48,5 +48,9 @@ def test_tessera_run_refuses_a_16384_px_tile_with_one_line(
     argv = ["run", str(image), "--model", str(model), "--out", str(out), "--tile", "16384", "16384"]
     assert main([*argv, "--overlap", "8"]) == 2
     err = capsys.readouterr().err
-    assert "tessera run: a batch of 8 tiles of 16384x16384x3 float32 is 24,576 MiB" in err
+    # No --batch: on the CPU one tile this large per call, and even one is over the limit.
+    assert "tessera run: a batch of 1 tile of 16384x16384x3 float32 is 3,072 MiB" in err
+    assert "use smaller tiles" in err
     assert "Traceback" not in err and not out.exists()
+    assert main([*argv, "--overlap", "8", "--batch", "8"]) == 2
+    assert "a batch of 8 tiles of 16384x16384x3 float32 is 24,576 MiB" in capsys.readouterr().err
