@@ -91,7 +91,9 @@ class RunControl:
     :data:`WATCHDOG_LINGER_S` without one: a thread (or a timer) per batch would cost a thread start per
     batch — hundreds a second with a light model — and the dispatching thread waits for each to start.
     Every run has the same timeout, so deadlines come in the order the runs start: the watchdog only ever
-    waits for the oldest run still going.
+    waits for the oldest run's deadline, and is not woken as runs start and finish (only when it waits
+    for none); at that deadline it skips the runs that finished. It therefore ends about
+    ``batch_timeout_s + WATCHDOG_LINGER_S`` after the last run.
     """
 
     def __init__(self, model: str, batch_timeout_s: float | None = None) -> None:
@@ -103,6 +105,7 @@ class RunControl:
         # Runs with a deadline, oldest first; the finished ones at the front are dropped as they finish.
         self._deadlines: deque[Run] = deque()
         self._watchdog: threading.Thread | None = None
+        self._lingering = False  # the watchdog waits with no deadline to keep
         self._stop_reason: str | None = None
         #: True once a run was given up on: a thread still runs it, and the process should be restarted.
         self.stuck = False
@@ -127,17 +130,15 @@ class RunControl:
                         target=self._watch, name=f"batch-timeout-{self.model}", daemon=True
                     )
                     self._watchdog.start()
-                elif len(self._deadlines) == 1:
-                    self._wake.notify()  # it may be lingering, or waiting on a deadline now gone
+                elif self._lingering:
+                    self._wake.notify()  # it waits for no deadline: this run's is the next
         return run
 
     def finish(self, run: Run, error: BaseException | None) -> None:
         """Disarm ``run``; when it raised ``error`` because it was told to stop, raise what says why."""
         with self._lock:
             self._running.discard(run)
-            self._drop_finished()
-            if not self._deadlines and self._watchdog is not None:
-                self._wake.notify()  # nothing left to watch: it lingers from now, not from an old deadline
+            self._drop_finished()  # the watchdog is not woken: it finds the run gone at that deadline
         if error is None:
             return
         if run.timed_out:
@@ -188,7 +189,10 @@ class RunControl:
             while True:
                 self._drop_finished()
                 if not self._deadlines:
-                    if not self._wake.wait(WATCHDOG_LINGER_S) and not self._deadlines:
+                    self._lingering = True
+                    woken = self._wake.wait(WATCHDOG_LINGER_S)
+                    self._lingering = False
+                    if not woken and not self._deadlines:
                         self._watchdog = None
                         return
                     continue
