@@ -25,7 +25,7 @@ from shapely.geometry.base import BaseGeometry
 from services.errors import UserError
 from services.inference.detections import BoxChecks, Detections, check_boxes
 from services.inference.detector import Detector, OnnxDetector
-from services.inference.merge import drop_edge_truncated, image_edges, merge_detections
+from services.inference.merge import merge_detections, whole_boxes_in_image
 from services.inference.side_by_side import BusyClock
 from services.model_runner.model_setup import (
     input_scaling,
@@ -235,10 +235,11 @@ def detect_region(
             batch.release()  # the model has returned: its pixels may take a later batch
             batch_tiles = batch.tiles
             batch_count += 1
-            for tile, seen in zip(batch_tiles, found, strict=True):
-                kept = _whole_boxes(seen, tile, source, merge.edge_margin)
-                if len(kept):
-                    parts.append(kept.shifted(tile.col_off, tile.row_off))
+            kept = whole_boxes_in_image(
+                found, batch_tiles, source.width, source.height, margin=merge.edge_margin
+            )
+            if len(kept):
+                parts.append(kept)
             if on_tiles is not None:
                 on_tiles(len(batch_tiles) + batch_skipped)
             report_skipped()
@@ -302,14 +303,6 @@ def detect_batches(
         if on_checks is not None:
             on_checks(sum((c for _, c in checked), BoxChecks()))
         yield [d for d, _ in checked]
-
-
-def _whole_boxes(seen: Detections, tile: Window, source: RasterSource, margin: float | None) -> Detections:
-    """A tile's boxes less those its interior sides cut (within ``margin`` px); None keeps every box."""
-    if margin is None or not len(seen):
-        return seen
-    edges = image_edges(tile, source.width, source.height)
-    return drop_edge_truncated(seen, (tile.width, tile.height), edges, margin=margin)
 
 
 def merge_seams(

@@ -61,8 +61,9 @@ class ArrayPool:
         key = (array.shape, array.dtype.str)
         with self._lock:
             arrays = self._idle.setdefault(key, [])
-            if any(held is array for held in arrays):  # given back twice: it must not be taken twice
-                return
+            for held in arrays:
+                if held is array:  # given back twice: it must not be taken twice
+                    return
             arrays.append(array)
             self._idle.move_to_end(key)
             self._bytes += array.nbytes

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.inference.detections import Detections
-from services.inference.merge import drop_edge_truncated, image_edges, merge_detections
+from services.inference.merge import drop_edge_truncated, image_edges, merge_detections, whole_boxes_in_image
 
 JITTER = 0.3  # px, on each box side
 
@@ -146,3 +146,38 @@ def test_edge_truncated_boxes_touch_interior_sides_only() -> None:
     np.testing.assert_array_equal(drop_edge_truncated(d, (100, 100), top_left).boxes, boxes[[0, 1, 4]])
     # The last tile, shifted back to end at the image's right and bottom edges.
     assert image_edges(Tile(900, 900, 100, 100), 1000, 1000) == (False, False, True, True)
+
+
+@pytest.mark.parametrize("margin", [1.0, 3.5, None])
+def test_a_batch_at_once_keeps_and_shifts_what_each_tile_alone_would(margin: float | None) -> None:
+    """whole_boxes_in_image (a batch's tiles at once, as the pipeline runs) against drop_edge_truncated
+    and a shift, tile by tile: the same boxes, bit for bit, in the same order — interior tiles, tiles on
+    each image edge, a short edge tile, and tiles with no boxes."""
+    rng = np.random.default_rng(7)
+    width, height = 250, 180
+    tiles = [
+        Tile(c, r, min(100, width - c), min(100, height - r)) for r in (0, 70, 140) for c in (0, 70, 150)
+    ]
+    found = []
+    for i, tile in enumerate(tiles):
+        n = 0 if i in (2, 5) else int(rng.integers(1, 12))
+        x1 = rng.uniform(-1, tile.width - 5, n)
+        y1 = rng.uniform(-1, tile.height - 5, n)
+        x2 = np.minimum(x1 + rng.uniform(2, 40, n), tile.width)  # some reach the tile's far sides
+        y2 = np.minimum(y1 + rng.uniform(2, 40, n), tile.height)
+        boxes = np.stack([np.maximum(x1, 0), np.maximum(y1, 0), x2, y2], axis=1)
+        found.append(Detections(boxes, rng.uniform(0.3, 1, n), rng.integers(0, 3, n)))
+    expected = []
+    for d, tile in zip(found, tiles, strict=True):
+        kept = d
+        if margin is not None:
+            edges = image_edges(tile, width, height)
+            kept = drop_edge_truncated(d, (tile.width, tile.height), edges, margin=margin)
+        expected.append(kept.shifted(tile.col_off, tile.row_off))
+    want = Detections.concat(expected)
+    got = whole_boxes_in_image(found, tiles, width, height, margin=margin)
+    assert 0 < len(got) < sum(len(d) for d in found) or margin is None
+    np.testing.assert_array_equal(got.boxes, want.boxes)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    assert len(whole_boxes_in_image([Detections.empty()] * 2, tiles[:2], width, height)) == 0
