@@ -90,9 +90,7 @@ class TileBatch:
         """Hand ``pixels`` back to be filled by a later batch: call it once nothing reads them any more
         (never read them after). Optional: a batch not released is simply garbage-collected."""
         if self.buffers is not None:
-            base = self.pixels if self.pixels.base is None else self.pixels.base
-            if isinstance(base, np.ndarray) and base.shape == self.buffers.shape:
-                self.buffers.put(base)
+            self.buffers.put(self.pixels)  # the pool takes back the whole buffer under this view
 
 
 def _band_rows(block_rows: int) -> int:

@@ -1,5 +1,6 @@
-"""The arrays a stream gives back are the next stream's: strips and batches are not allocated afresh per
-region, and the pool never holds more than its limit nor hands one array out twice."""
+"""The memory a stream gives back is the next stream's: strips and batches are not allocated afresh per
+region (a narrower region's strips reuse a wider one's), and the pool never holds more than its limit nor
+hands one buffer out twice."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.tiling import arrays, batches
+from services.tiling import batches
 from services.tiling.arrays import ArrayPool
 from services.tiling.batches import iter_tile_batches
 from services.tiling.reader import RasterSource
@@ -18,40 +19,51 @@ from services.tiling.scaling import InputScaling
 from services.tiling.windows import Grid, Window
 
 RasterMaker = Callable[..., tuple[Path, np.ndarray]]
+MB = 1 << 20
 
 
-def test_an_array_given_back_is_taken_again_by_shape_and_dtype() -> None:
-    pool = ArrayPool(limit_bytes=1 << 20)
-    first = pool.take((2, 8, 8), "uint8")
+def test_a_buffer_given_back_serves_the_next_array_that_fits() -> None:
+    pool = ArrayPool(limit_bytes=64 * MB)
+    first = pool.take((3, 256, 1040), "uint8")
+    assert first.shape == (3, 256, 1040) and first.dtype == np.uint8 and first.flags.c_contiguous
     pool.give(first)
-    assert pool.take((2, 8, 8), "float32") is not first  # another dtype: a new array
-    assert pool.take((2, 8, 4), "uint8") is not first  # another shape
-    assert pool.take((2, 8, 8), "uint8") is first
-    assert pool.take((2, 8, 8), "uint8") is not first  # taken already: not handed out twice
+    again = pool.take((3, 256, 1040), "uint8")
+    assert np.shares_memory(again, first)
+    assert not np.shares_memory(pool.take((3, 256, 1040), "uint8"), first)  # in use: not handed out twice
+    pool.give(again)
+    narrower = pool.take((3, 256, 976), "uint8")  # a narrower region's strip: the same memory
+    assert np.shares_memory(narrower, first) and narrower.shape == (3, 256, 976)
+    pool.give(narrower)
+    wider = pool.take((3, 256, 1100), "uint8")  # larger than any idle buffer: a new one
+    assert not np.shares_memory(wider, first)
+    small = pool.take((2, 8, 8), "float32")  # far smaller: does not pin the large buffer
+    assert not np.shares_memory(small, first)
+    as_float = pool.take((3 * 256 * 1040 // 4,), "float32")  # another dtype, the same bytes
+    assert np.shares_memory(as_float, first) and as_float.dtype == np.float32
 
 
-def test_given_twice_is_kept_once_and_views_are_not_kept() -> None:
-    pool = ArrayPool(limit_bytes=1 << 20)
-    array = np.empty((4, 4), np.uint8)
+def test_only_the_pools_own_buffers_are_kept_and_each_once() -> None:
+    pool = ArrayPool(limit_bytes=64 * MB)
+    pool.give(np.empty((4, 4), np.uint8))  # not the pool's: ignored
+    assert pool.idle_bytes == 0
+    array = pool.take((4, 1024), "uint8")
     pool.give(array)
-    pool.give(array)
+    pool.give(array[:2])  # a view of the same buffer, given again: kept once
     assert pool.idle_bytes == array.nbytes
-    pool.give(array[:2])  # a view: its base may still be in use
-    pool.give(np.empty((4, 4), np.uint8).T)  # not C-contiguous
-    assert pool.idle_bytes == array.nbytes
+    assert np.shares_memory(pool.take((4, 1024), "uint8"), array)
+    assert pool.idle_bytes == 0
 
 
 def test_the_pool_keeps_at_most_its_limit_dropping_the_oldest() -> None:
-    pool = ArrayPool(limit_bytes=3000)
-    old, mid, new = (np.empty(1000, np.uint8) for _ in range(3))
+    pool = ArrayPool(limit_bytes=3 * MB)
+    old, mid, new = (pool.take((MB,), "uint8") for _ in range(3))
     for array in (old, mid, new):
         pool.give(array)
-    pool.give(np.empty(1500, np.uint8))  # over the limit: the oldest two go
-    assert pool.idle_bytes <= 3000
-    assert pool.take((1000,), "uint8") is new
-    assert pool.take((1000,), "uint8") is not mid
-    pool.give(np.empty(4000, np.uint8))  # larger than the limit: never kept
-    assert pool.idle_bytes <= 3000
+    big = pool.take((MB + MB // 2,), "uint8")  # no idle buffer that large (within the waste): a new one
+    pool.give(big)  # over the limit: the two oldest go
+    assert pool.idle_bytes <= 3 * MB
+    assert np.shares_memory(pool.take((MB,), "uint8"), new)
+    assert not np.shares_memory(pool.take((MB,), "uint8"), mid)
     pool.clear()
     assert pool.idle_bytes == 0
 
@@ -61,19 +73,15 @@ def test_a_second_region_reads_into_the_first_ones_strips(
 ) -> None:
     pool = ArrayPool()
     monkeypatch.setattr(batches, "ARRAYS", pool)
-    monkeypatch.setattr(arrays, "ARRAYS", pool)
     size = 1024
     path, data = make_raster(width=size, height=size, count=3, tiled=True, block=256, compress="deflate")
-    filled: list[list[int]] = [[], []]
-    kept: list[np.ndarray] = []  # the first run's strips stay alive, so no id of theirs is recycled
+    filled: list[list[np.ndarray]] = [[], []]
     original = RasterSource.read
     phase = {"run": 0}
 
     def read(source: RasterSource, window: Window, **kwargs: Any) -> np.ndarray:
         got = original(source, window, **kwargs)
-        filled[phase["run"]].append(id(got))
-        if phase["run"] == 0:
-            kept.append(got)
+        filled[phase["run"]].append(got)
         return got
 
     monkeypatch.setattr(RasterSource, "read", read)
@@ -87,4 +95,5 @@ def test_a_second_region_reads_into_the_first_ones_strips(
                     np.testing.assert_array_equal(pixels, expected / np.float32(255))
                 batch.release()
     assert filled[0] and filled[1]
-    assert set(filled[1]) <= set(filled[0])  # every strip of the second run went into a first-run array
+    # Every strip of the second run went into memory the first run used.
+    assert all(any(np.shares_memory(b, a) for a in filled[0]) for b in filled[1])
