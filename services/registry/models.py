@@ -11,12 +11,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-
-import psycopg
-from psycopg.types.json import Jsonb
+from typing import TYPE_CHECKING, Any
 
 from services.errors import UserError
+
+if TYPE_CHECKING:  # the functions take a connection; only register needs psycopg itself (lazily: ~50 ms)
+    import psycopg
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?::(?P<version>[0-9]{1,9}))?$")
@@ -88,10 +88,16 @@ def register(
             f"INSERT INTO models (name, version, task, metrics, uri, job_id)"
             f" SELECT %s, COALESCE(MAX(version), 0) + 1, %s, %s, %s, %s FROM models WHERE name = %s"
             f" RETURNING {_COLUMNS}",
-            (name, task, Jsonb(dict(metrics or {})), uri, job_id, name),
+            (name, task, _jsonb(dict(metrics or {})), uri, job_id, name),
         ).fetchone()
     assert row is not None
     return _model(row)
+
+
+def _jsonb(value: dict[str, Any]) -> Any:
+    from psycopg.types.json import Jsonb  # imported here: checking a name needs no database driver
+
+    return Jsonb(value)
 
 
 def latest(conn: psycopg.Connection[Any], name: str) -> RegisteredModel:
