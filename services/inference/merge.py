@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -449,17 +449,22 @@ def drop_edge_truncated(
     """
     width, height = tile_size
     left, top, right, bottom = edges
-    b = d.boxes
-    touches = np.zeros(len(d), dtype=bool)
-    if not left:
-        touches |= b[:, 0] <= margin
-    if not top:
-        touches |= b[:, 1] <= margin
-    if not right:
-        touches |= b[:, 2] >= width - margin
-    if not bottom:
-        touches |= b[:, 3] >= height - margin
+    interior = (not left, not top, not right, not bottom)
+    touches = _cut_by_interior_sides(d.boxes, width, height, interior, margin)
     return d.select(~touches) if touches.any() else d
+
+
+def _cut_by_interior_sides(
+    boxes: np.ndarray, width: Any, height: Any, interior: tuple[Any, Any, Any, Any], margin: float
+) -> np.ndarray:
+    """Which ``boxes`` (tile pixels) lie within ``margin`` of a tile side that is ``interior`` (left, top,
+    right, bottom) — one tile's scalars, or per box arrays of their tiles' sizes and sides."""
+    left, top, right, bottom = interior
+    touches = left & (boxes[:, 0] <= margin)
+    touches |= top & (boxes[:, 1] <= margin)
+    touches |= right & (boxes[:, 2] >= width - margin)
+    touches |= bottom & (boxes[:, 3] >= height - margin)
+    return np.asarray(touches, dtype=bool)
 
 
 def whole_boxes_in_image(
@@ -484,13 +489,9 @@ def whole_boxes_in_image(
     )
     col, row, width, height = frame.T
     b = every.boxes
-    if margin is None:
-        keep = slice(None)
-    else:
-        touches = (col > 0) & (b[:, 0] <= margin)
-        touches |= (row > 0) & (b[:, 1] <= margin)
-        touches |= (col + width < image_width) & (b[:, 2] >= width - margin)
-        touches |= (row + height < image_height) & (b[:, 3] >= height - margin)
-        keep = ~touches
+    keep: slice | np.ndarray = slice(None)  # margin None: every box
+    if margin is not None:
+        interior = (col > 0, row > 0, col + width < image_width, row + height < image_height)
+        keep = ~_cut_by_interior_sides(b, width, height, interior, margin)
     offset = np.stack([col, row, col, row], axis=1).astype(np.float32)
     return Detections(b[keep] + offset[keep], every.scores[keep], every.labels[keep])

@@ -23,6 +23,7 @@ as long as it does not need the caller's thread.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -77,15 +78,16 @@ class BusyClock:
         self._running = 0
         self._since = 0.0
 
-    def enter(self) -> None:
+    def __enter__(self) -> BusyClock:
         """A run begins."""
         with self._lock:
             if self._running == 0:
                 self._since = time.perf_counter()
             self._running += 1
+        return self
 
-    def leave(self) -> None:
-        """A run ended."""
+    def __exit__(self, *_: object) -> None:
+        """A run ended (returned or raised)."""
         with self._lock:
             self._running -= 1
             if self._running == 0:
@@ -120,7 +122,7 @@ def run_side_by_side(
     finished = False
     try:
         while True:
-            result = _next_result(shared, control)
+            result = _next_result(shared)
             if result is None:
                 finished = True
                 return
@@ -146,8 +148,9 @@ def run_side_by_side(
                     control.stuck = True
 
 
-def _next_result(shared: _Shared[T], control: RunControl) -> tuple[T | None, BaseException | None] | None:
+def _next_result(shared: _Shared[T]) -> tuple[T | None, BaseException | None] | None:
     """The next result in order (waiting for it), or None when every batch's result was taken."""
+    control = shared.control
     with shared.lock:
         number = shared.taken
         while number not in shared.results:
@@ -197,7 +200,6 @@ def _session_loop(session: Any, shared: _Shared[T]) -> None:
                 if shared.stopping:  # the caller left while this batch was drawn
                     return
         outcome: tuple[T | None, BaseException | None]
-        running = False
         try:
             prepared = shared.prepare(batch)
             run = shared.control.start()
@@ -205,15 +207,10 @@ def _session_loop(session: Any, shared: _Shared[T]) -> None:
                 shared.started[number] = (time.monotonic(), run)
                 if shared.awaited == number:
                     shared.changed.notify_all()  # the caller waits for this one: now it has a deadline
-            if shared.busy is not None:
-                shared.busy.enter()
-                running = True
-            outcome = (shared.run_one(session, prepared, run), None)
+            with shared.busy or contextlib.nullcontext():
+                outcome = (shared.run_one(session, prepared, run), None)
         except BaseException as error:  # handed to the caller at this batch's place
             outcome = (None, error)
-        finally:
-            if running and shared.busy is not None:
-                shared.busy.leave()
         with shared.lock:
             shared.started.pop(number, None)
             shared.results[number] = outcome

@@ -11,6 +11,7 @@ Memory is bounded by the region (its strips, batches and detections), never by t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -292,13 +293,8 @@ def detect_batches(
         yield from detector.detect_many(batches, on_checks=on_checks, busy=busy)
         return
     for batch in batches:
-        if busy is not None:
-            busy.enter()
-        try:
+        with busy or contextlib.nullcontext():
             found = detector.detect(batch)
-        finally:
-            if busy is not None:
-                busy.leave()
         checked = [check_boxes(d, detector.tile_width, detector.tile_height) for d in found]
         if on_checks is not None:
             on_checks(sum((c for _, c in checked), BoxChecks()))

@@ -30,6 +30,13 @@ def _run(sessions: list[float], batches: Any, **kwargs: Any) -> Iterator[tuple[s
     return run_side_by_side(sessions, batches, run_one=_double, **options)
 
 
+def _counted(n: int, drawn: list[int]) -> Iterator[int]:
+    """Batches 0 .. n-1, each noted in ``drawn`` as it is drawn."""
+    for i in range(n):
+        drawn.append(i)
+        yield i
+
+
 def test_results_come_in_order_and_a_fast_session_takes_more() -> None:
     results = list(_run([0.05, 0.001], iter(range(20))))
     assert [value for _, value in results] == [2 * i for i in range(20)]
@@ -62,13 +69,7 @@ def test_a_failing_batch_or_draw_fails_at_its_place_after_the_ones_before() -> N
 
 def test_the_draw_stays_within_ahead_of_the_results_taken() -> None:
     drawn: list[int] = []
-
-    def batches() -> Iterator[int]:
-        for i in range(50):
-            drawn.append(i)
-            yield i
-
-    results = _run([0.0, 0.0], batches(), ahead=3)
+    results = _run([0.0, 0.0], _counted(50, drawn), ahead=3)
     next(results)
     time.sleep(0.2)  # the sessions are idle by now: they wait for room
     assert len(drawn) <= 1 + 3  # the one taken, and three ahead
@@ -94,15 +95,9 @@ def test_a_slow_reader_is_not_a_stuck_model(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_leaving_early_stops_drawing_and_leaves_no_thread() -> None:
     drawn: list[int] = []
-
-    def batches() -> Iterator[int]:
-        for i in range(1000):
-            drawn.append(i)
-            yield i
-
     control = RunControl("m", 5)
     earlier = set(threading.enumerate())  # a run given up on in another test may still sleep
-    results = _run([0.01, 0.01], batches(), control=control)
+    results = _run([0.01, 0.01], _counted(1000, drawn), control=control)
     assert next(results)[1] == 0
     results.close()
     time.sleep(0.1)
