@@ -11,8 +11,10 @@ provider (``--providers``; same graph optimisations, same default thread count) 
 same tiles (the model's input size) with the same overlap, on the same GeoTIFF (``--block`` px blocks),
 each in its own child process, whose wall time and peak RSS (``wait4``) are measured:
 
-- **tessera**: what a worker runs: every region through ``detect_region`` (lazy block-aligned reads,
-  prefetch, batches, the model, the in-region merge), then the seam merge.
+- **tessera**: what ``tessera run`` runs between opening the image and writing its outputs
+  (``pipeline.detect_image``): every region through ``detect_region`` (lazy block-aligned reads, prefetch,
+  batches, the model, the in-region merge), the next region's reads started while one drains, then the seam
+  merge.
 - **SAHI**: ``sahi.predict.get_sliced_prediction`` with a ``DetectionModel`` subclass wrapping the same
   ONNX file in ONNX Runtime (no torch), batched natively; SAHI decodes the whole image (OpenCV), slices it,
   and merges with its own postprocess (default GREEDYNMM on IOS 0.5, class-aware; no extra full-image
@@ -114,9 +116,8 @@ def ensure_sahi_venv(venv: Path) -> Path:
 
 
 def tessera_child(args: argparse.Namespace) -> None:
-    """Detect over the whole image as a worker does; save the boxes; print the figures."""
+    """Detect over the whole image as `tessera run` does (no outputs written); save the boxes and figures."""
     started = time.perf_counter()
-    from services.inference.detections import Detections
     from services.inference.detector import OnnxDetector
     from services.model_runner import pipeline
     from services.model_runner.request import DEFAULT_REGION, MergeSettings
@@ -129,8 +130,6 @@ def tessera_child(args: argparse.Namespace) -> None:
     grid = pipeline.Grid(
         detector.tile_width, detector.tile_height, args.overlap, args.overlap, DEFAULT_REGION, DEFAULT_REGION
     )
-    merge = MergeSettings()
-    tiles = 0
     first_tile: list[float] = []  # wall clock when the first batch's detections came back
 
     def progress(_done: int) -> None:
@@ -139,19 +138,10 @@ def tessera_child(args: argparse.Namespace) -> None:
 
     with RasterSource.open(args.image) as source:
         plan = pipeline.plan_job(grid, source, None)
-        parts: list[Detections] = []
-        for region in plan.regions:
-            outcome = pipeline.detect_region(
-                source,
-                detector,
-                pipeline.region_tiles(grid, region, source.width, source.height, None),
-                batch_size=detector.batch_size,
-                merge=merge,
-                on_tiles=progress,
-            )
-            parts.append(outcome.detections)
-            tiles += outcome.tiles
-        found = pipeline.merge_seams(parts, plan.regions, grid, merge)
+        found = pipeline.detect_image(
+            source, detector, plan, None, MergeSettings(), on_tiles=progress
+        ).detections
+        tiles = plan.tiles_total
     done = time.perf_counter()
     np.savez(args.out, boxes=found.boxes, scores=found.scores, labels=found.labels)
     harness.report_child(
@@ -432,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{on['tessera']}, SAHI on {on['sahi']}; batch {args.batch}; {tile_w} x {tile_h} px tiles, overlap "
         f"{args.overlap} px"
     )
-    print(f"tessera         worker pipeline (detect_region per region + seam merge); {cache}")
+    print(f"tessera         tessera run's pipeline (detect_image: regions read ahead, seam merge); {cache}")
     print(
         f"SAHI            {s.result.get('sahi', '?')}: {args.postprocess} / {args.match_metric} "
         f"{args.match_threshold}, class-aware, no standard (full-image) prediction"

@@ -410,6 +410,68 @@ class RunSummary:
         return self.tiles / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class ImageOutcome:
+    """A whole image's detections (image pixels, merged within regions and across seams) and what it took:
+    tiles skipped as nodata, the regions' ``model_seconds`` added up and their ``checks``."""
+
+    detections: Detections
+    skipped: int
+    model_seconds: float
+    checks: BoxChecks
+
+
+def detect_image(
+    source: RasterSource,
+    detector: Detector,
+    plan: JobPlan,
+    roi: BaseGeometry | None,
+    merge: MergeSettings,
+    *,
+    scaling: InputScaling | None = None,
+    on_tiles: TileProgress | None = None,
+) -> ImageOutcome:
+    """Every region of ``plan`` through :func:`detect_region`, each next region's reads started while the
+    current one drains (:class:`RegionReadAhead`), then :func:`merge_seams`: what ``tessera run`` does
+    between opening the image and writing the outputs. ``roi``: the pixel polygon ``plan`` was made with."""
+    scaling = scaling or input_scaling(detector)
+    grid = plan.grid
+    parts, skipped, model_seconds, checks = [], 0, 0.0, BoxChecks()
+    region_tiles_of = [
+        functools.partial(region_tiles, grid, region, source.width, source.height, roi)
+        for region in plan.regions
+    ]
+    with RegionReadAhead(
+        lambda tiles, on_reads_done: region_batches(
+            source,
+            detector,
+            tiles,
+            batch_size=detector.batch_size,
+            scaling=scaling,
+            on_reads_done=on_reads_done,
+        ),
+        region_tiles_of,
+    ) as ahead:
+        for index in range(len(plan.regions)):
+            tiles, stream = ahead.take(index)
+            with stream:  # closed here too: detect_region may fail before it reads
+                outcome = detect_region(
+                    source,
+                    detector,
+                    tiles,
+                    batch_size=detector.batch_size,
+                    merge=merge,
+                    scaling=scaling,
+                    on_tiles=on_tiles,
+                    batches=stream,
+                )
+            parts.append(outcome.detections)
+            skipped += outcome.skipped
+            model_seconds += outcome.model_seconds
+            checks += outcome.checks
+    return ImageOutcome(merge_seams(parts, plan.regions, grid, merge), skipped, model_seconds, checks)
+
+
 def run_image(
     request: ImageRequest,
     *,
@@ -454,50 +516,18 @@ def _run_opened(  # noqa: PLR0917 - run_image's arguments, passed on
         plan = plan_job(grid, source, roi)
         if on_plan is not None:
             on_plan(plan)
-        parts, skipped, model_seconds, checks = [], 0, 0.0, BoxChecks()
-        region_tiles_of = [
-            functools.partial(region_tiles, grid, region, source.width, source.height, roi)
-            for region in plan.regions
-        ]
-        with RegionReadAhead(
-            lambda tiles, on_reads_done: region_batches(
-                source,
-                detector,
-                tiles,
-                batch_size=detector.batch_size,
-                scaling=scaling,
-                on_reads_done=on_reads_done,
-            ),
-            region_tiles_of,
-        ) as ahead:
-            for index in range(len(plan.regions)):
-                tiles, stream = ahead.take(index)
-                with stream:  # closed here too: detect_region may fail before it reads
-                    outcome = detect_region(
-                        source,
-                        detector,
-                        tiles,
-                        batch_size=detector.batch_size,
-                        merge=request.merge,
-                        scaling=scaling,
-                        on_tiles=on_tiles,
-                        batches=stream,
-                    )
-                parts.append(outcome.detections)
-                skipped += outcome.skipped
-                model_seconds += outcome.model_seconds
-                checks += outcome.checks
-        detections = merge_seams(parts, plan.regions, grid, request.merge)
+        found = detect_image(source, detector, plan, roi, request.merge, scaling=scaling, on_tiles=on_tiles)
+        detections = found.detections
         uris = write_outputs(detections, source, request, class_names=detector.class_names)
     return RunSummary(
         job_id=request.job_id,
         regions=len(plan.regions),
         tiles=plan.tiles_total,
-        skipped=skipped,
+        skipped=found.skipped,
         detections=len(detections),
         seconds=time.perf_counter() - started,
-        model_seconds=model_seconds,
+        model_seconds=found.model_seconds,
         provider=detector.provider,
         outputs=uris,
-        checks=checks,
+        checks=found.checks,
     )
