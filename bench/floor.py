@@ -19,8 +19,11 @@ that other work on a shared machine disturbs all three alike):
 
 The **floor** is decode + raw model when the model runs on this CPU (both need the same cores), and the
 larger of the two when it runs elsewhere (a GPU); **efficiency** = floor ÷ end to end (1.0: the pipeline
-adds nothing of its own). Time to the first tile — a fresh process importing the pipeline, creating the
-sessions, opening the image and drawing the first batch — is measured in a child process and reported.
+adds nothing of its own), from the fastest of each; beside it, the median of the rounds' own ratios (a
+round times the three back to back, so where the machine's speed drifts between rounds that figure is the
+steadier one, and its spread shows the noise). Time to the first tile — a fresh process importing the
+pipeline, creating the sessions, opening the image and drawing the first batch — is measured in a child
+process and reported.
 """
 
 from __future__ import annotations
@@ -254,6 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     how = "decode + raw model (one CPU)" if on_cpu else "max(decode, raw model) (model off the CPU)"
     print(f"floor           {floor:.3f} s = {how}: {best_e2e.tiles / floor:,.0f} tiles/s")
     print(f"efficiency      {ratio:.3f} (floor / end to end)")
+    if len(e2e) > 1:
+        # Each round times the three back to back, so they share the machine's state of the moment: the
+        # ratio taken round by round is the steadier figure where the machine's speed drifts between rounds.
+        per_round = sorted(
+            ((d.seconds + r.seconds) if on_cpu else max(d.seconds, r.seconds)) / e.seconds
+            for d, r, e in zip(decode, raw, e2e, strict=True)
+        )
+        print(
+            f"round by round  median {float(np.median(per_round)):.3f} of the {len(per_round)} rounds' own "
+            f"ratios ({per_round[0]:.3f}-{per_round[-1]:.3f})"
+        )
     side = min(together, key=lambda t: t.seconds)
     print(
         f"side by side    {side.seconds:.3f} s: decode and raw model at once, no pipeline between them "

@@ -7,7 +7,8 @@ show: ``--model near-free --size 16000 --block 256 --overlap 128``.
 ``--model``: ``demo`` (the shipped demo detector, the default), ``near-free`` (a detector-contract model
 that costs almost nothing, built by ``harness.near_free_model``) or the path of any detector-contract ONNX
 file with the three outputs (boxes, scores, labels). Both sides run that model on the same ONNX Runtime
-provider (``--providers``; same graph optimisations, same default thread count) in batches of 8, over the
+provider (``--providers``; same graph optimisations, same default thread count) in batches of one size
+(``--batch``; by default what ``tessera run`` picks: 2 tiles of 512 px on a CPU, 8 on a GPU), over the
 same tiles (the model's input size) with the same overlap, on the same GeoTIFF (``--block`` px blocks),
 each in its own child process, whose wall time and peak RSS (``wait4``) are measured:
 
@@ -327,7 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         default="demo",
         help="demo (the shipped demo detector, default), near-free, or a detector-contract ONNX file's path",
     )
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="tiles per model call, both sides (default: what tessera run picks for the model on the "
+        "provider, detector.default_batch_size: 2 tiles of 512 x 512 x 3 on a CPU, 8 on a GPU)",
+    )
     p.add_argument("--overlap", type=int, default=64, help="px (64: tessera's default for 512 px tiles)")
     p.add_argument("--postprocess", default="GREEDYNMM", help="SAHI postprocess: GREEDYNMM, NMM, NMS")
     p.add_argument("--match-metric", default="IOS", help="SAHI match metric: IOS or IOU")
@@ -365,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     model = harness.model_by_name(args.model, args.data_dir)
     scene = harness.scene_file(args.data_dir, args.size, args.size, block_size=args.block)
     sahi_python = ensure_sahi_venv(args.sahi_venv)
+    if args.batch is None:
+        from services.inference.detector import OnnxDetector  # here: the SAHI child's venv has no tessera
+
+        probe = OnnxDetector(model, providers=args.providers, batch_size=None)
+        args.batch = probe.batch_size
+        probe.close()
     common = ["--image", str(scene.path), "--batch", str(args.batch), "--overlap", str(args.overlap)]
     common += ["--providers", args.providers, "--model", str(model)]
     sahi_opts = ["--postprocess", args.postprocess, "--match-metric", args.match_metric]
