@@ -40,7 +40,7 @@ import numpy as np
 
 from services.errors import UserError
 from services.tiling.allocator import cap_malloc_arenas
-from services.tiling.arrays import ARRAYS
+from services.tiling.arrays import ARRAYS, ArrayPool
 from services.tiling.reader import RasterSource
 from services.tiling.scaling import InputScaling
 from services.tiling.windows import Window
@@ -51,24 +51,6 @@ STRIP_ROWS = 256
 #: Blocks taller than this (e.g. a file stored as one strip) are read in bands of this many rows instead:
 #: re-decoding such a block is the price of keeping memory bounded.
 MAX_STRIP_ROWS = 4096
-
-
-class BatchBuffers:
-    """Batch arrays of one shape, taken from the process's :data:`~services.tiling.arrays.ARRAYS` and given
-    back to it by the consumer (:meth:`TileBatch.release`), so that a long run — and the next region's —
-    does not allocate (and fault in) a fresh batch array for every batch. Thread-safe."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | str = "float32") -> None:
-        self.shape = shape
-        self.dtype = np.dtype(dtype)
-
-    def get(self) -> np.ndarray:
-        """A free array (contents undefined), or a new one when none has been given back."""
-        return ARRAYS.take(self.shape, self.dtype)
-
-    def put(self, array: np.ndarray) -> None:
-        """Take ``array`` back for a later batch."""
-        ARRAYS.give(array)
 
 
 @dataclass(frozen=True)
@@ -84,13 +66,13 @@ class TileBatch:
     tiles: list[Window]
     pixels: np.ndarray
     skipped: int
-    buffers: BatchBuffers | None = field(default=None, repr=False, compare=False)
+    pool: ArrayPool | None = field(default=None, repr=False, compare=False)
 
     def release(self) -> None:
         """Hand ``pixels`` back to be filled by a later batch: call it once nothing reads them any more
         (never read them after). Optional: a batch not released is simply garbage-collected."""
-        if self.buffers is not None:
-            self.buffers.put(self.pixels)  # the pool takes back the whole buffer under this view
+        if self.pool is not None:
+            self.pool.give(self.pixels)  # the pool takes back the whole buffer under this view
 
 
 def _band_rows(block_rows: int) -> int:
@@ -290,8 +272,11 @@ class BatchAssembler:
         self.skipped = 0
         # Not zeroed: every slot taken is written whole (a tile smaller than the slot pads itself).
         dtype = np.dtype(np.float32 if native_pad is None else source.dtype)
-        self._buffers = BatchBuffers((batch_size, self._channels, *tile_shape), dtype)
-        self._pixels = self._buffers.get()
+        self._batch_shape = (batch_size, self._channels, *tile_shape)
+        self._dtype = dtype
+        # Batch arrays come from the process's pool and go back to it when the consumer releases them, so
+        # that a long run (and the next region) does not fault in a fresh array per batch.
+        self._pixels = ARRAYS.take(self._batch_shape, dtype)
 
     @property
     def full(self) -> bool:
@@ -350,9 +335,9 @@ class BatchAssembler:
 
     def take(self) -> TileBatch:
         """The batch so far (possibly short, or empty with only skipped tiles); a new one is started."""
-        batch = TileBatch(self.tiles, self._pixels[: len(self.tiles)], self.skipped, self._buffers)
+        batch = TileBatch(self.tiles, self._pixels[: len(self.tiles)], self.skipped, ARRAYS)
         self.tiles, self.skipped = [], 0
-        self._pixels = self._buffers.get()
+        self._pixels = ARRAYS.take(self._batch_shape, self._dtype)
         return batch
 
 
