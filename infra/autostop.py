@@ -15,12 +15,14 @@ a job waits at most ``schedule_minutes`` before its box starts. A training box w
 ``idle_minutes + start_grace_minutes`` from its start to boot and take one.
 
 Its role may describe instances and read metrics everywhere (AWS offers no narrower scope for those), but
-may stop only instances that carry ``tessera:auto-stop=true``, start only the training instances of its stack
-(``tessera:role=training``, ``tessera:start-on-demand=true``, ``tessera:stack``), let EC2 use the key of
-their encrypted volumes while it starts them (``kms:CreateGrant`` for an AWS resource, via EC2 only: a start
-without it fails at launch), read only the job queues' attributes, and write only to its own log group. When
-the function fails, its error alarm notifies the alerts topic (:attr:`AutoStop.alerts_topic_arn`, encrypted
-with ``kms_key_arn``), which the stack outputs for an operator to subscribe to.
+may stop only instances that carry ``tessera:auto-stop=true`` and its stack's ``tessera:stack`` (two stacks'
+functions, each with its own idle period and queues, never stop each other's boxes), start only the
+training instances of its stack (``tessera:role=training``, ``tessera:start-on-demand=true``,
+``tessera:stack``), let EC2 use the key of their encrypted volumes while it starts them (``kms:CreateGrant``
+for an AWS resource, via EC2 only: a start without it fails at launch), read only the job queues'
+attributes, and write only to its own log group. When the function fails, its error alarm notifies the
+alerts topic (:attr:`AutoStop.alerts_topic_arn`, encrypted with ``kms_key_arn``), which the stack outputs for
+an operator to subscribe to.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ class AutoStopArgs:
     instance of ``training_stack``, and spares one for ``start_grace_minutes`` beyond the idle period from its
     start. Empty: it starts nothing, and its role may not."""
     training_stack: str | None = None
-    """The ``tessera:stack`` tag of the training instances it may start; None: the current Pulumi stack."""
+    """The ``tessera:stack`` tag of the instances it looks after (it stops only that stack's idle auto-stop
+    instances, and starts only its training instance); None: the current Pulumi stack."""
     start_grace_minutes: int = 15
     """Minutes beyond ``idle_minutes`` a training instance with jobs waiting gets, from its start, to boot
     (image pull included) and take one before the idle rule may stop it."""
@@ -232,12 +235,13 @@ def role_policy(
     region: str,
     account_id: str,
     log_group_arn: str,
-    training_stack: str = "",
+    training_stack: str,
     job_queue_arns: Sequence[str] = (),
     volume_kms_key_arn: str | None = None,
 ) -> dict[str, object]:
-    """The function's permissions: find instances, read utilisation, stop only tagged instances, log; with job
-    queues, also count their jobs and start only the stack's training instances (:func:`start_statements`)."""
+    """The function's permissions: find instances, read utilisation, stop only the instances of
+    ``training_stack`` tagged for auto-stop, log; with job queues, also count their jobs and start only that
+    stack's training instances (:func:`start_statements`)."""
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -253,7 +257,13 @@ def role_policy(
                 "Effect": "Allow",
                 "Action": ["ec2:StopInstances"],
                 "Resource": f"arn:{partition_of(region)}:ec2:{region}:{account_id}:instance/*",
-                "Condition": {"StringEquals": {f"ec2:ResourceTag/{AUTO_STOP_TAG}": AUTO_STOP_VALUE}},
+                # Only this stack's boxes: another stack's function looks after its own, by its settings.
+                "Condition": {
+                    "StringEquals": {
+                        f"ec2:ResourceTag/{AUTO_STOP_TAG}": AUTO_STOP_VALUE,
+                        f"ec2:ResourceTag/{STACK_TAG}": training_stack,
+                    }
+                },
             },
             {
                 # Metric reads have no resource-level permissions either.

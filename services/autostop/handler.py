@@ -3,12 +3,13 @@ start the stopped training instance when a training job waits for it.
 
 Runs every few minutes (an EventBridge schedule), independently of the instances themselves, so it catches
 a box whose own idle agent, CloudWatch agent or utilisation publisher has died. An instance is stopped when
-it carries ``tessera:auto-stop=true``, has been up for at least the idle period, the busiest of its
-accelerators stayed below the threshold over the whole idle period, and it sent no busy heartbeat in that
-period (``tessera/Training`` ``Busy``: the trainer sends it every minute while a job runs, data staging and
-CPU-bound phases included, and the box's idle agent while someone is logged in). No data at all over that
-period counts as idle: a healthy box publishes every minute, so silence means something broke, and a broken
-box bills just the same.
+it carries ``tessera:auto-stop=true`` and its stack's ``tessera:stack`` (``TESSERA_AUTOSTOP_TRAINING_STACK``,
+when set: another stack's function, with its own settings and queues, looks after that stack's boxes), has
+been up for at least the idle period, the busiest of its accelerators stayed below the threshold over the
+whole idle period, and it sent no busy heartbeat in that period (``tessera/Training`` ``Busy``: the trainer
+sends it every minute while a job runs, data staging and CPU-bound phases included, and the box's idle agent
+while someone is logged in). No data at all over that period counts as idle: a healthy box publishes every
+minute, so silence means something broke, and a broken box bills just the same.
 
 **Queued jobs.** When the job queues (``TESSERA_AUTOSTOP_JOB_QUEUE_URLS``, the training-jobs queue) hold
 visible messages (``ApproximateNumberOfMessages``), whoever sent them (``tessera train submit``, the sight
@@ -30,7 +31,8 @@ carry an ``InstanceId`` dimension (default: the CloudWatch agent's NVIDIA metric
 and ``TESSERA_AUTOSTOP_BUSY_METRIC``, the busy heartbeat as one ``{"namespace": ..., "metric": ...}``
 (default ``tessera/Training`` ``Busy``; any value of 1 or more in the period means busy);
 ``TESSERA_AUTOSTOP_JOB_QUEUE_URLS`` (a JSON list; none: nothing is ever started),
-``TESSERA_AUTOSTOP_TRAINING_STACK`` (required with queues) and ``TESSERA_AUTOSTOP_START_GRACE_MINUTES``.
+``TESSERA_AUTOSTOP_TRAINING_STACK`` (the stack whose instances it stops and starts; required with queues;
+unset, it stops tagged instances of every stack) and ``TESSERA_AUTOSTOP_START_GRACE_MINUTES``.
 
 Standard library and boto3 only: Lambda's Python runtime provides boto3, and this directory is deployed
 on its own.
@@ -115,7 +117,8 @@ class Settings:
     job_queue_urls: tuple[str, ...] = ()
     """Queues whose visible messages are jobs for the training instance; empty: nothing is started."""
     training_stack: str | None = None
-    """The ``tessera:stack`` tag of the training instances started for those jobs (required with queues)."""
+    """The ``tessera:stack`` tag of the training instances started for those jobs (required with queues), and
+    of the instances stopped (None: tagged instances of every stack)."""
     start_grace_minutes: float = DEFAULT_START_GRACE_MINUTES
     """Minutes beyond the idle period that a training instance with jobs waiting gets to take one."""
 
@@ -201,12 +204,16 @@ class Settings:
         )
 
 
-def running_auto_stop_instances(ec2: Any) -> list[dict[str, Any]]:
-    """Every running instance tagged ``tessera:auto-stop=true``."""
+def running_auto_stop_instances(ec2: Any, stack: str | None = None) -> list[dict[str, Any]]:
+    """Every running instance tagged ``tessera:auto-stop=true`` and, when ``stack`` is given,
+    ``tessera:stack`` = ``stack``: another stack's boxes follow that stack's own settings (its idle period,
+    its queues' grace)."""
     filters = [
         {"Name": f"tag:{AUTO_STOP_TAG}", "Values": [AUTO_STOP_VALUE]},
         {"Name": "instance-state-name", "Values": ["running"]},
     ]
+    if stack is not None:
+        filters.append({"Name": f"tag:{STACK_TAG}", "Values": [stack]})
     found: list[dict[str, Any]] = []
     for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
         for reservation in page.get("Reservations", []):
@@ -456,7 +463,7 @@ def check_instances(
         training = training_instances(ec2, settings.training_stack)
     jobs = sum(n for n in queued.values() if isinstance(n, int))
     waiting = {str(i["InstanceId"]) for i in training} if jobs else set()
-    instances = running_auto_stop_instances(ec2)
+    instances = running_auto_stop_instances(ec2, settings.training_stack)
     ids = [str(i["InstanceId"]) for i in instances]
     peaks: dict[str, float | None] = {}
     busy: dict[str, float | None] = {}

@@ -319,13 +319,25 @@ def test_only_this_stacks_training_instance_is_started(aws: tuple[Any, Any], job
     assert unqueued["started"] == [] and unqueued["queued"] == {}
 
 
+def test_another_stacks_idle_box_is_left_to_that_stacks_function(aws: tuple[Any, Any]) -> None:
+    ec2, cloudwatch = aws
+    ours, launched = _launch(ec2, {**AUTO_STOP, "tessera:stack": STACK})
+    theirs, _ = _launch(ec2, {**AUTO_STOP, "tessera:stack": "prod-compute"})  # its own idle period, its queue
+    later = launched + timedelta(minutes=40)  # both silent all along: idle by this stack's rule
+
+    report = check_instances(ec2, cloudwatch, Settings(idle_minutes=15, training_stack=STACK), now=later)
+    assert report["stopped"] == [ours]
+    assert theirs not in report["spared"]  # not even looked at
+    assert _state(ec2, theirs) == "running"
+
+
 def test_a_training_instance_with_jobs_waiting_gets_time_to_boot_and_take_one(
     aws: tuple[Any, Any], jobs: tuple[Any, str]
 ) -> None:
     ec2, cloudwatch = aws
     sqs, url = jobs
     box, launched = _launch(ec2, TRAINING)  # just started, still pulling its image: publishes nothing yet
-    worker, _ = _launch(ec2, AUTO_STOP)  # not a training box: the queue does not spare it
+    worker, _ = _launch(ec2, {**AUTO_STOP, "tessera:stack": STACK})  # not a training box: not spared
     sqs.send_message(QueueUrl=url, MessageBody="{}")
     settings = Settings(idle_minutes=15, start_grace_minutes=15, job_queue_urls=(url,), training_stack=STACK)
 

@@ -56,13 +56,21 @@ def _statements(run: OfflineRun) -> dict[str, dict[str, Any]]:
     return {s["Sid"]: s for s in policy["Statement"]}
 
 
-def test_it_may_stop_only_instances_tagged_for_auto_stop(offline: Callable[..., OfflineRun]) -> None:
+def test_it_may_stop_only_this_stacks_instances_tagged_for_auto_stop(
+    offline: Callable[..., OfflineRun],
+) -> None:
     statements = _statements(_run(offline))
     stoppers = [s for s in statements.values() if "ec2:StopInstances" in s["Action"]]
     assert len(stoppers) == 1
     (stop,) = stoppers
     assert stop["Action"] == ["ec2:StopInstances"]
-    assert stop["Condition"] == {"StringEquals": {"ec2:ResourceTag/tessera:auto-stop": "true"}}
+    # Another stack's boxes follow that stack's function: its idle period, its queues' start grace.
+    assert stop["Condition"] == {
+        "StringEquals": {
+            "ec2:ResourceTag/tessera:auto-stop": "true",
+            "ec2:ResourceTag/tessera:stack": pulumi.get_stack(),
+        }
+    }
     # The account comes from the caller identity when not given.
     assert stop["Resource"] == f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/*"
 
