@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = OnnxDetector(model, providers=args.providers, batch_size=None)
         args.batch = probe.batch_size
         probe.close()
+        del probe  # its sessions (a CUDA context on a GPU) must not sit in this process while children run
     common = ["--image", str(scene.path), "--batch", str(args.batch), "--overlap", str(args.overlap)]
     common += ["--providers", args.providers, "--model", str(model)]
     sahi_opts = ["--postprocess", args.postprocess, "--match-metric", args.match_metric]

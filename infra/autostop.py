@@ -290,7 +290,8 @@ def role_policy(
 
 
 class AutoStop(pulumi.ComponentResource):
-    """A Lambda function, run on a schedule, that stops idle instances tagged ``tessera:auto-stop=true``."""
+    """A Lambda function, run on a schedule, that stops idle instances of its stack tagged
+    ``tessera:auto-stop=true`` and starts its training instance for queued jobs."""
 
     function_name: pulumi.Output[str]
     function_arn: pulumi.Output[str]
@@ -361,8 +362,8 @@ class AutoStop(pulumi.ComponentResource):
         self.function = aws.lambda_.Function(
             f"{name}-fn",
             description=(
-                "tessera safety net: stop instances tagged tessera:auto-stop whose accelerators idle; "
-                "start the training instance for queued jobs"
+                "tessera safety net: stop this stack's instances tagged tessera:auto-stop whose accelerators "
+                "idle; start the training instance for queued jobs"
             ),
             runtime=RUNTIME,
             architectures=["arm64"],

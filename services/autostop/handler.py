@@ -1,10 +1,10 @@
-"""The safety net: stop every running instance tagged for auto-stop whose accelerators have been idle, and
-start the stopped training instance when a training job waits for it.
+"""The safety net: stop every running instance of its stack tagged for auto-stop whose accelerators have been
+idle, and start the stopped training instance when a training job waits for it.
 
 Runs every few minutes (an EventBridge schedule), independently of the instances themselves, so it catches
 a box whose own idle agent, CloudWatch agent or utilisation publisher has died. An instance is stopped when
-it carries ``tessera:auto-stop=true`` and its stack's ``tessera:stack`` (``TESSERA_AUTOSTOP_TRAINING_STACK``,
-when set: another stack's function, with its own settings and queues, looks after that stack's boxes), has
+it carries ``tessera:auto-stop=true`` and its stack's ``tessera:stack`` (``TESSERA_AUTOSTOP_TRAINING_STACK``:
+another stack's function, with its own settings and queues, looks after that stack's boxes), has
 been up for at least the idle period, the busiest of its accelerators stayed below the threshold over the
 whole idle period, and it sent no busy heartbeat in that period (``tessera/Training`` ``Busy``: the trainer
 sends it every minute while a job runs, data staging and CPU-bound phases included, and the box's idle agent
@@ -31,8 +31,8 @@ carry an ``InstanceId`` dimension (default: the CloudWatch agent's NVIDIA metric
 and ``TESSERA_AUTOSTOP_BUSY_METRIC``, the busy heartbeat as one ``{"namespace": ..., "metric": ...}``
 (default ``tessera/Training`` ``Busy``; any value of 1 or more in the period means busy);
 ``TESSERA_AUTOSTOP_JOB_QUEUE_URLS`` (a JSON list; none: nothing is ever started),
-``TESSERA_AUTOSTOP_TRAINING_STACK`` (the stack whose instances it stops and starts; required with queues;
-unset, it stops tagged instances of every stack) and ``TESSERA_AUTOSTOP_START_GRACE_MINUTES``.
+``TESSERA_AUTOSTOP_TRAINING_STACK`` (the stack whose instances it stops and starts; the function refuses to
+run without it) and ``TESSERA_AUTOSTOP_START_GRACE_MINUTES``.
 
 Standard library and boto3 only: Lambda's Python runtime provides boto3, and this directory is deployed
 on its own.
@@ -118,7 +118,7 @@ class Settings:
     """Queues whose visible messages are jobs for the training instance; empty: nothing is started."""
     training_stack: str | None = None
     """The ``tessera:stack`` tag of the training instances started for those jobs (required with queues), and
-    of the instances stopped (None: tagged instances of every stack)."""
+    of the instances stopped (None: tagged instances of every stack; the Lambda entry point requires it)."""
     start_grace_minutes: float = DEFAULT_START_GRACE_MINUTES
     """Minutes beyond the idle period that a training instance with jobs waiting gets to take one."""
 
@@ -521,6 +521,12 @@ def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     del event, context
     logging.getLogger().setLevel(logging.INFO)
     settings = Settings.from_environment(os.environ)
+    if not settings.training_stack:
+        # Its role may stop only its stack's boxes: without the stack every stop would be refused, quietly.
+        raise ValueError(
+            f"{TRAINING_STACK_ENV} must name the stack whose instances this function looks after "
+            "(infra/autostop.py sets it)"
+        )
     sqs = boto3.client("sqs") if settings.job_queue_urls else None
     summary = check_instances(
         boto3.client("ec2"), boto3.client("cloudwatch"), settings, now=datetime.now(UTC), sqs=sqs

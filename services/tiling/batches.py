@@ -20,8 +20,9 @@ a list of tiles of a :class:`~services.tiling.reader.RasterSource` into float32 
   strips and batch arrays outlive the stream in :data:`~services.tiling.arrays.ARRAYS` for the next one.
   The bound is about
   ``(ceil(tile_h / band_h) + 1 + threads + prefetch)`` bands of ``band_h x span`` pixels (``span``: the
-  columns the tiles cover, i.e. a region's width plus the overlap) plus ``prefetch + 2`` batches —
-  set by the region, never by the image.
+  columns the tiles cover, i.e. a region's width plus the overlap) plus ``prefetch + 3`` batches (those
+  queued, one waiting to be queued, the one being filled, and the consumer's; a consumer that holds more,
+  such as batches side by side on several sessions, adds those) — set by the region, never by the image.
 - **Nodata.** A tile whose every pixel (in every read band) equals the nodata value (or is NaN for a NaN
   nodata) is skipped and counted in ``TileBatch.skipped``; other nodata pixels become 0 (see scaling).
 """

@@ -170,8 +170,12 @@ def test_handler_reads_its_settings_from_the_environment(
     aws: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ec2, _ = aws
-    young, _ = _launch(ec2, AUTO_STOP)
+    young, _ = _launch(ec2, {**AUTO_STOP, "tessera:stack": "dev"})
+    _launch(ec2, {**AUTO_STOP, "tessera:stack": "prod-compute"})  # another stack's: not this function's
     monkeypatch.setenv("TESSERA_AUTOSTOP_IDLE_MINUTES", "15")
+    with pytest.raises(ValueError, match="TESSERA_AUTOSTOP_TRAINING_STACK must name the stack"):
+        autostop.handler({"source": "aws.events"}, None)  # its role could stop nothing: an error, alarmed
+    monkeypatch.setenv("TESSERA_AUTOSTOP_TRAINING_STACK", "dev")
     summary = autostop.handler({"source": "aws.events"}, None)
     assert summary["checked"] == 1 and summary["stopped"] == [] and young in summary["spared"]
     assert json.loads(json.dumps(summary)) == summary  # a Lambda result must be JSON
@@ -327,7 +331,7 @@ def test_another_stacks_idle_box_is_left_to_that_stacks_function(aws: tuple[Any,
 
     report = check_instances(ec2, cloudwatch, Settings(idle_minutes=15, training_stack=STACK), now=later)
     assert report["stopped"] == [ours]
-    assert theirs not in report["spared"]  # not even looked at
+    assert report["checked"] == 1  # the other stack's box is not even looked at
     assert _state(ec2, theirs) == "running"
 
 

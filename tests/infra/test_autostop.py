@@ -1,4 +1,4 @@
-"""The auto-stop safety net: it can stop only tagged instances, runs on a schedule, and ships its own code."""
+"""The auto-stop safety net: stops only its stack's tagged instances, runs on a schedule, ships its code."""
 
 from __future__ import annotations
 
@@ -369,3 +369,10 @@ def test_the_stacks_start_their_training_box_for_the_training_jobs_queue(
         (queue_url,) = json.loads(variables["TESSERA_AUTOSTOP_JOB_QUEUE_URLS"])
         assert "training-jobs" in queue_url
         assert variables["TESSERA_AUTOSTOP_TRAINING_STACK"] == stack
+        # It may stop only what it looks after: the tag every resource of the stack gets from its provider.
+        stop = statements["StopAutoStopInstances"]["Condition"]["StringEquals"]
+        (provider,) = [p for p in plan.run.of_type("pulumi:providers:aws") if p.name == "aws"]
+        tags = provider.inputs["defaultTags"]  # a provider's inputs reach the mocks as JSON text
+        default_tags = (json.loads(tags) if isinstance(tags, str) else tags)["tags"]
+        assert stop["ec2:ResourceTag/tessera:stack"] == default_tags["tessera:stack"]
+        assert stop["ec2:ResourceTag/tessera:stack"] == stack

@@ -97,3 +97,41 @@ def test_a_second_region_reads_into_the_first_ones_strips(
     assert filled[0] and filled[1]
     # Every strip of the second run went into memory the first run used.
     assert all(any(np.shares_memory(b, a) for a in filled[0]) for b in filled[1])
+
+
+def test_released_batches_are_filled_again_and_batches_held_never_share(
+    make_raster: RasterMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = ArrayPool()
+    monkeypatch.setattr(batches, "ARRAYS", pool)
+    width, height = 1024, 1536
+    path, data = make_raster(width=width, height=height, count=3, tiled=True, block=256, compress="deflate")
+    tiles = Grid(256, 256, 0, 0).tiles_of(Window(0, 0, width, height), width, height)  # 24 tiles, 12 batches
+
+    roots: list[np.ndarray] = []  # kept alive, so that no freed array's address is taken by a new one
+
+    def memory(pixels: np.ndarray) -> int:
+        root = pixels
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        roots.append(root)
+        return int(root.__array_interface__["data"][0])
+
+    def check(batch: batches.TileBatch) -> None:
+        for window, pixels in zip(batch.tiles, batch.pixels, strict=True):
+            expected = data[:, window.row_off : window.row_end, window.col_off : window.col_end]
+            np.testing.assert_array_equal(pixels, expected / np.float32(255))
+
+    with RasterSource.open(str(path)) as source:
+        held = list(iter_tile_batches(source, tiles, 2, InputScaling()))  # none released
+        assert len(held) == 12 and len({memory(b.pixels) for b in held}) == 12
+        for batch in held:  # none overwritten by a later one
+            check(batch)
+        used = set()
+        for batch in iter_tile_batches(source, tiles, 2, InputScaling()):
+            check(batch)
+            used.add(memory(batch.pixels))
+            batch.release()
+    # Released batches are filled again: no more arrays than can be alive at once (prefetch 2 queued, one
+    # waiting for room, one being filled, the consumer's, and the next one's, taken as one is queued).
+    assert len(used) <= 6, f"{len(used)} batch arrays for 12 batches"
