@@ -139,9 +139,7 @@ def tessera_child(args: argparse.Namespace) -> None:
 
     with RasterSource.open(args.image) as source:
         plan = pipeline.plan_job(grid, source, None)
-        found = pipeline.detect_image(
-            source, detector, plan, None, MergeSettings(), on_tiles=progress
-        ).detections
+        found = pipeline.detect_image(source, detector, plan, MergeSettings(), on_tiles=progress).detections
         tiles = plan.tiles_total
     done = time.perf_counter()
     np.savez(args.out, boxes=found.boxes, scores=found.scores, labels=found.labels)

@@ -58,6 +58,8 @@ class JobPlan:
     image_height: int
     regions: list[Window]
     tiles_per_region: list[int]
+    roi: BaseGeometry | None = None
+    """The region of interest in image pixels the plan was made with (tiles outside it are not run)."""
 
     @property
     def tiles_total(self) -> int:
@@ -124,7 +126,7 @@ def plan_job(grid: Grid, source: RasterSource, roi: BaseGeometry | None) -> JobP
             counts.append(count)
     if not regions:
         raise UserError(f"the region of interest does not overlap the image {source.url}")
-    return JobPlan(grid, source.width, source.height, regions, counts)
+    return JobPlan(grid, source.width, source.height, regions, counts, roi)
 
 
 def region_batches(
@@ -425,7 +427,6 @@ def detect_image(
     source: RasterSource,
     detector: Detector,
     plan: JobPlan,
-    roi: BaseGeometry | None,
     merge: MergeSettings,
     *,
     scaling: InputScaling | None = None,
@@ -433,9 +434,9 @@ def detect_image(
 ) -> ImageOutcome:
     """Every region of ``plan`` through :func:`detect_region`, each next region's reads started while the
     current one drains (:class:`RegionReadAhead`), then :func:`merge_seams`: what ``tessera run`` does
-    between opening the image and writing the outputs. ``roi``: the pixel polygon ``plan`` was made with."""
+    between opening the image and writing the outputs (the regions' tiles within ``plan.roi``)."""
     scaling = scaling or input_scaling(detector)
-    grid = plan.grid
+    grid, roi = plan.grid, plan.roi
     parts, skipped, model_seconds, checks = [], 0, 0.0, BoxChecks()
     region_tiles_of = [
         functools.partial(region_tiles, grid, region, source.width, source.height, roi)
@@ -516,7 +517,7 @@ def _run_opened(  # noqa: PLR0917 - run_image's arguments, passed on
         plan = plan_job(grid, source, roi)
         if on_plan is not None:
             on_plan(plan)
-        found = detect_image(source, detector, plan, roi, request.merge, scaling=scaling, on_tiles=on_tiles)
+        found = detect_image(source, detector, plan, request.merge, scaling=scaling, on_tiles=on_tiles)
         detections = found.detections
         uris = write_outputs(detections, source, request, class_names=detector.class_names)
     return RunSummary(
