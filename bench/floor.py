@@ -88,6 +88,12 @@ def time_side_by_side(
     return Timed(calls * detector.batch_size, seconds, calls, cpu.by_group())
 
 
+def floor_of(decode: Timed, raw: Timed, on_cpu: bool) -> float:
+    """The floor: decode + raw model when both need this CPU, the larger of the two when the model runs
+    elsewhere (a GPU)."""
+    return decode.seconds + raw.seconds if on_cpu else max(decode.seconds, raw.seconds)
+
+
 def run_end_to_end(request: ImageRequest, detector: OnnxDetector) -> tuple[Timed, pipeline.RunSummary]:
     """``tessera run`` with the model already loaded: open, plan, regions, seam merge, GeoJSON."""
     with harness.ThreadCpu() as cpu:
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     best_raw = min(raw, key=lambda t: t.seconds)
     best_e2e = min(e2e, key=lambda t: t.seconds)
     on_cpu = detector.provider == CPU
-    floor = best_decode.seconds + best_raw.seconds if on_cpu else max(best_decode.seconds, best_raw.seconds)
+    floor = floor_of(best_decode, best_raw, on_cpu)
     ratio = floor / best_e2e.seconds
 
     with RasterSource.open(str(scene.path)) as source:
@@ -261,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         # Each round times the three back to back, so they share the machine's state of the moment: the
         # ratio taken round by round is the steadier figure where the machine's speed drifts between rounds.
         per_round = sorted(
-            ((d.seconds + r.seconds) if on_cpu else max(d.seconds, r.seconds)) / e.seconds
-            for d, r, e in zip(decode, raw, e2e, strict=True)
+            floor_of(d, r, on_cpu) / e.seconds for d, r, e in zip(decode, raw, e2e, strict=True)
         )
         print(
             f"round by round  median {float(np.median(per_round)):.3f} of the {len(per_round)} rounds' own "

@@ -484,14 +484,18 @@ def whole_boxes_in_image(
         return Detections.empty()
     every = Detections.concat([d for d in found if len(d)])
     # Per box: its tile's offset, size, and which of the tile's sides lie on the image's edge.
-    frame = np.array([(t.col_off, t.row_off, t.width, t.height) for t in tiles], dtype=np.int64).repeat(
-        counts, axis=0
-    )
-    col, row, width, height = frame.T
+    frame = np.array(
+        [
+            (t.col_off, t.row_off, t.width, t.height, *image_edges(t, image_width, image_height))
+            for t in tiles
+        ],
+        dtype=np.int64,
+    ).repeat(counts, axis=0)
+    col, row, width, height, *on_edge = frame.T
     b = every.boxes
     keep: slice | np.ndarray = slice(None)  # margin None: every box
     if margin is not None:
-        interior = (col > 0, row > 0, col + width < image_width, row + height < image_height)
-        keep = ~_cut_by_interior_sides(b, width, height, interior, margin)
+        left, top, right, bottom = (side == 0 for side in on_edge)
+        keep = ~_cut_by_interior_sides(b, width, height, (left, top, right, bottom), margin)
     offset = np.stack([col, row, col, row], axis=1).astype(np.float32)
     return Detections(b[keep] + offset[keep], every.scores[keep], every.labels[keep])
