@@ -119,7 +119,7 @@ def wider_detector(data_dir: Path, width: int) -> Path:
 
 
 #: The near-free model's version: bump it when its graph changes, so cached copies are rebuilt.
-NEAR_FREE_VERSION = 2
+NEAR_FREE_VERSION = 3
 
 
 def model_by_name(name: str, data_dir: Path) -> Path:
@@ -140,7 +140,8 @@ def near_free_model(data_dir: Path, *, tile: int = 512, cell: int = 32, top: int
 
     A handful of operators: a ``cell`` px average pool of the tile, the channel mean, the ``top`` brightest
     cells of each tile (TopK) and their cells' boxes (Gather from a constant). A cell scores
-    ``Relu(20 * (mean - 0.55))`` of its mean brightness in [0, 1]: on the synthetic scenes about one cell in
+    ``Clip(20 * (mean - 0.55), 0, 1)`` of its mean brightness in [0, 1] (a score stays within [0, 1]; the
+    pipeline would clamp it and warn): on the synthetic scenes about one cell in
     200 passes the 0.25 threshold (a few detections per tile, which overlapping tiles see alike: the merge
     must keep each once), label 0 ("bright"). It takes float32 ``[N, 3, tile, tile]`` scaled by 1/255 like the
     demo detector, and is built with ``onnx.helper`` into ``data_dir`` once (nothing is downloaded).
@@ -163,6 +164,8 @@ def near_free_model(data_dir: Path, *, tile: int = 512, cell: int = 32, top: int
         numpy_helper.from_array(np.array(0.55, np.float32), "floor"),
         numpy_helper.from_array(np.array(20.0, np.float32), "gain"),
         numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "score_low"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "score_high"),
     ]
     nodes = [
         helper.make_node(
@@ -173,7 +176,7 @@ def near_free_model(data_dir: Path, *, tile: int = 512, cell: int = 32, top: int
         helper.make_node("TopK", ["flat", "k"], ["best", "index"], axis=1),
         helper.make_node("Sub", ["best", "floor"], ["above"]),
         helper.make_node("Mul", ["above", "gain"], ["lifted"]),
-        helper.make_node("Relu", ["lifted"], ["scores"]),
+        helper.make_node("Clip", ["lifted", "score_low", "score_high"], ["scores"]),
         helper.make_node("Gather", ["cell_boxes", "index"], ["boxes"], axis=0),
         helper.make_node("Mul", ["index", "zero"], ["labels"]),
     ]

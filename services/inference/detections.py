@@ -68,6 +68,18 @@ class Detections:
             np.concatenate([p.labels for p in parts]),
         )
 
+    def split(self, counts: Sequence[int] | np.ndarray) -> list[Detections]:
+        """The detections in consecutive groups of ``counts[i]`` (which add up to ``len(self)``): views,
+        no copy — e.g. a batch's detections back into its tiles'."""
+        ends = np.cumsum(counts)
+        if len(ends) and ends[-1] != len(self):
+            raise ValueError(f"counts add up to {int(ends[-1])}, not the {len(self)} detections")
+        starts = ends - np.asarray(counts)
+        return [
+            Detections(self.boxes[a:b], self.scores[a:b], self.labels[a:b])
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+        ]
+
     def select(self, which: Any) -> Detections:
         """The detections picked by a boolean mask or an index array (any NumPy index)."""
         return Detections(self.boxes[which], self.scores[which], self.labels[which])
@@ -135,8 +147,31 @@ def check_boxes(detections: Detections, width: float, height: float) -> tuple[De
     are dropped; boxes partly outside are clipped to it; scores outside [0, 1] are clamped to it (see
     :class:`BoxChecks`). Already valid detections come back as they are.
     """
+    checked, checks, _ = _checked(detections, width, height)
+    return checked, checks
+
+
+def check_tiles(
+    every: Detections, counts: Sequence[int] | np.ndarray, width: float, height: float
+) -> tuple[list[Detections], BoxChecks]:
+    """:func:`check_boxes` for a batch of ``width`` x ``height`` tiles at once: ``every`` holds the tiles'
+    detections in tile order, ``counts[i]`` of them tile i's. Per tile its checked detections (views of one
+    array, no copy per tile), and what the checks did over the batch. A few array operations per batch
+    instead of a dozen per tile."""
+    counts = np.asarray(counts, dtype=np.intp)
+    checked, checks, keep = _checked(every, width, height)
+    if keep is not None:
+        tile_of = np.repeat(np.arange(len(counts)), counts)[keep]
+        counts = np.bincount(tile_of, minlength=len(counts))
+    return checked.split(counts), checks
+
+
+def _checked(
+    detections: Detections, width: float, height: float
+) -> tuple[Detections, BoxChecks, np.ndarray | None]:
+    """:func:`check_boxes`, and the mask of the boxes it kept (None: it kept them all, unchanged)."""
     if not len(detections):
-        return detections, BoxChecks()
+        return detections, BoxChecks(), None
     boxes, scores = detections.boxes, detections.scores
     finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
     x1, y1, x2, y2 = (np.where(finite, boxes[:, i], 0.0) for i in range(4))
@@ -153,10 +188,11 @@ def check_boxes(detections: Detections, width: float, height: float) -> tuple[De
         score_clamped=int(unscaled.sum()),
     )
     if checks == BoxChecks():
-        return detections, checks
+        return detections, checks, None
     kept = detections.select(keep)
     limits = np.array([width, height, width, height], dtype=np.float32)
     return (
         Detections(np.clip(kept.boxes, 0, limits), np.clip(kept.scores, 0, 1), kept.labels),
         checks,
+        keep,
     )

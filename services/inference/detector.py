@@ -53,7 +53,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.errors import UserError
-from services.inference.detections import BoxChecks, Detections, check_boxes
+from services.inference.detections import BoxChecks, Detections, check_tiles
 from services.inference.native_input import cached_fold
 from services.inference.run_control import Run, RunControl
 from services.inference.session import CPU, CUDA, create_session
@@ -399,17 +399,10 @@ class OnnxDetector:
         labels = labels.astype(np.int64)
         # Padding: a score below the threshold or a negative label. A NaN score is no padding: it is
         # counted by the checks as a non-finite detection.
-        keep = ~(scores < self.score_threshold) & (labels >= 0)
-        out, checks = [], BoxChecks()
-        for i in range(n):
-            valid, found = check_boxes(
-                Detections(boxes[i][keep[i]], scores[i][keep[i]], labels[i][keep[i]]),
-                self.tile_width,
-                self.tile_height,
-            )
-            out.append(valid)
-            checks += found
-        return out, checks
+        keep = (~(scores < self.score_threshold) & (labels >= 0))[:n]
+        # The batch's boxes as one set, tile by tile, checked at once and split back into tiles.
+        every = Detections(boxes[:n][keep], scores[:n][keep], labels[:n][keep])
+        return check_tiles(every, keep.sum(axis=1), self.tile_width, self.tile_height)
 
     def _check_input(self, tile_size: tuple[int, int] | None) -> tuple[str, int | None, int, int, int]:
         inputs = self._session.get_inputs()

@@ -24,7 +24,7 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from services.errors import UserError
-from services.inference.detections import BoxChecks, Detections, check_boxes
+from services.inference.detections import BoxChecks, Detections, check_tiles
 from services.inference.detector import Detector, OnnxDetector
 from services.inference.merge import merge_detections, whole_boxes_in_image
 from services.inference.side_by_side import BusyClock
@@ -183,7 +183,8 @@ def detect_region(
     """
     started = time.perf_counter()
     scaling = scaling or input_scaling(detector)
-    parts: list[Detections] = []
+    found_per_tile: list[Detections] = []  # the model's checked boxes per tile run, in tile pixels
+    tiles_run: list[Window] = []
     batch_count, skipped = 0, 0
     native = native_detector(detector, scaling, source)
     model: Detector = native[0] if native is not None else detector
@@ -236,15 +237,11 @@ def detect_region(
         for found in results:
             batch, batch_skipped = in_flight.popleft()
             batch.release()  # the model has returned: its pixels may take a later batch
-            batch_tiles = batch.tiles
             batch_count += 1
-            kept = whole_boxes_in_image(
-                found, batch_tiles, source.width, source.height, margin=merge.edge_margin
-            )
-            if len(kept):
-                parts.append(kept)
+            found_per_tile.extend(found)
+            tiles_run.extend(batch.tiles)
             if on_tiles is not None:
-                on_tiles(len(batch_tiles) + batch_skipped)
+                on_tiles(len(batch.tiles) + batch_skipped)
             report_skipped()
         report_skipped()
     finally:
@@ -266,8 +263,13 @@ def detect_region(
             checks.clipped,
             checks.score_clamped,
         )
+    # Boxes cut by an interior tile side dropped and the rest moved to image pixels for the whole region at
+    # once: a few array operations per region, not per batch on the thread that hands out the batches.
+    kept = whole_boxes_in_image(
+        found_per_tile, tiles_run, source.width, source.height, margin=merge.edge_margin
+    )
     merged = merge_detections(
-        Detections.concat(parts), iou_threshold=merge.iou, ios_threshold=merge.ios, algorithm=merge.algorithm
+        kept, iou_threshold=merge.iou, ios_threshold=merge.ios, algorithm=merge.algorithm
     )
     return RegionOutcome(
         detections=merged,
@@ -297,10 +299,13 @@ def detect_batches(
     for batch in batches:
         with busy or contextlib.nullcontext():
             found = detector.detect(batch)
-        checked = [check_boxes(d, detector.tile_width, detector.tile_height) for d in found]
+        counts = [len(d) for d in found]
+        checked, checks = check_tiles(
+            Detections.concat(found), counts, detector.tile_width, detector.tile_height
+        )
         if on_checks is not None:
-            on_checks(sum((c for _, c in checked), BoxChecks()))
-        yield [d for d, _ in checked]
+            on_checks(checks)
+        yield checked
 
 
 def merge_seams(

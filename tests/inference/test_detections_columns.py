@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.inference.detections import BoxChecks, Detections, check_boxes
+from services.inference.detections import BoxChecks, Detections, check_boxes, check_tiles
 
 
 def sample() -> Detections:
@@ -92,6 +92,44 @@ def test_check_boxes_passes_valid_detections_through_untouched() -> None:
     checked, checks = check_boxes(d, 200, 100)
     assert checked is d and checks == BoxChecks() and checks.dropped == 0
     assert check_boxes(Detections.empty(), 10, 10)[1] == BoxChecks()
+
+
+def test_split_gives_each_group_its_rows_as_views() -> None:
+    d = Detections.concat([sample(), sample()])
+    first, none, rest = d.split([2, 0, 4])
+    np.testing.assert_array_equal(first.labels, [2, 0])
+    assert len(none) == 0 and none.boxes.shape == (0, 4)
+    np.testing.assert_array_equal(rest.labels, [1, 2, 0, 1])
+    assert np.shares_memory(rest.boxes, d.boxes)
+    with pytest.raises(ValueError, match="add up to 5, not the 6"):
+        d.split([2, 3])
+
+
+def test_check_tiles_is_check_boxes_per_tile() -> None:
+    """A batch checked at once: every tile gets what check_boxes gives it alone, the counts add up, and a
+    tile whose boxes were all dropped (or that had none) comes back empty in its place."""
+    nan = float("nan")
+    tiles = [
+        Detections(np.array([[2, 2, 8, 8], [nan, 1, 2, 3]]), np.array([0.9, 0.5]), np.array([1, 2])),
+        Detections.empty(),
+        Detections(np.array([[40, 2, 50, 8]]), np.array([0.7]), np.array([3])),  # outside: dropped
+        Detections(np.array([[-4, 20, 6, 40], [1, 1, 3, 3]]), np.array([0.8, 1.5]), np.array([4, 5])),
+    ]
+    checked, checks = check_tiles(Detections.concat(tiles), [len(t) for t in tiles], 32, 30)
+    alone = [check_boxes(t, 32, 30) for t in tiles]
+    assert checks == sum((c for _, c in alone), BoxChecks())
+    assert checks == BoxChecks(non_finite=1, outside=1, clipped=1, score_clamped=1)
+    assert [len(c) for c in checked] == [1, 0, 0, 2]
+    for got, (want, _) in zip(checked, alone, strict=True):
+        np.testing.assert_array_equal(got.boxes, want.boxes)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        np.testing.assert_array_equal(got.labels, want.labels)
+    # Nothing to fix: the tiles come back as they were, as views of the batch's arrays.
+    valid = [sample(), Detections.empty(), sample()]
+    every = Detections.concat(valid)
+    back, none = check_tiles(every, [3, 0, 3], 200, 100)
+    assert none == BoxChecks() and [len(b) for b in back] == [3, 0, 3]
+    assert np.shares_memory(back[2].boxes, every.boxes)
 
 
 def test_box_checks_add_up() -> None:
