@@ -475,10 +475,10 @@ def whole_boxes_in_image(
     *,
     margin: float | None = 1.0,
 ) -> Detections:
-    """The boxes of a batch of tiles (``found[i]`` in the pixels of ``tiles[i]``) in image pixels, less
-    those an interior tile side cut: :func:`drop_edge_truncated` then a shift by the tile's offset, for
-    every tile at once (a few array operations per batch instead of a dozen per tile). ``margin`` None
-    keeps every box. The boxes come out in the tiles' order."""
+    """The boxes of a set of tiles (``found[i]`` in the pixels of ``tiles[i]``; the pipeline passes a
+    region's) in image pixels, less those an interior tile side cut: :func:`drop_edge_truncated` then a
+    shift by the tile's offset, for every tile at once (a few array operations in all instead of a dozen per
+    tile). ``margin`` None keeps every box. The boxes come out in the tiles' order."""
     counts = np.fromiter((len(d) for d in found), dtype=np.intp, count=len(found))
     if not counts.any():
         return Detections.empty()
