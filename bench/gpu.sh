@@ -2,18 +2,25 @@
 # bench/gpu.sh: the GPU checks and benchmarks of issue 14 (model runner pipeline efficiency), in one script,
 # for a Linux machine with an NVIDIA GPU and NO network.
 #
-# NOT RUN YET: written on a machine without a GPU, checked there with `bash -n` and shellcheck only.
+# NOT RUN ON A GPU YET: written on a machine without one, checked there with `bash -n`, shellcheck, and a
+# run in GPU_SITE mode (QUICK=1) whose CUDA steps fail as they must there.
 #
 # What the machine is expected to have: Python 3.12 (or any python3 >= 3.11) with torch for CUDA 13 (whose
-# nvidia-* pip wheels hold CUDA and cuDNN), the CPU build of onnxruntime, tessera's other dependencies
-# (numpy, rasterio, shapely, pillow, boto3, psycopg, onnx), and this repository as the working directory.
-# The CUDA build of ONNX Runtime comes from a local wheel file and is installed, with pip --no-index, into a
-# virtualenv of its own (the machine's packages stay visible through a .pth file; nothing is installed there).
+# nvidia-* pip wheels hold CUDA and cuDNN), the CPU build of onnxruntime, and this repository as the working
+# directory. Either the packages it lacks come unpacked in a folder (GPU_SITE: bench/gpu_kit.py carries them
+# there in pieces and unpacks them — the way for the GPU machines lent to this project, which hold none of
+# rasterio, shapely, boto3, psycopg or SAHI), or tessera's other dependencies are installed and the CUDA
+# build of ONNX Runtime comes from a local wheel file, installed with pip --no-index into a virtualenv of its
+# own (the machine's packages stay visible through a .pth file; nothing is installed there).
 #
 # Usage (from the repository root):
 #   ORT_GPU_WHEEL=/path/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.whl bash bench/gpu.sh
 #   bash bench/gpu.sh /path/onnxruntime_gpu-*.whl            # the same, the wheel as the first argument
-# Environment (all optional but the wheel):
+#   GPU_SITE=/tmp/tessera-kit/site bash bench/gpu.sh         # the packages unpacked by bench/gpu_kit.py
+# Environment (all optional but the wheel or GPU_SITE):
+#   GPU_SITE       a folder of packages installed for this Python (bench/gpu_kit.py: onnxruntime-gpu,
+#                  rasterio, shapely, boto3, psycopg, SAHI): put first on PYTHONPATH, no virtualenv made, and
+#                  SAHI's side of bench/sahi_compare.py runs on the same interpreter (--sahi-python)
 #   ORT_GPU_WHEEL  the onnxruntime-gpu wheel file (or the first argument)
 #   WHEEL_DIR      a folder of more wheels (pip --find-links): nvidia-* CUDA/cuDNN wheels (installed into
 #                  the virtualenv when there), tessera dependencies the machine lacks, and what SAHI's own
@@ -21,6 +28,8 @@
 #   PYTHON         the interpreter to build on (default: python3)
 #   GPU_VENV       the virtualenv (default: ${TMPDIR:-/tmp}/tessera-gpu-venv; re-used when it exists)
 #   SAHI_VENV      SAHI's virtualenv for bench/sahi_compare.py (default: the benchmark's own)
+#   SAHI_PYTHON    an interpreter that has SAHI already, for bench/sahi_compare.py (default with GPU_SITE:
+#                  PYTHON)
 #   STEPS          the steps to run, space-separated (default: all, in this order): smi setup imports
 #                  ort session floor floor-demo pipeline sahi sahi-near-free training trainer-device
 #                  (setup always runs: the others need its virtualenv)
@@ -40,6 +49,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
 
 ORT_GPU_WHEEL="${1:-${ORT_GPU_WHEEL:-}}"
+GPU_SITE="${GPU_SITE:-}"
 WHEEL_DIR="${WHEEL_DIR:-}"
 PYTHON="${PYTHON:-python3}"
 GPU_VENV="${GPU_VENV:-${TMPDIR:-/tmp}/tessera-gpu-venv}"
@@ -70,6 +80,10 @@ if ((${#FIND_LINKS[@]})); then
     export PIP_FIND_LINKS="${FIND_LINKS[*]}"
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -n "$GPU_SITE" ]]; then
+    # Before the interpreter's own site-packages: the kit's onnxruntime-gpu wins over the CPU onnxruntime.
+    export PYTHONPATH="$GPU_SITE:$PYTHONPATH"
+fi
 export PYTHONUNBUFFERED=1
 
 declare -a SUMMARY=()
@@ -128,7 +142,7 @@ run_step() {
 
 header "bench/gpu.sh: ${HOSTNAME:-?} in $REPO, log $LOG"
 echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?') $(git -C "$REPO" status --porcelain 2>/dev/null | wc -l) changed files"
-echo "ORT_GPU_WHEEL=${ORT_GPU_WHEEL:-<none>}  WHEEL_DIR=${WHEEL_DIR:-<none>}  PYTHON=$PYTHON  GPU_VENV=$GPU_VENV"
+echo "GPU_SITE=${GPU_SITE:-<none>}  ORT_GPU_WHEEL=${ORT_GPU_WHEEL:-<none>}  WHEEL_DIR=${WHEEL_DIR:-<none>}  PYTHON=$PYTHON  GPU_VENV=$GPU_VENV"
 echo "STEPS=$STEPS  QUICK=${QUICK:-}  REPEAT=${REPEAT:-}  STEP_TIMEOUT=$STEP_TIMEOUT"
 echo "PIP_FIND_LINKS=$PIP_FIND_LINKS  TESSERA_BENCH_DATA=${TESSERA_BENCH_DATA:-/tmp/tessera-bench}"
 echo "CPU: $(nproc) cores; memory: $(free -g 2>/dev/null | awk '/^Mem:/ {print $2 " GiB"}')"
@@ -137,7 +151,7 @@ echo "CPU: $(nproc) cores; memory: $(free -g 2>/dev/null | awk '/^Mem:/ {print $
 run_step smi "nvidia-smi" bash -c 'nvidia-smi && nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv'
 
 # --- the virtualenv with onnxruntime-gpu ---------------------------------------------------------------------
-# shellcheck disable=SC2317  # run through run_step
+# shellcheck disable=SC2317,SC2329  # run through run_step
 setup_venv() {
     if [[ -z "$ORT_GPU_WHEEL" || ! -f "$ORT_GPU_WHEEL" ]]; then
         echo "no onnxruntime-gpu wheel: set ORT_GPU_WHEEL=/path/onnxruntime_gpu-*.whl (or pass it as \$1)"
@@ -195,20 +209,53 @@ if not o.__file__.startswith(sys.prefix):
     sys.exit("FAIL: onnxruntime is imported from outside the virtualenv (the machine's CPU build?)")
 PY
 }
+# --- or the packages bench/gpu_kit.py unpacked (GPU_SITE) -------------------------------------------------------
+# shellcheck disable=SC2317,SC2329  # run through run_step
+setup_site() {
+    if [[ ! -d "$GPU_SITE/onnxruntime" ]]; then
+        echo "GPU_SITE=$GPU_SITE has no onnxruntime: run python3 bench/gpu_kit.py unpack first"
+        return 1
+    fi
+    "$PYTHON" -c 'import sys; print("Python", sys.version.split()[0], sys.executable)' || return 1
+    # preload_dlls() looks for pip's CUDA/cuDNN beside onnxruntime (<its folder>/nvidia/...): torch's.
+    if [[ ! -e "$GPU_SITE/nvidia" ]]; then
+        local base_nvidia
+        base_nvidia="$(cd / && PYTHONPATH='' "$PYTHON" -c 'import nvidia; print(next(iter(nvidia.__path__)))' 2>/dev/null)"
+        if [[ -n "$base_nvidia" && -d "$base_nvidia" ]]; then
+            ln -s "$base_nvidia" "$GPU_SITE/nvidia" && echo "linked $GPU_SITE/nvidia -> $base_nvidia (torch's CUDA/cuDNN wheels)"
+        else
+            echo "no nvidia-* pip packages beside torch: CUDA/cuDNN must come from the system (ldconfig)"
+        fi
+    fi
+    "$PYTHON" - "$GPU_SITE" <<'PY'
+import os, sys
+import onnxruntime as o
+print("onnxruntime", o.__version__, "from", o.__file__, "built for CUDA", getattr(o, "cuda_version", "?"))
+print("providers listed:", o.get_available_providers())
+if not os.path.realpath(o.__file__).startswith(os.path.realpath(sys.argv[1])):
+    sys.exit("FAIL: onnxruntime is imported from outside GPU_SITE (the machine's CPU build?)")
+PY
+}
 if [[ " $STEPS " != *" setup "* ]]; then
     STEPS="$STEPS setup"
 fi
-run_step setup "a virtualenv with the onnxruntime-gpu wheel ($GPU_VENV)" setup_venv
-if [[ -x "$GPU_VENV/bin/python" ]] && "$GPU_VENV/bin/python" -c 'import onnxruntime' 2>/dev/null; then
-    PY="$GPU_VENV/bin/python"
-else
+if [[ -n "$GPU_SITE" ]]; then
+    run_step setup "the packages in GPU_SITE ($GPU_SITE) on $PYTHON" setup_site
     PY="$PYTHON"
-    echo "WARNING: no usable virtualenv: the steps below run on $PYTHON (CPU onnxruntime: CUDA steps will fail)"
+    : "${SAHI_PYTHON:=$PYTHON}"
+else
+    run_step setup "a virtualenv with the onnxruntime-gpu wheel ($GPU_VENV)" setup_venv
+    if [[ -x "$GPU_VENV/bin/python" ]] && "$GPU_VENV/bin/python" -c 'import onnxruntime' 2>/dev/null; then
+        PY="$GPU_VENV/bin/python"
+    else
+        PY="$PYTHON"
+        echo "WARNING: no usable virtualenv: the steps below run on $PYTHON (CPU onnxruntime: CUDA steps will fail)"
+    fi
 fi
 echo "python for the steps below: $PY"
 
 # --- what the benchmarks import ------------------------------------------------------------------------------
-# shellcheck disable=SC2317  # run through run_step
+# shellcheck disable=SC2317,SC2329  # run through run_step
 check_imports() {
     local missing
     missing="$("$PY" - <<'PY'
@@ -314,6 +361,7 @@ REPEATS=()
 [[ -n "$REPEAT" ]] && REPEATS+=(--repeat "$REPEAT")
 SAHI_ARGS=()
 [[ -n "${SAHI_VENV:-}" ]] && SAHI_ARGS+=(--sahi-venv "$SAHI_VENV")
+[[ -n "${SAHI_PYTHON:-}" ]] && SAHI_ARGS+=(--sahi-python "$SAHI_PYTHON")
 
 run_step floor "bench/floor.py --providers cuda (near-free model)" \
     "$PY" bench/floor.py --providers cuda "${BENCH[@]}" "${REPEATS[@]}"

@@ -27,7 +27,8 @@ it spawns the process) to the first batch's detections back from the model; SAHI
 first, tessera reads the blocks the first batch needs.
 
 SAHI lives in its own virtualenv, created on first use (``--sahi-venv``; ``bench/requirements-sahi.txt``
-plus the project environment's numpy, onnxruntime-gpu and pillow versions), never in the project's.
+plus the project environment's numpy, onnxruntime-gpu and pillow versions), never in the project's; or, on a
+machine without a package index, ``--sahi-python`` names an interpreter that has it already.
 Detections of both are scored against the scene's known objects (precision/recall at IoU 0.5).
 """
 
@@ -84,6 +85,21 @@ def preload_cuda(ort: Any) -> None:
                 ort.preload_dlls()
         except Exception as exc:  # the session below then says which provider it got
             print(f"onnxruntime.preload_dlls() failed: {exc}")
+
+
+def given_sahi(python: Path) -> Path:
+    """``--sahi-python``: checked to import SAHI, then used as it is."""
+    done = subprocess.run(
+        [str(python), "-c", "import sahi, cv2, onnxruntime; print(sahi.__version__)"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"--sahi-python {python} cannot import sahi, cv2 and onnxruntime: {tail}")
+    print(f"SAHI {done.stdout.strip()} from {python} (--sahi-python: no virtualenv made)", flush=True)
+    return python
 
 
 def ensure_sahi_venv(venv: Path) -> Path:
@@ -352,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data-dir", type=Path, default=harness.DEFAULT_DATA_DIR)
     p.add_argument("--sahi-venv", type=Path, default=harness.DEFAULT_DATA_DIR / "sahi-venv")
+    p.add_argument(
+        "--sahi-python",
+        type=Path,
+        help="an interpreter that has SAHI already (and numpy, onnxruntime, pillow, OpenCV): SAHI's side "
+        "runs on it as it is, no virtualenv is made (a machine without a package index: bench/gpu_kit.py)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: a 1024 px image")
     p.add_argument("--child", choices=("tessera", "sahi"), help=argparse.SUPPRESS)
     p.add_argument("--image", help=argparse.SUPPRESS)
@@ -369,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = harness.model_by_name(args.model, args.data_dir)
     scene = harness.scene_file(args.data_dir, args.size, args.size, block_size=args.block)
-    sahi_python = ensure_sahi_venv(args.sahi_venv)
+    if args.sahi_python is not None:
+        sahi_python = given_sahi(args.sahi_python)
+    else:
+        sahi_python = ensure_sahi_venv(args.sahi_venv)
     if args.batch is None:
         from services.inference.detector import OnnxDetector  # here: the SAHI child's venv has no tessera
 
