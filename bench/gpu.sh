@@ -82,7 +82,8 @@ fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -n "$GPU_SITE" ]]; then
     # Before the interpreter's own site-packages: the kit's onnxruntime-gpu wins over the CPU onnxruntime.
-    export PYTHONPATH="$GPU_SITE:$PYTHONPATH"
+    # The repository stays first: a package in the kit can never hide tessera's own modules.
+    export PYTHONPATH="$REPO:$GPU_SITE${PYTHONPATH#"$REPO"}"
 fi
 export PYTHONUNBUFFERED=1
 
@@ -185,28 +186,42 @@ PY
         "$vpy" -m pip install --no-index --find-links "$WHEEL_DIR" "$WHEEL_DIR"/nvidia_*.whl \
             || echo "WARNING: the nvidia-* wheels did not install"
     fi
-    # ONNX Runtime's preload_dlls() looks for pip's CUDA/cuDNN beside itself (<site-packages>/nvidia/...), as
-    # in an image or a virtualenv where torch or onnxruntime-gpu[cuda,cudnn] installed them. Here they are
-    # torch's, in the base: linked in, so that the checks below see what such an environment has.
-    if [[ ! -e "$site/nvidia" ]]; then
-        local base_nvidia
-        base_nvidia="$("$PYTHON" -c 'import nvidia, sys; print(next(iter(nvidia.__path__)))' 2>/dev/null)"
+    link_nvidia "$site"
+    ort_from "$vpy" "$GPU_VENV"
+}
+
+# link_nvidia FOLDER: ONNX Runtime's preload_dlls() looks for pip's CUDA/cuDNN beside itself
+# (<FOLDER>/nvidia/...), as in an image or a virtualenv where torch or onnxruntime-gpu[cuda,cudnn] installed
+# them. Here they are torch's, in the base: linked in, so that the checks below see what such an environment
+# has.
+# shellcheck disable=SC2317,SC2329  # called by the set-up steps
+link_nvidia() {
+    local folder="$1" base_nvidia
+    if [[ ! -e "$folder/nvidia" ]]; then
+        base_nvidia="$(cd / && PYTHONPATH='' "$PYTHON" -c 'import nvidia; print(next(iter(nvidia.__path__)))' 2>/dev/null)"
         if [[ -n "$base_nvidia" && -d "$base_nvidia" ]]; then
-            ln -s "$base_nvidia" "$site/nvidia" && echo "linked $site/nvidia -> $base_nvidia (torch's CUDA/cuDNN wheels)"
+            ln -s "$base_nvidia" "$folder/nvidia" && echo "linked $folder/nvidia -> $base_nvidia (torch's CUDA/cuDNN wheels)"
         else
             echo "no nvidia-* pip packages in the base: CUDA/cuDNN must come from the system (ldconfig)"
         fi
     fi
-    for lib in "$site"/nvidia/*/lib; do
+    for lib in "$folder"/nvidia/*/lib; do
         [[ -d "$lib" ]] && echo "  $lib: $(find "$lib" -maxdepth 1 -name '*.so*' | wc -l) libraries"
     done
-    "$vpy" - <<'PY'
-import sys
+    return 0
+}
+
+# ort_from PYTHON FOLDER: which onnxruntime PYTHON imports, its providers; fails unless it comes from FOLDER
+# (not the machine's CPU build).
+# shellcheck disable=SC2317,SC2329  # called by the set-up steps
+ort_from() {
+    "$1" - "$2" <<'PY'
+import os, sys
 import onnxruntime as o
 print("onnxruntime", o.__version__, "from", o.__file__, "built for CUDA", getattr(o, "cuda_version", "?"))
 print("providers listed:", o.get_available_providers())
-if not o.__file__.startswith(sys.prefix):
-    sys.exit("FAIL: onnxruntime is imported from outside the virtualenv (the machine's CPU build?)")
+if not os.path.realpath(o.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep):
+    sys.exit(f"FAIL: onnxruntime is imported from outside {sys.argv[1]} (the machine's CPU build?)")
 PY
 }
 # --- or the packages bench/gpu_kit.py unpacked (GPU_SITE) -------------------------------------------------------
@@ -217,24 +232,8 @@ setup_site() {
         return 1
     fi
     "$PYTHON" -c 'import sys; print("Python", sys.version.split()[0], sys.executable)' || return 1
-    # preload_dlls() looks for pip's CUDA/cuDNN beside onnxruntime (<its folder>/nvidia/...): torch's.
-    if [[ ! -e "$GPU_SITE/nvidia" ]]; then
-        local base_nvidia
-        base_nvidia="$(cd / && PYTHONPATH='' "$PYTHON" -c 'import nvidia; print(next(iter(nvidia.__path__)))' 2>/dev/null)"
-        if [[ -n "$base_nvidia" && -d "$base_nvidia" ]]; then
-            ln -s "$base_nvidia" "$GPU_SITE/nvidia" && echo "linked $GPU_SITE/nvidia -> $base_nvidia (torch's CUDA/cuDNN wheels)"
-        else
-            echo "no nvidia-* pip packages beside torch: CUDA/cuDNN must come from the system (ldconfig)"
-        fi
-    fi
-    "$PYTHON" - "$GPU_SITE" <<'PY'
-import os, sys
-import onnxruntime as o
-print("onnxruntime", o.__version__, "from", o.__file__, "built for CUDA", getattr(o, "cuda_version", "?"))
-print("providers listed:", o.get_available_providers())
-if not os.path.realpath(o.__file__).startswith(os.path.realpath(sys.argv[1])):
-    sys.exit("FAIL: onnxruntime is imported from outside GPU_SITE (the machine's CPU build?)")
-PY
+    link_nvidia "$GPU_SITE"
+    ort_from "$PYTHON" "$GPU_SITE"
 }
 if [[ " $STEPS " != *" setup "* ]]; then
     STEPS="$STEPS setup"

@@ -126,6 +126,14 @@ def requirements(sahi_requirements: Path) -> tuple[list[str], list[str]]:
     return [pinned(s) for s in WITH_DEPS], [pinned(s) for s in ALONE] + sahi
 
 
+def _device_target() -> list[str]:
+    """pip's options for the GPU machines' interpreter: CPython 3.12 on x86-64 Linux, binary wheels only."""
+    target = ["--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp"]
+    for platform in PLATFORMS:
+        target += ["--platform", platform]
+    return target
+
+
 def _pip(*args: str) -> None:
     command = [sys.executable, "-m", "pip", *args]
     print("+", " ".join(command), flush=True)
@@ -136,11 +144,8 @@ def download(wheels: Path, with_deps: Sequence[str], alone: Sequence[str]) -> li
     """Python 3.12 manylinux wheels of the requirements into ``wheels``; those of distributions the
     device has are removed. The wheels kept."""
     wheels.mkdir(parents=True, exist_ok=True)
-    target = ["--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp"]
-    for platform in PLATFORMS:
-        target += ["--platform", platform]
-    _pip("download", "--quiet", "--dest", str(wheels), *target, *with_deps)
-    _pip("download", "--quiet", "--no-deps", "--dest", str(wheels), *target, *alone)
+    _pip("download", "--quiet", "--dest", str(wheels), *_device_target(), *with_deps)
+    _pip("download", "--quiet", "--no-deps", "--dest", str(wheels), *_device_target(), *alone)
     kept = []
     for wheel in sorted(wheels.glob("*.whl")):
         if _wheel_dist(wheel) in DEVICE_HAS:
@@ -154,12 +159,9 @@ def stage(wheels: Sequence[Path], site: Path) -> None:
     """The wheels installed for Python 3.12 into ``site`` (no bytecode: this Python's would not be 3.12's)."""
     if site.exists():
         shutil.rmtree(site)
-    target = ["--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp"]
-    for platform in PLATFORMS:
-        target += ["--platform", platform]
     _pip(
-        "install", "--quiet", "--no-index", "--no-deps", "--no-compile", "--target", str(site), *target,
-        *map(str, wheels),
+        "install", "--quiet", "--no-index", "--no-deps", "--no-compile", "--target", str(site),
+        *_device_target(), *map(str, wheels),
     )  # fmt: skip
 
 
@@ -204,6 +206,11 @@ def load_manifest(kit: Path) -> dict[str, Any]:
             f"no {path}: run `bench/gpu_kit.py prepare` here (or carry .gpukit/{MANIFEST} there)"
         )
     manifest: dict[str, Any] = json.loads(path.read_text())
+    for piece in manifest.get("pieces", []):
+        if not re.fullmatch(r"part-\d{3}", str(piece.get("name"))):
+            raise SystemExit(
+                f"{path}: a piece named {piece.get('name')!r} (not part-NNN): prepare the kit again"
+            )
     return manifest
 
 
@@ -223,11 +230,12 @@ def receive(kit: Path, dest: Path) -> tuple[list[str], list[str]]:
             raise SystemExit(f"{carried}: SHA-256 differs from the manifest's; carry it again")
         shutil.copyfile(carried, parts / (piece["name"] + ".partial"))
         (parts / (piece["name"] + ".partial")).rename(parts / piece["name"])
+    # By their SHA-256, not their size: pieces of an older kit left here have the same sizes.
     have: list[str] = []
     missing: list[str] = []
     for piece in manifest["pieces"]:
         kept = parts / piece["name"]
-        ok = kept.is_file() and kept.stat().st_size == piece["bytes"]
+        ok = kept.is_file() and sha256_of(kept) == piece["sha256"]
         (have if ok else missing).append(piece["name"])
     return have, missing
 
@@ -258,6 +266,12 @@ class _Joined(io.RawIOBase):
                 return n
             self._file.close()
             self._file = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
 
 
 def _members(tar: tarfile.TarFile, site: Path) -> Iterator[tarfile.TarInfo]:
@@ -290,17 +304,21 @@ def unpack(dest: Path) -> Path:
             shutil.rmtree(old)
     partial.mkdir(parents=True)
     joined = _Joined([parts / p["name"] for p in manifest["pieces"]])
-    with (
-        lzma.open(io.BufferedReader(joined, 8 << 20), "rb") as xz,
-        tarfile.open(fileobj=xz, mode="r|") as tar,
-    ):
-        # The members are checked first (_members); Python's "data" filter where it has one, as well.
-        safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        for member in _members(tar, partial):
-            tar.extract(member, partial, **safe)
-    if joined.digest.hexdigest() != manifest["sha256"]:
-        shutil.rmtree(partial)
-        raise SystemExit("the joined pieces' SHA-256 differs from the manifest's: prepare the kit again")
+    try:
+        with (
+            io.BufferedReader(joined, 8 << 20) as stream,
+            lzma.open(stream, "rb") as xz,
+            tarfile.open(fileobj=xz, mode="r|") as tar,
+        ):
+            # The members are checked first (_members); Python's "data" filter where it has one, as well.
+            safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            for member in _members(tar, partial):
+                tar.extract(member, partial, **safe)
+        if joined.digest.hexdigest() != manifest["sha256"]:
+            raise SystemExit("the joined pieces' SHA-256 differs from the manifest's: prepare the kit again")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     partial.rename(site)
     return site
 

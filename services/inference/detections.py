@@ -71,10 +71,11 @@ class Detections:
     def split(self, counts: Sequence[int] | np.ndarray) -> list[Detections]:
         """The detections in consecutive groups of ``counts[i]`` (which add up to ``len(self)``): views,
         no copy — e.g. a batch's detections back into its tiles'."""
-        ends = np.cumsum(counts)
-        if len(ends) and ends[-1] != len(self):
-            raise ValueError(f"counts add up to {int(ends[-1])}, not the {len(self)} detections")
-        starts = ends - np.asarray(counts)
+        ends = np.cumsum(np.asarray(counts, dtype=np.intp))
+        total = int(ends[-1]) if len(ends) else 0
+        if total != len(self):
+            raise ValueError(f"counts add up to {total}, not the {len(self)} detections")
+        starts = ends - np.asarray(counts, dtype=np.intp)
         return [
             Detections(self.boxes[a:b], self.scores[a:b], self.labels[a:b])
             for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
@@ -159,6 +160,10 @@ def check_tiles(
     array, no copy per tile), and what the checks did over the batch. A few array operations per batch
     instead of a dozen per tile."""
     counts = np.asarray(counts, dtype=np.intp)
+    if int(counts.sum()) != len(every):
+        raise ValueError(
+            f"tile counts add up to {int(counts.sum())}, not the batch's {len(every)} detections"
+        )
     checked, checks, keep = _checked(every, width, height)
     if keep is not None:
         tile_of = np.repeat(np.arange(len(counts)), counts)[keep]

@@ -238,6 +238,11 @@ def detect_region(
             batch, batch_skipped = in_flight.popleft()
             batch.release()  # the model has returned: its pixels may take a later batch
             batch_count += 1
+            if len(found) != len(batch.tiles):
+                raise UserError(
+                    f"model {model.name} returned detections for {len(found)} tiles of a batch of "
+                    f"{len(batch.tiles)}: each tile of a batch needs its own (possibly empty) result"
+                )
             found_per_tile.extend(found)
             tiles_run.extend(batch.tiles)
             if on_tiles is not None:

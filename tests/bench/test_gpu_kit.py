@@ -107,11 +107,17 @@ def test_a_piece_changed_after_it_was_received_stops_the_unpack(tmp_path: Path) 
     assert not (dest / "site").exists()
 
 
-def hostile_kit(kit_dir: Path, member: str) -> None:
-    """A kit of one piece whose tar holds ``member`` (a path that climbs out of the folder)."""
+def hostile_kit(kit_dir: Path, member: str, link: str | None = None, kind: bytes = tarfile.REGTYPE) -> None:
+    """A kit of one piece whose tar holds ``member``: a path that climbs out of the folder, or a link
+    (``kind``) to ``link`` followed by a file written through it."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
         data = b"#!/bin/sh\necho owned\n"
+        if link is not None:
+            linked = tarfile.TarInfo(member)
+            linked.type, linked.linkname = kind, link
+            tar.addfile(linked)
+            member = f"{member}/escaped.sh"
         info = tarfile.TarInfo(member)
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
@@ -127,12 +133,50 @@ def hostile_kit(kit_dir: Path, member: str) -> None:
 @pytest.mark.parametrize("member", ["../escaped.sh", "/tmp/absolute.sh", "a/../../escaped.sh"])
 def test_a_member_outside_the_folder_is_not_unpacked(tmp_path: Path, member: str) -> None:
     hostile_kit(tmp_path / "kit", member)
-    dest = tmp_path / "device" / "deep"
+    dest = tmp_path / "device"
     kit.receive(tmp_path / "kit", dest)
     with pytest.raises(SystemExit, match="outside"):
         kit.unpack(dest)
-    assert not (tmp_path / "device" / "escaped.sh").exists()
-    assert not (dest / "site").exists()
+    # The folder being unpacked is dest/site.partial: one level up is dest itself.
+    assert not (dest / "escaped.sh").exists() and not Path("/tmp/absolute.sh").exists()
+    assert not (dest / "site").exists() and not (dest / "site.partial").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_a_link_in_the_kit_is_not_unpacked(tmp_path: Path, kind: bytes) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    hostile_kit(tmp_path / "kit", "lib", link=str(outside), kind=kind)
+    dest = tmp_path / "device"
+    kit.receive(tmp_path / "kit", dest)
+    with pytest.raises(SystemExit, match="outside"):
+        kit.unpack(dest)
+    assert list(outside.iterdir()) == [] and not (dest / "site.partial").exists()
+
+
+def test_pieces_of_an_older_kit_left_on_the_machine_do_not_count(tmp_path: Path) -> None:
+    """Pieces of the same size from an earlier kit are not taken for this one's."""
+    make_site(tmp_path / "site")
+    old = kit.pack(tmp_path / "site", tmp_path / "old", 64 * 1024, preset=0)
+    dest = tmp_path / "device"
+    kit.receive(carry(tmp_path / "old", tmp_path / "call0", [p["name"] for p in old["pieces"]]), dest)
+    # A change near the tar's start (its members go in path order): every piece of the new kit differs.
+    (tmp_path / "site" / "onnxruntime" / "__init__.py").write_bytes(b"__version__ = '1.31.2'\n" * 200)
+    new = kit.pack(tmp_path / "site", tmp_path / "new", 64 * 1024, preset=0)
+    names = [p["name"] for p in new["pieces"]]
+    assert [p["bytes"] for p in new["pieces"][:-1]] == [p["bytes"] for p in old["pieces"][:-1]]
+    have, missing = kit.receive(carry(tmp_path / "new", tmp_path / "call1", names[-1:]), dest)
+    assert have == names[-1:] and missing == names[:-1]
+
+
+def test_a_manifest_naming_a_path_is_refused(tmp_path: Path) -> None:
+    make_site(tmp_path / "site")
+    kit.pack(tmp_path / "site", tmp_path / "kit", 64 * 1024, preset=0)
+    manifest = json.loads((tmp_path / "kit" / kit.MANIFEST).read_text())
+    manifest["pieces"][0]["name"] = "../../etc/passwd"
+    (tmp_path / "kit" / kit.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="not part-NNN"):
+        kit.receive(tmp_path / "kit", tmp_path / "device")
 
 
 def test_the_plan_makes_one_call_per_piece_then_runs_the_gpu_script(tmp_path: Path) -> None:

@@ -103,6 +103,9 @@ def test_split_gives_each_group_its_rows_as_views() -> None:
     assert np.shares_memory(rest.boxes, d.boxes)
     with pytest.raises(ValueError, match="add up to 5, not the 6"):
         d.split([2, 3])
+    with pytest.raises(ValueError, match="add up to 0, not the 6"):
+        d.split([])
+    assert Detections.empty().split([]) == []
 
 
 def test_check_tiles_is_check_boxes_per_tile() -> None:
@@ -130,6 +133,8 @@ def test_check_tiles_is_check_boxes_per_tile() -> None:
     back, none = check_tiles(every, [3, 0, 3], 200, 100)
     assert none == BoxChecks() and [len(b) for b in back] == [3, 0, 3]
     assert np.shares_memory(back[2].boxes, every.boxes)
+    with pytest.raises(ValueError, match="add up to 5, not the batch's 6"):
+        check_tiles(every, [3, 0, 2], 200, 100)
 
 
 def test_box_checks_add_up() -> None:

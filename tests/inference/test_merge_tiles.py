@@ -150,7 +150,7 @@ def test_edge_truncated_boxes_touch_interior_sides_only() -> None:
 
 @pytest.mark.parametrize("margin", [1.0, 3.5, None])
 def test_a_batch_at_once_keeps_and_shifts_what_each_tile_alone_would(margin: float | None) -> None:
-    """whole_boxes_in_image (a batch's tiles at once, as the pipeline runs) against drop_edge_truncated
+    """whole_boxes_in_image (many tiles at once: the pipeline passes a region's) against drop_edge_truncated
     and a shift, tile by tile: the same boxes, bit for bit, in the same order — interior tiles, tiles on
     each image edge, a short edge tile, and tiles with no boxes."""
     rng = np.random.default_rng(7)

@@ -365,6 +365,34 @@ def test_nan_inverted_and_off_tile_boxes_never_leave_the_detector(make_model: Ca
     det.close()
 
 
+def test_each_tile_of_a_batch_gets_its_own_checked_boxes(contract_path: Path) -> None:
+    """The batch's boxes are checked at once and split back: every tile keeps its own rows, in order, when
+    others lose boxes to the checks or to padding — a tile whose boxes all go comes back empty, in place."""
+    det = OnnxDetector(contract_path, providers="cpu", batch_size=4, score_threshold=0.25)
+    boxes = np.array(
+        [
+            [[1, 1, 5, 5], [NAN, 1, 5, 5], [2, 2, 6, 6]],  # tile 0: a NaN box between two good ones
+            [[40, 1, 50, 5], [3, 3, 4, 4], [0, 0, 1, 1]],  # tile 1: off the tile, then two padding rows
+            [[7, 7, 9, 9], [8, 8, 40, 40], [9, 9, 10, 10]],  # tile 2: one clipped to the tile
+            [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],  # the batch's padding tile: never returned
+        ],
+        np.float32,
+    )
+    scores = np.array([[0.9, 0.8, 0.7], [0.9, 0.1, 0.2], [0.5, 0.6, 0.3], [0.9, 0.9, 0.9]], np.float32)
+    labels = np.array([[0, 1, 2], [1, 1, 1], [2, 0, -1], [0, 0, 0]], np.int64)
+    raw = [None] * 3
+    for name, value in (("boxes", boxes), ("scores", scores), ("labels", labels)):
+        raw[getattr(det._outputs, name)] = value
+    out, checks = det._decode(raw, 3)
+    assert len(out) == 3
+    np.testing.assert_array_equal(out[0].boxes, [[1, 1, 5, 5], [2, 2, 6, 6]])
+    np.testing.assert_array_equal(out[0].labels, [0, 2])
+    assert len(out[1]) == 0
+    np.testing.assert_array_equal(out[2].boxes, [[7, 7, 9, 9], [8, 8, TILE, TILE]])  # label -1: padding
+    np.testing.assert_allclose(out[2].scores, [0.5, 0.6])
+    assert checks == BoxChecks(non_finite=1, outside=1, clipped=1)
+
+
 def test_a_yolo_head_with_nan_and_inverted_anchors(make_model: Callable[..., Path]) -> None:
     anchors = np.array(
         [

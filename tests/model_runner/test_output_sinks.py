@@ -22,8 +22,10 @@ from services.errors import UserError
 from services.geo.features import FeatureWriter
 from services.inference.detections import BoxChecks, Detections
 from services.model_runner.metrics import UNITS
-from services.model_runner.pipeline import detect_batches, run_image
-from services.model_runner.request import parse_request
+from services.model_runner.pipeline import detect_batches, detect_region, run_image
+from services.model_runner.request import MergeSettings, parse_request
+from services.tiling.reader import RasterSource
+from services.tiling.windows import Window
 
 TILE = 64
 NAN, INF = float("nan"), float("inf")
@@ -190,6 +192,43 @@ def test_a_full_disk_fails_the_job_with_the_reason_and_uploads_nothing(
     assert job.reason is not None and "No space left on device" in job.reason
     listed = boto3.client("s3").list_objects_v2(Bucket=resources.buckets["results"], Prefix="runs/")
     assert listed.get("KeyCount", 0) == 0
+
+
+class _PerTile:
+    """An endpoint stand-in: tile i of each batch gets one box at (i, i), and tile 0 also a NaN box."""
+
+    name, provider, channels, tile_width, tile_height, batch_size = "per-tile", "endpoint", 3, 32, 32, 2
+    class_names = ["thing"]
+
+    def __init__(self, short: int = 0) -> None:
+        self.short = short  # results left out of each batch's list (a broken endpoint)
+
+    def detect(self, pixels: np.ndarray) -> list[Detections]:
+        out = []
+        for i in range(len(pixels) - self.short):
+            rows = [[i, i, i + 2, i + 2]] + ([[NAN, 1, 5, 5]] if i == 0 else [])
+            out.append(Detections(np.array(rows, np.float32), np.full(len(rows), 0.5), np.zeros(len(rows))))
+        return out
+
+
+def test_an_endpoints_tiles_keep_their_own_boxes_through_the_checks() -> None:
+    seen: list[BoxChecks] = []
+    (found,) = detect_batches(_PerTile(), [np.zeros((2, 3, 32, 32), np.float32)], on_checks=seen.append)
+    assert seen == [BoxChecks(non_finite=1)]
+    np.testing.assert_array_equal(found[0].boxes, [[0, 0, 2, 2]])
+    np.testing.assert_array_equal(found[1].boxes, [[1, 1, 3, 3]])
+
+
+def test_a_detector_returning_too_few_tiles_is_refused(tmp_path: Path) -> None:
+    """Boxes are placed per region, after the last batch: a result list shorter than its batch must fail
+    at that batch, with the reason, not put boxes on other tiles."""
+    image = write_raster(tmp_path / "scene.tif", np.zeros((0, 4)), 64, 64)
+    tiles = [Window(col, row, 32, 32) for row in (0, 32) for col in (0, 32)]
+    with RasterSource.open(str(image)) as source:
+        placed = detect_region(source, _PerTile(), tiles, batch_size=2, merge=MergeSettings())
+        assert len(placed.detections) >= 1 and placed.tiles == 4
+        with pytest.raises(UserError, match="returned detections for 1 tiles of a batch of 2"):
+            detect_region(source, _PerTile(short=1), tiles, batch_size=2, merge=MergeSettings())
 
 
 def test_an_endpoints_boxes_are_checked_by_the_pipeline() -> None:
