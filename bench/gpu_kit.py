@@ -230,14 +230,22 @@ def receive(kit: Path, dest: Path) -> tuple[list[str], list[str]]:
             raise SystemExit(f"{carried}: SHA-256 differs from the manifest's; carry it again")
         shutil.copyfile(carried, parts / (piece["name"] + ".partial"))
         (parts / (piece["name"] + ".partial")).rename(parts / piece["name"])
-    # By their SHA-256, not their size: pieces of an older kit left here have the same sizes.
-    have: list[str] = []
-    missing: list[str] = []
+    states = _kept_pieces(manifest, parts)
+    have = [name for name, state in states.items() if state == "ok"]
+    return have, [name for name in states if name not in have]
+
+
+def _kept_pieces(manifest: dict[str, Any], parts: Path) -> dict[str, str]:
+    """Each piece of ``manifest`` in ``parts``: ``ok``, ``absent`` or ``damaged`` — by its SHA-256, not its
+    size: pieces of an older kit left there have the same sizes."""
+    states = {}
     for piece in manifest["pieces"]:
         kept = parts / piece["name"]
-        ok = kept.is_file() and sha256_of(kept) == piece["sha256"]
-        (have if ok else missing).append(piece["name"])
-    return have, missing
+        if not kept.is_file():
+            states[piece["name"]] = "absent"
+        else:
+            states[piece["name"]] = "ok" if sha256_of(kept) == piece["sha256"] else "damaged"
+    return states
 
 
 class _Joined(io.RawIOBase):
@@ -288,15 +296,16 @@ def unpack(dest: Path) -> Path:
     (returned). Missing or damaged pieces: a SystemExit saying which."""
     manifest = load_manifest(dest)
     parts = dest / "parts"
-    missing = [p["name"] for p in manifest["pieces"] if not (parts / p["name"]).is_file()]
+    states = _kept_pieces(manifest, parts)
+    missing = [name for name, state in states.items() if state == "absent"]
     if missing:
         raise SystemExit(
             f"pieces {', '.join(missing)} are not in {parts}: the machine went cold between calls (files "
             "outside the repository last only while it stays warm); receive every piece again, back to back"
         )
-    for piece in manifest["pieces"]:
-        if sha256_of(parts / piece["name"]) != piece["sha256"]:
-            raise SystemExit(f"{parts / piece['name']}: SHA-256 differs from the manifest's; carry it again")
+    for name, state in states.items():
+        if state == "damaged":
+            raise SystemExit(f"{parts / name}: SHA-256 differs from the manifest's; carry it again")
     site = dest / "site"
     partial = dest / "site.partial"
     for old in (site, partial):
